@@ -1,0 +1,205 @@
+//! The shared vocabulary of a chat: messages, generation parameters, and the events a
+//! reply stream yields. A leaf module: everything else (engine, providers, Telegram, HTTP)
+//! speaks these types, and this module depends on nothing of the crate.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the whole conversation.
+    System,
+    /// The person talking to the bot.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Role {
+    /// The lowercase name chat templates and OpenAI-style APIs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who wrote it.
+    pub role: Role,
+    /// What it says, as plain text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// How to generate a reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Sampling temperature; `0.0` means greedy (deterministic) decoding.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest token set whose probability mass reaches this.
+    pub top_p: f32,
+    /// Seed of the sampler's random generator; `None` picks a fresh one per request.
+    pub seed: Option<u32>,
+    /// Extra strings that end the reply when generated (not included in the reply).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 1000,
+            temperature: 0.7,
+            top_p: 0.95,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// A request for a reply: the conversation so far (ending with the user's message) and how
+/// to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// The conversation, oldest first. A system message, if any, comes first.
+    pub messages: Vec<ChatMessage>,
+    /// Generation parameters.
+    pub params: GenerateParams,
+}
+
+impl ChatRequest {
+    /// A request with the given messages and parameters.
+    pub fn new(messages: Vec<ChatMessage>, params: GenerateParams) -> Self {
+        Self { messages, params }
+    }
+}
+
+/// Why a reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn, or produced a stop string.
+    Stop,
+    /// `max_tokens` was reached (or the context window was full).
+    Length,
+    /// The caller went away or asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name (`stop`, `length`, `cancelled`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of one reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt, in all.
+    pub prompt_tokens: u32,
+    /// Prompt tokens found in the KV cache and not processed again.
+    pub cached_tokens: u32,
+    /// Prompt tokens processed (decoded) for this reply: `prompt_tokens - cached_tokens`.
+    pub processed_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// Where the time of one reply went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// From submission until a slot took the request.
+    pub queued: Duration,
+    /// From taking the request until the first generated token (prompt processing).
+    pub prompt: Duration,
+    /// From the first generated token until the end.
+    pub generation: Duration,
+}
+
+impl Timings {
+    /// Generated tokens per second over the generation phase (`0.0` if too short to tell).
+    pub fn tokens_per_second(&self, completion_tokens: u32) -> f64 {
+        let secs = self.generation.as_secs_f64();
+        if completion_tokens < 2 || secs <= 0.0 {
+            return 0.0;
+        }
+        // The first token is produced by the prompt step, not the generation phase.
+        f64::from(completion_tokens - 1) / secs
+    }
+}
+
+/// The closing record of a reply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// A token of the final prompt, as `--verbose-prompt` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptToken {
+    /// The token id.
+    pub id: i32,
+    /// Its text (control tokens shown by name).
+    pub piece: String,
+}
+
+/// One event of a reply stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// The prompt exactly as the model sees it; sent first, only when asked for.
+    Prompt(Vec<PromptToken>),
+    /// More text of the reply.
+    Delta(String),
+    /// The reply is complete; nothing follows.
+    Done(Completion),
+}

@@ -1,0 +1,344 @@
+//! Command line and environment → a validated [`Config`]. A leaf module.
+//!
+//! Every flag can also be set by an environment variable (shown in `--help`), and `main`
+//! loads a `.env` file first. [`Args`] is what clap parses; [`Config`] is what the rest of
+//! the program uses: checked once here, never re-read from the environment later.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::chat::GenerateParams;
+use crate::engine::{ChatTemplateChoice, EngineConfig};
+
+/// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf).
+    #[arg(long, short = 'm', env = "MISTRAL_BOT_MODEL", value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// Inference slots: replies generated at the same time, batched into one decode.
+    #[arg(long, env = "MISTRAL_BOT_SLOTS", default_value_t = 4)]
+    pub slots: usize,
+
+    /// Context window of each slot, in tokens (prompt + reply).
+    #[arg(long, env = "MISTRAL_BOT_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: u32,
+
+    /// CPU threads for inference [default: number of CPUs].
+    #[arg(long, env = "MISTRAL_BOT_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Most tokens decoded in one step (llama.cpp n_batch).
+    #[arg(long, env = "MISTRAL_BOT_BATCH_SIZE", default_value_t = 512)]
+    pub batch_size: u32,
+
+    /// Most prompt tokens decoded in one step, so a long new prompt does not freeze the
+    /// replies being streamed.
+    #[arg(long, env = "MISTRAL_BOT_PREFILL_CHUNK", default_value_t = 128)]
+    pub prefill_chunk: u32,
+
+    /// Most tokens of one reply.
+    #[arg(long, env = "MISTRAL_BOT_MAX_TOKENS", default_value_t = 1000)]
+    pub max_tokens: u32,
+
+    /// Sampling temperature (0 = greedy, deterministic).
+    #[arg(long, env = "MISTRAL_BOT_TEMPERATURE", default_value_t = 0.7)]
+    pub temperature: f32,
+
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, env = "MISTRAL_BOT_TOP_P", default_value_t = 0.95)]
+    pub top_p: f32,
+
+    /// Sampler seed, for reproducible sampling [default: random per request].
+    #[arg(long, env = "MISTRAL_BOT_SEED")]
+    pub seed: Option<u32>,
+
+    /// Requests that may wait for a free slot; one more is refused at once as overloaded.
+    #[arg(long, env = "MISTRAL_BOT_QUEUE_SIZE", default_value_t = 16)]
+    pub queue_size: usize,
+
+    /// Chat format: `auto` (the GGUF's template, else Mistral), `mistral`, or a template
+    /// name llama.cpp knows (`chatml`, `llama3`, `gemma`, `mistral-v7`, …).
+    #[arg(long, env = "MISTRAL_BOT_CHAT_TEMPLATE", default_value = "auto")]
+    pub chat_template: String,
+
+    /// System prompt put before every conversation.
+    #[arg(long, env = "MISTRAL_BOT_SYSTEM_PROMPT")]
+    pub system_prompt: Option<String>,
+
+    /// Memory-map the model file. Off by default: the CPU backend repacks the weights at
+    /// load, and mapped pages would stay resident as well (9.3 vs 6.1 GiB for a 7B).
+    #[arg(long, env = "MISTRAL_BOT_MMAP")]
+    pub mmap: bool,
+
+    /// Show llama.cpp's own log lines.
+    #[arg(long, env = "MISTRAL_BOT_LLAMA_LOG")]
+    pub llama_log: bool,
+
+    /// Answer this one prompt on stdout and exit.
+    #[arg(long, conflicts_with = "console", value_name = "TEXT")]
+    pub prompt: Option<String>,
+
+    /// Chat in the terminal (streamed; /reset forgets the history, /exit quits).
+    #[arg(long)]
+    pub console: bool,
+
+    /// Print the final prompt's token ids and pieces to stderr before generating.
+    #[arg(long, env = "MISTRAL_BOT_VERBOSE_PROMPT")]
+    pub verbose_prompt: bool,
+}
+
+/// What the process was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Answer one prompt on stdout.
+    Prompt(String),
+    /// Interactive chat in the terminal.
+    Console,
+    /// Serve chats until shut down.
+    Serve,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The engine's setup.
+    pub engine: EngineConfig,
+    /// Default generation parameters.
+    pub generate: GenerateParams,
+    /// System prompt for every conversation.
+    pub system_prompt: Option<String>,
+    /// What to do.
+    pub mode: Mode,
+    /// Print prompts as tokens before generating.
+    pub verbose_prompt: bool,
+}
+
+/// A flag value that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// A count that must be at least one.
+    #[error("--{flag} must be at least 1")]
+    Zero {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// The reply budget leaves no room for a prompt.
+    #[error(
+        "--max-tokens {max_tokens} leaves too little room for the prompt in --ctx-size {ctx_size} \
+         (at most {limit} with this window); lower --max-tokens or raise --ctx-size"
+    )]
+    ContextTooSmall {
+        /// --max-tokens.
+        max_tokens: u32,
+        /// --ctx-size.
+        ctx_size: u32,
+        /// The largest --max-tokens this window allows.
+        limit: u32,
+    },
+    /// A per-step prompt chunk larger than a batch.
+    #[error("--prefill-chunk {chunk} is larger than --batch-size {batch}")]
+    ChunkOverBatch {
+        /// --prefill-chunk.
+        chunk: u32,
+        /// --batch-size.
+        batch: u32,
+    },
+    /// A sampling parameter out of range.
+    #[error("--{flag} {value} is out of range ({range})")]
+    OutOfRange {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: f32,
+        /// The allowed range.
+        range: &'static str,
+    },
+    /// An empty chat template name.
+    #[error(
+        "--chat-template must not be empty (use `auto`, `mistral` or a llama.cpp template name)"
+    )]
+    EmptyTemplate,
+}
+
+fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
+    NonZeroUsize::new(value).ok_or(ConfigError::Zero { flag })
+}
+
+fn non_zero_u32(value: u32, flag: &'static str) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(value).ok_or(ConfigError::Zero { flag })
+}
+
+/// The largest reply budget a window allows: a quarter of it stays for the prompt.
+pub fn max_tokens_limit(ctx_size: u32) -> u32 {
+    ctx_size - ctx_size / 4
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let slots = non_zero_usize(args.slots, "slots")?;
+        let ctx_size = non_zero_u32(args.ctx_size, "ctx-size")?;
+        let threads = non_zero_usize(args.threads.unwrap_or_else(num_cpus::get), "threads")?;
+        let batch_size = non_zero_u32(args.batch_size, "batch-size")?;
+        let prefill_chunk = non_zero_u32(args.prefill_chunk, "prefill-chunk")?;
+        let queue_size = non_zero_usize(args.queue_size, "queue-size")?;
+        let max_tokens = non_zero_u32(args.max_tokens, "max-tokens")?.get();
+        if prefill_chunk > batch_size {
+            return Err(ConfigError::ChunkOverBatch {
+                chunk: prefill_chunk.get(),
+                batch: batch_size.get(),
+            });
+        }
+        let limit = max_tokens_limit(ctx_size.get());
+        if max_tokens > limit {
+            return Err(ConfigError::ContextTooSmall {
+                max_tokens,
+                ctx_size: ctx_size.get(),
+                limit,
+            });
+        }
+        if !(0.0..=100.0).contains(&args.temperature) {
+            return Err(ConfigError::OutOfRange {
+                flag: "temperature",
+                value: args.temperature,
+                range: "0 to 100",
+            });
+        }
+        if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+            return Err(ConfigError::OutOfRange {
+                flag: "top-p",
+                value: args.top_p,
+                range: "above 0, at most 1",
+            });
+        }
+        let chat_template = match args.chat_template.trim() {
+            "" => return Err(ConfigError::EmptyTemplate),
+            "auto" => ChatTemplateChoice::Auto,
+            "mistral" => ChatTemplateChoice::Mistral,
+            name => ChatTemplateChoice::Named(name.to_string()),
+        };
+        let mode = match (args.prompt, args.console) {
+            (Some(prompt), _) => Mode::Prompt(prompt),
+            (None, true) => Mode::Console,
+            (None, false) => Mode::Serve,
+        };
+        Ok(Config {
+            engine: EngineConfig {
+                model_path: args.model,
+                slots,
+                ctx_size,
+                threads,
+                batch_size,
+                prefill_chunk,
+                queue_size,
+                mmap: args.mmap,
+                chat_template,
+                llama_log: args.llama_log,
+                progress_bar: false,
+            },
+            generate: GenerateParams {
+                max_tokens,
+                temperature: args.temperature,
+                top_p: args.top_p,
+                seed: args.seed,
+                stop: Vec::new(),
+            },
+            system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
+            mode,
+            verbose_prompt: args.verbose_prompt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["mistral-bot", "--model", "m.gguf"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(argv).expect("clap accepts the flags"))
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.engine.slots.get(), 4);
+        assert_eq!(config.engine.ctx_size.get(), 4096);
+        assert_eq!(config.engine.queue_size.get(), 16);
+        assert!(!config.engine.mmap, "mmap is off by default");
+        assert_eq!(config.generate.max_tokens, 1000);
+        assert_eq!(config.engine.chat_template, ChatTemplateChoice::Auto);
+        assert_eq!(config.mode, Mode::Serve);
+    }
+
+    #[test]
+    fn zero_slots_is_refused() {
+        assert_eq!(
+            parse(&["--slots", "0"]).unwrap_err().to_string(),
+            "--slots must be at least 1"
+        );
+    }
+
+    #[test]
+    fn a_window_too_small_for_max_tokens_is_refused() {
+        let err = parse(&["--ctx-size", "512", "--max-tokens", "1000"]).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ContextTooSmall { limit: 384, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sampling_ranges_are_checked() {
+        assert!(parse(&["--top-p", "0"]).is_err());
+        assert!(parse(&["--top-p", "1.5"]).is_err());
+        assert!(parse(&["--temperature", "-1"]).is_err());
+        assert!(parse(&["--temperature", "0"]).is_ok());
+    }
+
+    #[test]
+    fn prefill_chunk_must_fit_a_batch() {
+        assert!(parse(&["--batch-size", "64", "--prefill-chunk", "128"]).is_err());
+    }
+
+    #[test]
+    fn modes_and_templates() {
+        assert_eq!(
+            parse(&["--prompt", "hi"]).unwrap().mode,
+            Mode::Prompt("hi".into())
+        );
+        assert_eq!(parse(&["--console"]).unwrap().mode, Mode::Console);
+        assert!(
+            Args::try_parse_from(["mistral-bot", "-m", "x", "--console", "--prompt", "a"]).is_err()
+        );
+        assert_eq!(
+            parse(&["--chat-template", "chatml"])
+                .unwrap()
+                .engine
+                .chat_template,
+            ChatTemplateChoice::Named("chatml".into())
+        );
+        assert_eq!(
+            parse(&["--chat-template", "mistral"])
+                .unwrap()
+                .engine
+                .chat_template,
+            ChatTemplateChoice::Mistral
+        );
+    }
+
+    #[test]
+    fn blank_system_prompt_is_none() {
+        assert_eq!(
+            parse(&["--system-prompt", "  "]).unwrap().system_prompt,
+            None
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! The only file that imports `llama_cpp_2`: a thin adapter that gives the worker the few
+//! llama.cpp calls it needs, in the crate's own types (token ids are `i32`).
+//!
+//! Everything here runs on the engine thread.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{LogOptions, send_logs_to_tracing};
+
+use super::prompt::{self, ChatFormat, PromptError, Segment, Vocab};
+use super::scheduler::BatchEntry;
+use super::{ModelInfo, StartError};
+use crate::chat::{ChatMessage, GenerateParams};
+
+/// llama.cpp's backend is process-wide state: `llama_backend_init` may run only once at a
+/// time, so every engine of the process (tests start several) shares one.
+static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+
+fn backend(llama_log: bool) -> Result<&'static LlamaBackend, StartError> {
+    if let Some(backend) = BACKEND.get() {
+        return Ok(backend);
+    }
+    // The first engine decides whether llama.cpp's own log lines reach tracing.
+    send_logs_to_tracing(LogOptions::default().with_logs_enabled(llama_log));
+    let backend = LlamaBackend::init().map_err(|e| StartError::Backend(e.to_string()))?;
+    Ok(BACKEND.get_or_init(|| backend))
+}
+
+/// A loaded model.
+pub struct Model {
+    model: LlamaModel,
+    backend: &'static LlamaBackend,
+}
+
+/// How a model is loaded.
+pub struct LoadOptions<'a> {
+    /// The GGUF file.
+    pub path: &'a Path,
+    /// Map the file instead of reading it (costs resident memory once weights are repacked).
+    pub mmap: bool,
+    /// Forward llama.cpp's log lines to tracing.
+    pub llama_log: bool,
+    /// Called with load progress in `0.0..=1.0`.
+    pub progress: Box<dyn FnMut(f32) + Send>,
+}
+
+impl Model {
+    /// Loads the model on the calling thread.
+    pub fn load(options: LoadOptions<'_>) -> Result<Self, StartError> {
+        let backend = backend(options.llama_log)?;
+        let mut progress = options.progress;
+        let params = LlamaModelParams::default()
+            .with_use_mmap(options.mmap)
+            .with_progress_callback(move |p| {
+                progress(p);
+                true
+            });
+        let model = LlamaModel::load_from_file(backend, options.path, &params).map_err(|e| {
+            StartError::ModelLoad {
+                path: options.path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self { model, backend })
+    }
+
+    /// What the model is.
+    pub fn info(&self, path: &Path, format: &str) -> ModelInfo {
+        let name = self
+            .model
+            .meta_val_str("general.name")
+            .ok()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        ModelInfo {
+            name,
+            path: path.to_path_buf(),
+            n_ctx_train: self.model.n_ctx_train(),
+            n_params: self.model.n_params(),
+            size_bytes: self.model.size(),
+            chat_format: format.to_string(),
+        }
+    }
+
+    /// The GGUF's own chat template, if it has one.
+    pub fn builtin_template(&self) -> Option<String> {
+        self.model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok())
+    }
+
+    /// A chat format applying `template` (a Jinja source or a llama.cpp template name such
+    /// as `chatml`) through llama.cpp. Fails if llama.cpp does not know the template.
+    pub fn native_format(&self, template: &str) -> Result<NativeFormat<'_>, StartError> {
+        let template = LlamaChatTemplate::new(template)
+            .map_err(|_| StartError::ChatTemplate("the template holds a NUL byte".into()))?;
+        let format = NativeFormat {
+            model: self,
+            template,
+        };
+        // Render a probe conversation now, so an unusable template fails at startup.
+        format
+            .render(&[ChatMessage::system("s"), ChatMessage::user("u")])
+            .map_err(|e| StartError::ChatTemplate(e.to_string()))?;
+        Ok(format)
+    }
+
+    /// The text of a token; control tokens are empty unless `special`.
+    pub fn piece(&self, token: i32, special: bool) -> Vec<u8> {
+        self.model
+            .vocab()
+            .token_to_piece(LlamaToken(token), special, None)
+    }
+
+    /// Whether `token` ends a turn (EOS, EOT, `<|im_end|>`, …).
+    pub fn is_end_of_turn(&self, token: i32) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token))
+    }
+
+    /// Whether `token` is a control token (`[INST]`, `<|im_start|>`, …).
+    pub fn is_control(&self, token: i32) -> bool {
+        self.model.vocab().is_control(LlamaToken(token))
+    }
+
+    /// Makes the one context of the engine.
+    pub fn new_context(&self, options: &ContextOptions) -> Result<Context<'_>, StartError> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(options.n_ctx))
+            .with_n_batch(options.n_batch)
+            .with_n_ubatch(options.n_batch)
+            .with_n_seq_max(options.n_seq_max)
+            // Each sequence gets n_ctx / n_seq_max cells: one slot can never crowd out another.
+            .with_kv_unified(false)
+            .with_n_threads(options.threads)
+            .with_n_threads_batch(options.threads);
+        let ctx = self
+            .model
+            .new_context(self.backend, params)
+            .map_err(|e| StartError::Context(e.to_string()))?;
+        let batch_size = usize::try_from(options.n_batch).unwrap_or(usize::MAX);
+        Ok(Context {
+            ctx,
+            batch: LlamaBatch::new(batch_size, 1),
+        })
+    }
+}
+
+impl Vocab for Model {
+    fn tokenize(&self, text: &str, parse_special: bool) -> Vec<i32> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, parse_special)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    fn bos(&self) -> Option<i32> {
+        let vocab = self.model.vocab();
+        vocab.should_add_bos().then(|| vocab.bos().0)
+    }
+}
+
+/// A chat format applied by llama.cpp (`llama_chat_apply_template`).
+pub struct NativeFormat<'m> {
+    model: &'m Model,
+    template: LlamaChatTemplate,
+}
+
+impl ChatFormat for NativeFormat<'_> {
+    fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError> {
+        if messages.is_empty() {
+            return Err(PromptError::Empty);
+        }
+        // Render over placeholders, then split: scaffolding and content get tokenized
+        // differently (see prompt.rs).
+        let chat = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| LlamaChatMessage::new(m.role.as_str().into(), prompt::content_marker(i)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| PromptError::TemplateMangled)?;
+        let rendered = self
+            .model
+            .model
+            .apply_chat_template(&self.template, &chat, true)
+            .map_err(|e| match e {
+                llama_cpp_2::ApplyChatTemplateError::FfiError(code) => PromptError::Template(code),
+                _ => PromptError::TemplateMangled,
+            })?;
+        let bos_text = self
+            .model
+            .bos()
+            .map(|bos| String::from_utf8_lossy(&self.model.piece(bos, true)).into_owned());
+        prompt::segments_from_rendered(&rendered, messages, bos_text.as_deref())
+    }
+
+    fn stop_strings(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Sizes of the context.
+pub struct ContextOptions {
+    /// Total KV cells: slots × per-slot context.
+    pub n_ctx: u32,
+    /// Most tokens in one decode.
+    pub n_batch: u32,
+    /// Sequences (slots).
+    pub n_seq_max: u32,
+    /// CPU threads.
+    pub threads: i32,
+}
+
+/// The engine's one context plus a reusable batch.
+pub struct Context<'m> {
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+}
+
+/// A failed decode.
+#[derive(Debug, thiserror::Error)]
+#[error("llama_decode failed: {0}")]
+pub struct DecodeFailed(String);
+
+impl Context<'_> {
+    /// Decodes one step's batch. Returns, for every entry that wants logits, the batch
+    /// index of its logits row (in entry order; `None` for the others).
+    pub fn decode(
+        &mut self,
+        entries: &[BatchEntry],
+        seq_ids: &[i32],
+    ) -> Result<Vec<Option<i32>>, DecodeFailed> {
+        self.batch.clear();
+        let mut rows = Vec::with_capacity(entries.len());
+        let mut index: i32 = 0;
+        for entry in entries {
+            let seq = seq_ids[entry.slot];
+            let last = entry.tokens.len().saturating_sub(1);
+            for (i, &token) in entry.tokens.iter().enumerate() {
+                let logits = entry.wants_logits && i == last;
+                let pos = i32::try_from(entry.first_pos + i)
+                    .map_err(|_| DecodeFailed("position out of range".into()))?;
+                self.batch
+                    .add(LlamaToken(token), pos, &[seq], logits)
+                    .map_err(|e| DecodeFailed(e.to_string()))?;
+                index += 1;
+            }
+            rows.push(entry.wants_logits.then_some(index - 1));
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| DecodeFailed(e.to_string()))?;
+        Ok(rows)
+    }
+
+    /// Removes a sequence's KV entries from position `from` on.
+    pub fn forget(&mut self, seq_id: i32, from: usize) {
+        let from = u32::try_from(from).unwrap_or(u32::MAX);
+        // Only fails for out-of-range positions, which `from` cannot be.
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(Some(seq_id as u32), Some(from), None);
+    }
+
+    /// Samples a token from the logits row `row` of the last decode.
+    pub fn sample(&self, sampler: &mut Sampler, row: i32) -> i32 {
+        sampler.0.sample(&self.ctx, row).0
+    }
+}
+
+/// A token sampler for one request.
+pub struct Sampler(LlamaSampler);
+
+impl Sampler {
+    /// Greedy at temperature 0; otherwise top-p, then temperature, then a seeded draw.
+    pub fn new(params: &GenerateParams, seed: u32) -> Self {
+        if params.temperature <= 0.0 {
+            return Self(LlamaSampler::greedy());
+        }
+        Self(LlamaSampler::chain_simple([
+            LlamaSampler::top_p(params.top_p, 1),
+            LlamaSampler::temp(params.temperature),
+            LlamaSampler::dist(seed),
+        ]))
+    }
+}

@@ -1,0 +1,396 @@
+//! The local inference engine: llama.cpp in process, a pool of slots, continuous batching.
+//!
+//! # Data path
+//! [`EngineHandle::submit`] puts a request into a bounded queue (a full queue is an
+//! immediate [`EngineError::Overloaded`]). The engine thread ([`worker`]) owns the model and
+//! the one llama.cpp context; it takes queued requests whenever a slot is free, and each
+//! step decodes one batch holding every active slot's tokens. Each request gets its own
+//! channel of [`StreamEvent`]s; dropping the [`ReplyStream`] cancels the request and frees
+//! its slot at the next step.
+//!
+//! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt` and `detok` are pure.
+
+mod detok;
+mod llama;
+pub mod prompt;
+mod scheduler;
+mod slot;
+mod worker;
+
+use std::io::Read;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot};
+
+pub use detok::{DetokOutput, Detokenizer};
+
+use crate::chat::{ChatRequest, Completion, StreamEvent};
+
+/// How the engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The GGUF model file.
+    pub model_path: PathBuf,
+    /// Inference slots: requests generated at the same time.
+    pub slots: NonZeroUsize,
+    /// Context window of each slot, in tokens.
+    pub ctx_size: NonZeroU32,
+    /// CPU threads for llama.cpp.
+    pub threads: NonZeroUsize,
+    /// Most tokens decoded in one step.
+    pub batch_size: NonZeroU32,
+    /// Most prompt tokens decoded in one step, so streaming chats keep streaming while a
+    /// long prompt is read.
+    pub prefill_chunk: NonZeroU32,
+    /// Requests that may wait for a slot; one more is refused with `Overloaded`.
+    pub queue_size: NonZeroUsize,
+    /// Map the model file instead of reading it.
+    pub mmap: bool,
+    /// Which chat format to use.
+    pub chat_template: ChatTemplateChoice,
+    /// Forward llama.cpp's own log lines to tracing.
+    pub llama_log: bool,
+    /// Draw a progress bar on stderr while loading.
+    pub progress_bar: bool,
+}
+
+/// Which chat format the engine uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplateChoice {
+    /// The GGUF's own template if llama.cpp can apply it, else Mistral's.
+    Auto,
+    /// Mistral's `[INST]` format, built in.
+    Mistral,
+    /// A template llama.cpp knows by name (`chatml`, `llama3`, `gemma`, `mistral-v7`, …).
+    Named(String),
+}
+
+/// What the loaded model is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// `general.name` from the GGUF, or the file name.
+    pub name: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Context length the model was trained with.
+    pub n_ctx_train: u32,
+    /// Parameters.
+    pub n_params: u64,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// The chat format in use (`mistral`, or `gguf` / a template name).
+    pub chat_format: String,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The model file does not exist.
+    #[error("model file not found: {}", path.display())]
+    ModelNotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The model file cannot be read.
+    #[error("cannot read model file {}", path.display())]
+    ModelUnreadable {
+        /// The path given.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a GGUF model.
+    #[error("{} is not a GGUF model file (it does not start with the GGUF magic bytes)", path.display())]
+    NotGguf {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// llama.cpp could not load the model.
+    #[error("llama.cpp could not load the model {} ({reason}); is it a complete, supported GGUF?", path.display())]
+    ModelLoad {
+        /// The path given.
+        path: PathBuf,
+        /// llama.cpp's error.
+        reason: String,
+    },
+    /// llama.cpp's backend failed to initialize.
+    #[error("llama.cpp backend failed to initialize: {0}")]
+    Backend(String),
+    /// The context could not be created (usually: not enough memory for the KV cache).
+    #[error(
+        "could not create the llama.cpp context ({0}); try fewer --slots or a smaller --ctx-size"
+    )]
+    Context(String),
+    /// The chat template cannot be used.
+    #[error("chat template unusable: {0}")]
+    ChatTemplate(String),
+    /// The engine thread could not be started or died while starting.
+    #[error("the engine thread failed to start")]
+    Thread,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// Every slot is busy and the queue is full.
+    #[error("the local engine is overloaded ({waiting} requests waiting)")]
+    Overloaded {
+        /// Requests already waiting.
+        waiting: usize,
+    },
+    /// The engine has stopped.
+    #[error("the local engine has stopped")]
+    Stopped,
+    /// The prompt could not be built.
+    #[error(transparent)]
+    Prompt(#[from] prompt::PromptError),
+    /// llama.cpp failed to decode.
+    #[error("inference failed: {0}")]
+    Decode(String),
+}
+
+impl EngineError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Overloaded { .. } => "overloaded",
+            EngineError::Stopped => "stopped",
+            EngineError::Prompt(_) => "prompt",
+            EngineError::Decode(_) => "decode",
+        }
+    }
+}
+
+/// A snapshot of the engine's figures.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    /// Slots in all.
+    pub slots: usize,
+    /// Slots working on a request now.
+    pub slots_busy: usize,
+    /// Requests waiting for a slot now.
+    pub queue_len: usize,
+    /// Requests that got a slot, since start.
+    pub requests_started: u64,
+    /// Requests that ended (any reason), since start.
+    pub requests_finished: u64,
+    /// Prompt tokens decoded, since start.
+    pub prompt_tokens_processed: u64,
+    /// Prompt tokens found in a slot's cache and not decoded again, since start.
+    pub prompt_tokens_cached: u64,
+    /// Tokens generated, since start.
+    pub tokens_generated: u64,
+    /// Decode steps, since start.
+    pub decode_steps: u64,
+    /// The most sequences ever decoded in one step.
+    pub max_sequences_per_step: usize,
+    /// Generated tokens per second of generation time, averaged over finished requests.
+    pub avg_tokens_per_second: f64,
+}
+
+/// Counters shared between the engine thread and handles.
+#[derive(Debug, Default)]
+struct SharedStats {
+    slots_busy: AtomicUsize,
+    requests_started: AtomicU64,
+    requests_finished: AtomicU64,
+    prompt_tokens_processed: AtomicU64,
+    prompt_tokens_cached: AtomicU64,
+    tokens_generated: AtomicU64,
+    decode_steps: AtomicU64,
+    max_sequences_per_step: AtomicUsize,
+    /// Tokens generated after the first, over finished requests (for tokens/s).
+    timed_tokens: AtomicU64,
+    /// Microseconds of generation, over finished requests (for tokens/s).
+    timed_micros: AtomicU64,
+}
+
+/// A request on its way to the engine thread.
+struct Job {
+    request: ChatRequest,
+    show_prompt: bool,
+    events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
+    submitted: Instant,
+}
+
+/// A cheap-to-clone handle to the running engine. The engine thread stops when the last
+/// handle is dropped and the requests in flight are done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    submit_tx: mpsc::Sender<Job>,
+    stats: Arc<SharedStats>,
+    info: ModelInfo,
+    slots: usize,
+    ctx_size: u32,
+}
+
+impl EngineHandle {
+    /// Loads the model on a new engine thread and waits until it is ready, so a bad model
+    /// fails here and not at the first request.
+    pub async fn start(config: EngineConfig) -> Result<Self, StartError> {
+        check_model_file(&config.model_path)?;
+        let (submit_tx, submit_rx) = mpsc::channel(config.queue_size.get());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let stats = Arc::new(SharedStats::default());
+        let slots = config.slots.get();
+        let ctx_size = config.ctx_size.get();
+        let worker_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("mistral-bot-engine".into())
+            .spawn(move || worker::run(config, submit_rx, worker_stats, ready_tx))
+            .map_err(|_| StartError::Thread)?;
+        let info = ready_rx.await.map_err(|_| StartError::Thread)??;
+        Ok(Self {
+            inner: Arc::new(HandleInner {
+                submit_tx,
+                stats,
+                info,
+                slots,
+                ctx_size,
+            }),
+        })
+    }
+
+    /// Queues a request. Fails at once with `Overloaded` when the queue is full.
+    pub fn submit(&self, request: ChatRequest) -> Result<ReplyStream, EngineError> {
+        self.enqueue(request, false)
+    }
+
+    /// Like [`submit`](Self::submit), but the stream starts with a
+    /// [`StreamEvent::Prompt`] showing the exact prompt tokens.
+    pub fn submit_showing_prompt(&self, request: ChatRequest) -> Result<ReplyStream, EngineError> {
+        self.enqueue(request, true)
+    }
+
+    fn enqueue(&self, request: ChatRequest, show_prompt: bool) -> Result<ReplyStream, EngineError> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let job = Job {
+            request,
+            show_prompt,
+            events_tx,
+            submitted: Instant::now(),
+        };
+        match self.inner.submit_tx.try_send(job) {
+            Ok(()) => Ok(ReplyStream { events_rx }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+                waiting: self.queue_len(),
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
+        }
+    }
+
+    fn queue_len(&self) -> usize {
+        let tx = &self.inner.submit_tx;
+        tx.max_capacity() - tx.capacity()
+    }
+
+    /// The model in use.
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// The context window of each slot, in tokens.
+    pub fn ctx_size(&self) -> u32 {
+        self.inner.ctx_size
+    }
+
+    /// The engine's figures now.
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.inner.stats;
+        let timed_tokens = s.timed_tokens.load(Ordering::Relaxed);
+        let timed_micros = s.timed_micros.load(Ordering::Relaxed);
+        EngineStats {
+            slots: self.inner.slots,
+            slots_busy: s.slots_busy.load(Ordering::Relaxed),
+            queue_len: self.queue_len(),
+            requests_started: s.requests_started.load(Ordering::Relaxed),
+            requests_finished: s.requests_finished.load(Ordering::Relaxed),
+            prompt_tokens_processed: s.prompt_tokens_processed.load(Ordering::Relaxed),
+            prompt_tokens_cached: s.prompt_tokens_cached.load(Ordering::Relaxed),
+            tokens_generated: s.tokens_generated.load(Ordering::Relaxed),
+            decode_steps: s.decode_steps.load(Ordering::Relaxed),
+            max_sequences_per_step: s.max_sequences_per_step.load(Ordering::Relaxed),
+            avg_tokens_per_second: if timed_micros == 0 {
+                0.0
+            } else {
+                timed_tokens as f64 / (timed_micros as f64 / 1e6)
+            },
+        }
+    }
+}
+
+/// The events of one reply. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct ReplyStream {
+    events_rx: mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>,
+}
+
+impl ReplyStream {
+    /// The next event; `None` after `Done` or an error.
+    pub async fn next_event(&mut self) -> Option<Result<StreamEvent, EngineError>> {
+        self.events_rx.recv().await
+    }
+
+    /// Waits for the whole reply: its text and closing record.
+    pub async fn collect(mut self) -> Result<(String, Completion), EngineError> {
+        let mut text = String::new();
+        while let Some(event) = self.events_rx.recv().await {
+            match event? {
+                StreamEvent::Delta(delta) => text.push_str(&delta),
+                StreamEvent::Done(completion) => return Ok((text, completion)),
+                StreamEvent::Prompt(_) => {}
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = Result<StreamEvent, EngineError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events_rx.poll_recv(cx)
+    }
+}
+
+/// Checks what can be checked before llama.cpp sees the file, for clear errors.
+fn check_model_file(path: &Path) -> Result<(), StartError> {
+    let mut file = std::fs::File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StartError::ModelNotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StartError::ModelUnreadable {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    let mut magic = [0u8; 4];
+    match file.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => Ok(()),
+        Ok(()) => Err(StartError::NotGguf {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StartError::NotGguf {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(StartError::ModelUnreadable {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,439 @@
+//! The engine thread: loads the model, makes the one context, then loops
+//! admit → plan batch → decode → sample → send, until every handle is gone.
+//!
+//! llama.cpp objects never leave this thread (`LlamaContext` borrows the model and is not
+//! `Sync`); async code reaches it only through the submit channel and per-request event
+//! channels.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::detok::Detokenizer;
+use super::llama::{Context, ContextOptions, LoadOptions, Model, Sampler};
+use super::prompt::{self, ChatFormat, MistralFormat};
+use super::scheduler::{self, BatchEntry};
+use super::slot::{Slot, SlotState};
+use super::{
+    ChatTemplateChoice, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
+};
+use crate::chat::{Completion, FinishReason, PromptToken, StreamEvent, Timings, Usage};
+
+/// Runs the engine thread to completion.
+pub(super) fn run(
+    config: EngineConfig,
+    submit_rx: mpsc::Receiver<Job>,
+    stats: Arc<SharedStats>,
+    ready_tx: oneshot::Sender<Result<ModelInfo, StartError>>,
+) {
+    let loaded = Instant::now();
+    let progress = load_progress(config.progress_bar);
+    let model = match Model::load(LoadOptions {
+        path: &config.model_path,
+        mmap: config.mmap,
+        llama_log: config.llama_log,
+        progress,
+    }) {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+            return;
+        }
+    };
+    let (format, format_name): (Box<dyn ChatFormat + '_>, String) =
+        match choose_format(&model, &config.chat_template) {
+            Ok(choice) => choice,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+    let info = model.info(&config.model_path, &format_name);
+    if config.ctx_size.get() > info.n_ctx_train && info.n_ctx_train > 0 {
+        tracing::warn!(
+            ctx_size = config.ctx_size.get(),
+            n_ctx_train = info.n_ctx_train,
+            "--ctx-size is beyond the context the model was trained with; expect worse answers past {} tokens",
+            info.n_ctx_train
+        );
+    }
+    let slots = config.slots.get();
+    let threads = i32::try_from(config.threads.get()).unwrap_or(i32::MAX);
+    let n_ctx = config.ctx_size.get().saturating_mul(slots as u32);
+    let ctx = match model.new_context(&ContextOptions {
+        n_ctx,
+        n_batch: config.batch_size.get(),
+        n_seq_max: slots as u32,
+        threads,
+    }) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+            return;
+        }
+    };
+    tracing::info!(
+        model = %info.name,
+        chat_format = %format_name,
+        slots,
+        ctx_size = config.ctx_size.get(),
+        threads,
+        seconds = format!("{:.1}", loaded.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    if ready_tx.send(Ok(info)).is_err() {
+        return;
+    }
+    let mut worker = Worker {
+        stop_strings: format.stop_strings(),
+        model: &model,
+        format: format.as_ref(),
+        ctx,
+        slots: (0..slots as i32).map(Slot::new).collect(),
+        jobs: (0..slots).map(|_| None).collect(),
+        seq_ids: (0..slots as i32).collect(),
+        config: &config,
+        stats: &stats,
+        tick: 0,
+    };
+    worker.run(submit_rx);
+}
+
+/// The progress callback: a bar on a terminal, otherwise a log line at each quarter.
+fn load_progress(bar: bool) -> Box<dyn FnMut(f32) + Send> {
+    if bar {
+        let pb = indicatif::ProgressBar::new(100);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("loading model [{bar:40}] {percent:>3}%")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Box::new(move |p| {
+            pb.set_position((p * 100.0) as u64);
+            if p >= 1.0 {
+                pb.finish_and_clear();
+            }
+        })
+    } else {
+        let mut next_quarter = 0;
+        Box::new(move |p| {
+            let quarter = (p * 4.0) as u32;
+            if quarter >= next_quarter {
+                tracing::info!(percent = quarter * 25, "loading model");
+                next_quarter = quarter + 1;
+            }
+        })
+    }
+}
+
+fn choose_format<'m>(
+    model: &'m Model,
+    choice: &ChatTemplateChoice,
+) -> Result<(Box<dyn ChatFormat + 'm>, String), StartError> {
+    match choice {
+        ChatTemplateChoice::Mistral => Ok((Box::new(MistralFormat), "mistral".into())),
+        ChatTemplateChoice::Named(name) => Ok((Box::new(model.native_format(name)?), name.clone())),
+        ChatTemplateChoice::Auto => match model.builtin_template() {
+            None => Ok((Box::new(MistralFormat), "mistral".into())),
+            Some(template) => match model.native_format(&template) {
+                Ok(format) => Ok((Box::new(format), "gguf".into())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the model's own chat template is not usable; using the Mistral format");
+                    Ok((Box::new(MistralFormat), "mistral".into()))
+                }
+            },
+        },
+    }
+}
+
+/// A request that holds a slot.
+struct ActiveJob {
+    events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    max_tokens: u32,
+    usage: Usage,
+    queued: std::time::Duration,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+struct Worker<'m> {
+    model: &'m Model,
+    format: &'m dyn ChatFormat,
+    stop_strings: Vec<String>,
+    ctx: Context<'m>,
+    /// Slot `i` owns sequence `seq_ids[i]` and runs `jobs[i]`.
+    slots: Vec<Slot>,
+    jobs: Vec<Option<ActiveJob>>,
+    seq_ids: Vec<i32>,
+    config: &'m EngineConfig,
+    stats: &'m SharedStats,
+    /// Counts admissions, for least-recently-used slot choice and FIFO prefill.
+    tick: u64,
+}
+
+impl Worker<'_> {
+    fn run(&mut self, mut submit_rx: mpsc::Receiver<Job>) {
+        loop {
+            // Take waiting requests while slots are free.
+            while self.has_free_slot() {
+                match submit_rx.try_recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => break,
+                }
+            }
+            self.drop_cancelled();
+            if self.active_count() == 0 {
+                // Nothing to do: sleep until a request comes or every handle is gone.
+                match submit_rx.blocking_recv() {
+                    Some(job) => self.admit(job),
+                    None => return,
+                }
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    fn has_free_slot(&self) -> bool {
+        self.jobs.iter().any(Option::is_none)
+    }
+
+    fn active_count(&self) -> usize {
+        self.jobs.iter().filter(|j| j.is_some()).count()
+    }
+
+    fn publish_busy(&self) {
+        self.stats
+            .slots_busy
+            .store(self.active_count(), Ordering::Relaxed);
+    }
+
+    fn admit(&mut self, job: Job) {
+        if job.events_tx.is_closed() {
+            return; // cancelled while it waited
+        }
+        let queued = job.submitted.elapsed();
+        let ctx_size = self.config.ctx_size.get();
+        // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
+        let max_tokens = job
+            .request
+            .params
+            .max_tokens
+            .clamp(1, ctx_size - ctx_size / 4);
+        let budget = (ctx_size - max_tokens) as usize;
+        let fitted =
+            match prompt::fit_prompt(self.model, self.format, &job.request.messages, budget) {
+                Ok(fitted) => fitted,
+                Err(e) => {
+                    let _ = job.events_tx.send(Err(EngineError::Prompt(e)));
+                    return;
+                }
+            };
+        if fitted.dropped_messages > 0 || fitted.truncated {
+            tracing::debug!(
+                dropped = fitted.dropped_messages,
+                truncated = fitted.truncated,
+                "prompt trimmed to fit the context window"
+            );
+        }
+        let Some(index) = scheduler::choose_slot(&self.slots, &fitted.tokens) else {
+            // Unreachable: admit is called only with a free slot. Refuse rather than panic.
+            let _ = job
+                .events_tx
+                .send(Err(EngineError::Overloaded { waiting: 0 }));
+            return;
+        };
+        if job.show_prompt {
+            let tokens = fitted
+                .tokens
+                .iter()
+                .map(|&id| PromptToken {
+                    id,
+                    piece: String::from_utf8_lossy(&self.model.piece(id, true)).into_owned(),
+                })
+                .collect();
+            let _ = job.events_tx.send(Ok(StreamEvent::Prompt(tokens)));
+        }
+        self.tick += 1;
+        let prompt_len = fitted.tokens.len();
+        let slot = &mut self.slots[index];
+        let reused = slot.start(fitted.tokens, self.tick);
+        self.ctx.forget(slot.seq_id, reused);
+        let params = &job.request.params;
+        let seed = params.seed.unwrap_or_else(|| fresh_seed(self.tick));
+        let stops = self
+            .stop_strings
+            .iter()
+            .chain(params.stop.iter())
+            .cloned()
+            .chain(["[INST]".to_string()]);
+        self.jobs[index] = Some(ActiveJob {
+            events_tx: job.events_tx,
+            sampler: Sampler::new(params, seed),
+            detok: Detokenizer::new(stops),
+            max_tokens,
+            usage: Usage {
+                prompt_tokens: prompt_len as u32,
+                cached_tokens: reused as u32,
+                processed_tokens: (prompt_len - reused) as u32,
+                completion_tokens: 0,
+            },
+            queued,
+            admitted: Instant::now(),
+            first_token: None,
+        });
+        self.stats.requests_started.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens_cached
+            .fetch_add(reused as u64, Ordering::Relaxed);
+        self.publish_busy();
+    }
+
+    /// Frees the slots whose caller went away. Their KV cache stays: it is still valid.
+    fn drop_cancelled(&mut self) {
+        for i in 0..self.jobs.len() {
+            if self.jobs[i]
+                .as_ref()
+                .is_some_and(|job| job.events_tx.is_closed())
+            {
+                self.finish(i, FinishReason::Cancelled);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let entries = scheduler::plan_batch(
+            &self.slots,
+            self.config.batch_size.get() as usize,
+            self.config.prefill_chunk.get() as usize,
+        );
+        if entries.is_empty() {
+            return;
+        }
+        let rows = match self.ctx.decode(&entries, &self.seq_ids) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "decode failed; failing the requests in this batch");
+                for entry in &entries {
+                    self.fail(entry.slot, EngineError::Decode(e.to_string()));
+                }
+                return;
+            }
+        };
+        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .max_sequences_per_step
+            .fetch_max(entries.len(), Ordering::Relaxed);
+        for (entry, row) in entries.iter().zip(rows) {
+            self.after_decode(entry, row);
+        }
+    }
+
+    fn after_decode(&mut self, entry: &BatchEntry, row: Option<i32>) {
+        let i = entry.slot;
+        let slot = &mut self.slots[i];
+        match slot.state {
+            SlotState::Decode { .. } => slot.decoded(),
+            SlotState::Prefill { .. } => {
+                slot.prefilled(entry.tokens.len());
+                self.stats
+                    .prompt_tokens_processed
+                    .fetch_add(entry.tokens.len() as u64, Ordering::Relaxed);
+            }
+            SlotState::Idle => return,
+        }
+        let Some(row) = row else { return };
+        let Some(job) = self.jobs[i].as_mut() else {
+            return;
+        };
+        let token = self.ctx.sample(&mut job.sampler, row);
+        job.first_token.get_or_insert_with(Instant::now);
+        job.usage.completion_tokens += 1;
+        self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+
+        // A control token mid-reply ([INST], <|im_start|>, …) is a turn boundary too.
+        if self.model.is_end_of_turn(token) || self.model.is_control(token) {
+            self.finish(i, FinishReason::Stop);
+            return;
+        }
+        let out = job.detok.push(&self.model.piece(token, false));
+        if !out.text.is_empty()
+            && job
+                .events_tx
+                .send(Ok(StreamEvent::Delta(out.text)))
+                .is_err()
+        {
+            self.finish(i, FinishReason::Cancelled);
+            return;
+        }
+        if out.stopped {
+            self.finish(i, FinishReason::Stop);
+            return;
+        }
+        let window_full = self.slots[i].cached.len() + 1 >= self.config.ctx_size.get() as usize;
+        if job.usage.completion_tokens >= job.max_tokens || window_full {
+            self.finish(i, FinishReason::Length);
+            return;
+        }
+        self.slots[i].sampled(token);
+    }
+
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        self.slots[i].finish();
+        let Some(mut job) = self.jobs[i].take() else {
+            return;
+        };
+        let now = Instant::now();
+        let first = job.first_token.unwrap_or(now);
+        let timings = Timings {
+            queued: job.queued,
+            prompt: first - job.admitted,
+            generation: now - first,
+        };
+        let rest = job.detok.finish();
+        if reason != FinishReason::Cancelled {
+            if !rest.is_empty() {
+                let _ = job.events_tx.send(Ok(StreamEvent::Delta(rest)));
+            }
+            let _ = job.events_tx.send(Ok(StreamEvent::Done(Completion {
+                finish_reason: reason,
+                usage: job.usage,
+                timings,
+            })));
+        }
+        if job.usage.completion_tokens > 1 {
+            self.stats.timed_tokens.fetch_add(
+                u64::from(job.usage.completion_tokens - 1),
+                Ordering::Relaxed,
+            );
+            self.stats
+                .timed_micros
+                .fetch_add(timings.generation.as_micros() as u64, Ordering::Relaxed);
+        }
+        self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        self.publish_busy();
+    }
+
+    fn fail(&mut self, i: usize, error: EngineError) {
+        let seq = self.slots[i].seq_id;
+        self.ctx.forget(seq, 0);
+        self.slots[i].clear();
+        if let Some(job) = self.jobs[i].take() {
+            let _ = job.events_tx.send(Err(error));
+            self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        }
+        self.publish_busy();
+    }
+}
+
+/// A seed for a request that did not ask for one.
+fn fresh_seed(tick: u64) -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos ^ (tick as u32).wrapping_mul(0x9E37_79B9)
+}
