@@ -6,6 +6,8 @@
 //! - [`chat`]: the shared vocabulary (messages, parameters, stream events).
 //! - [`engine`]: the inference thread, slots, scheduler, prompt building, detokenizer.
 //! - [`console`]: `--prompt` and `--console`.
+//! - [`providers`]: the fallback chain (local engine, cloud providers, canned apology).
+//! - [`i18n`]: the bot's own words in English and Russian.
 //!
 //! # Data path
 //! front-end → [`ChatRequest`](chat::ChatRequest) → [`EngineHandle::submit`](engine::EngineHandle::submit)
@@ -16,6 +18,8 @@ pub mod chat;
 pub mod config;
 pub mod console;
 pub mod engine;
+pub mod i18n;
+pub mod providers;
 
 use std::io::IsTerminal;
 

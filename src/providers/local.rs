@@ -1,0 +1,49 @@
+//! The local engine as a provider.
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+
+use super::{EventStream, Provider, ProviderError};
+use crate::chat::{ChatRequest, StreamEvent};
+use crate::engine::{EngineError, EngineHandle};
+
+/// Answers with the in-process llama.cpp engine.
+#[derive(Clone)]
+pub struct LocalProvider {
+    engine: EngineHandle,
+}
+
+impl LocalProvider {
+    /// A provider over `engine`.
+    pub fn new(engine: EngineHandle) -> Self {
+        Self { engine }
+    }
+}
+
+impl From<EngineError> for ProviderError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Overloaded { .. } => ProviderError::Overloaded,
+            other => ProviderError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        let submitted = self.engine.submit(request);
+        Box::pin(async move {
+            let stream = submitted?;
+            Ok(stream
+                .filter(|event| {
+                    futures::future::ready(!matches!(event, Ok(StreamEvent::Prompt(_))))
+                })
+                .map(|event| event.map_err(ProviderError::from))
+                .boxed())
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! Engine tests against the real llama.cpp and the test model.

@@ -1,0 +1,65 @@
+//! Shared test helpers: the test model, engine start-up, waiting for conditions.
+
+#![allow(dead_code)]
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mistral_bot::chat::GenerateParams;
+use mistral_bot::engine::{ChatTemplateChoice, EngineConfig, EngineHandle};
+
+/// The SmolLM2 test model. Fails (never skips) with the command that fetches it.
+pub fn test_model() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "test model missing: run `bash models/fetch-test-model.sh` (expected {})",
+        path.display()
+    );
+    path
+}
+
+/// An engine config for tests: the test model, small windows, few threads.
+pub fn engine_config() -> EngineConfig {
+    EngineConfig {
+        model_path: test_model(),
+        slots: NonZeroUsize::new(4).unwrap(),
+        ctx_size: NonZeroU32::new(1024).unwrap(),
+        threads: NonZeroUsize::new(2).unwrap(),
+        batch_size: NonZeroU32::new(512).unwrap(),
+        prefill_chunk: NonZeroU32::new(128).unwrap(),
+        queue_size: NonZeroUsize::new(4).unwrap(),
+        mmap: false,
+        chat_template: ChatTemplateChoice::Auto,
+        llama_log: false,
+        progress_bar: false,
+    }
+}
+
+/// Starts an engine with `config`.
+pub async fn start_engine(config: EngineConfig) -> EngineHandle {
+    EngineHandle::start(config).await.expect("engine starts")
+}
+
+/// Greedy decoding with a token cap.
+pub fn greedy(max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: Some(1),
+        stop: Vec::new(),
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes; panics with `what` on timeout.
+pub async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
