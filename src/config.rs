@@ -46,11 +46,21 @@ pub struct Args {
     pub max_tokens: u32,
 
     /// Sampling temperature (0 = greedy, deterministic).
-    #[arg(long, env = "MISTRAL_BOT_TEMPERATURE", default_value_t = 0.7)]
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_TEMPERATURE",
+        default_value_t = 0.7,
+        allow_negative_numbers = true
+    )]
     pub temperature: f32,
 
     /// Nucleus sampling threshold, in (0, 1].
-    #[arg(long, env = "MISTRAL_BOT_TOP_P", default_value_t = 0.95)]
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_TOP_P",
+        default_value_t = 0.95,
+        allow_negative_numbers = true
+    )]
     pub top_p: f32,
 
     /// Sampler seed, for reproducible sampling [default: random per request].
