@@ -1,1 +1,207 @@
-//! Black-box tests of the `mistral-bot` binary.
+//! Black-box tests of the `mistral-bot` binary: one-shot and console modes, and every
+//! bad input the CLI must explain with a non-zero exit.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use crate::util::test_model;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mistral-bot");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Asserts a failed run whose stderr mentions `needle`.
+fn assert_fails_with(output: &Output, needle: &str) {
+    assert!(
+        !output.status.success(),
+        "expected failure; stderr: {}",
+        stderr(output)
+    );
+    assert!(
+        stderr(output).contains(needle),
+        "stderr should mention {needle:?}: {}",
+        stderr(output)
+    );
+    assert!(!stderr(output).contains("panicked"), "{}", stderr(output));
+}
+
+#[test]
+fn prompt_mode_answers_on_stdout() {
+    let model = test_model();
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--prompt",
+        "What is the capital of France? Answer in one word.",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("Paris"),
+        "stdout: {}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn console_mode_keeps_history_and_resets() {
+    let model = test_model();
+    let mut child = Command::new(BIN)
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--console",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France? Answer in one word.\n/reset\n/exit\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    assert!(out.contains("Paris"), "{out}");
+    assert!(out.contains("(conversation cleared)"), "{out}");
+}
+
+#[test]
+fn verbose_prompt_shows_token_ids_on_stderr() {
+    let model = test_model();
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "1",
+        "--verbose-prompt",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // SmolLM2's ChatML: <|im_start|> is id 1.
+    assert!(
+        stderr(&output).contains("1 -> \"<|im_start|>\""),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    let output = run(&["--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
+    assert_fails_with(&output, "model file not found: /nonexistent/model.gguf");
+}
+
+#[test]
+fn unreadable_model_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(&["--model", dir.path().to_str().unwrap(), "--prompt", "hi"]);
+    assert_fails_with(&output, "cannot read model file");
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_a_clear_error() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(b"this is a text file, not a model").unwrap();
+    let output = run(&["--model", file.path().to_str().unwrap(), "--prompt", "hi"]);
+    assert_fails_with(&output, "is not a GGUF model file");
+}
+
+#[test]
+fn a_gguf_llama_cpp_cannot_load_is_a_clear_error() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(b"GGUF\x03\x00\x00\x00garbage that is no model")
+        .unwrap();
+    let output = run(&["--model", file.path().to_str().unwrap(), "--prompt", "hi"]);
+    assert_fails_with(&output, "llama.cpp could not load the model");
+}
+
+#[test]
+fn zero_slots_is_refused() {
+    let model = test_model();
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--slots",
+        "0",
+        "--prompt",
+        "hi",
+    ]);
+    assert_fails_with(&output, "--slots must be at least 1");
+}
+
+#[test]
+fn a_window_too_small_for_max_tokens_is_refused() {
+    let model = test_model();
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx-size",
+        "256",
+        "--max-tokens",
+        "1000",
+        "--prompt",
+        "hi",
+    ]);
+    assert_fails_with(&output, "--max-tokens 1000 leaves too little room");
+}
+
+#[test]
+fn ctx_size_beyond_training_warns_but_runs() {
+    let model = test_model();
+    // SmolLM2 was trained with 8192 tokens of context.
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--slots",
+        "1",
+        "--ctx-size",
+        "16384",
+        "--max-tokens",
+        "4",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("beyond the context the model was trained with"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn an_unknown_chat_template_is_a_clear_error() {
+    let model = test_model();
+    let output = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--chat-template",
+        "no-such-template",
+        "--prompt",
+        "hi",
+    ]);
+    assert_fails_with(&output, "chat template unusable");
+}

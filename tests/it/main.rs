@@ -2,6 +2,8 @@
 //! Tests that need the model use the real llama.cpp with the SmolLM2 test model
 //! (`models/fetch-test-model.sh`); a missing model fails with the fetch command.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is a test failure
+
 mod cli;
 mod engine;
 mod util;
