@@ -14,7 +14,11 @@ use crate::engine::{ChatTemplateChoice, EngineConfig};
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MISTRAL_BOT_GIT_COMMIT"), ")"),
+    about,
+    long_about = None
+)]
 pub struct Args {
     /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf).
     #[arg(long, short = 'm', env = "MISTRAL_BOT_MODEL", value_name = "PATH")]

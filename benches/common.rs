@@ -1,0 +1,47 @@
+//! Shared by the benches: the model to measure and an engine set up for it.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+
+use mistral_bot::chat::GenerateParams;
+use mistral_bot::engine::{ChatTemplateChoice, EngineConfig};
+
+/// The model: `MISTRAL_BOT_BENCH_MODEL`, else the test model.
+pub fn bench_model() -> PathBuf {
+    std::env::var_os("MISTRAL_BOT_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+/// The production defaults (4 slots × 4096, all CPUs) with the given prefill chunk.
+pub fn bench_engine_config(prefill_chunk: u32) -> EngineConfig {
+    EngineConfig {
+        model_path: bench_model(),
+        slots: NonZeroUsize::new(4).expect("non-zero"),
+        ctx_size: NonZeroU32::new(4096).expect("non-zero"),
+        threads: NonZeroUsize::new(num_cpus::get()).expect("non-zero"),
+        batch_size: NonZeroU32::new(512).expect("non-zero"),
+        prefill_chunk: NonZeroU32::new(prefill_chunk).expect("non-zero"),
+        queue_size: NonZeroUsize::new(16).expect("non-zero"),
+        mmap: false,
+        chat_template: ChatTemplateChoice::Auto,
+        llama_log: false,
+        progress_bar: false,
+    }
+}
+
+/// Greedy decoding of exactly `max_tokens` (with a prompt that does not stop early).
+pub fn greedy(max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: Some(1),
+        stop: Vec::new(),
+    }
+}
+
+/// A prompt the small test model answers at length (it counts on and on).
+pub const ENDLESS: &str = "Write the numbers from 1 to 300 in words, separated by commas.";
