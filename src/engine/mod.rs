@@ -192,6 +192,8 @@ pub struct EngineStats {
     pub decode_steps: u64,
     /// The most sequences ever decoded in one step.
     pub max_sequences_per_step: usize,
+    /// The most prompt tokens ever decoded in one step (at most `--prefill-chunk`).
+    pub max_prompt_tokens_per_step: usize,
     /// Generated tokens per second of generation time, averaged over finished requests.
     pub avg_tokens_per_second: f64,
 }
@@ -207,6 +209,7 @@ struct SharedStats {
     tokens_generated: AtomicU64,
     decode_steps: AtomicU64,
     max_sequences_per_step: AtomicUsize,
+    max_prompt_tokens_per_step: AtomicUsize,
     /// Tokens generated after the first, over finished requests (for tokens/s).
     timed_tokens: AtomicU64,
     /// Microseconds of generation, over finished requests (for tokens/s).
@@ -322,6 +325,7 @@ impl EngineHandle {
             tokens_generated: s.tokens_generated.load(Ordering::Relaxed),
             decode_steps: s.decode_steps.load(Ordering::Relaxed),
             max_sequences_per_step: s.max_sequences_per_step.load(Ordering::Relaxed),
+            max_prompt_tokens_per_step: s.max_prompt_tokens_per_step.load(Ordering::Relaxed),
             avg_tokens_per_second: if timed_micros == 0 {
                 0.0
             } else {

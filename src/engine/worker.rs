@@ -327,6 +327,14 @@ impl Worker<'_> {
         self.stats
             .max_sequences_per_step
             .fetch_max(entries.len(), Ordering::Relaxed);
+        let prompt_tokens = entries
+            .iter()
+            .filter(|e| matches!(self.slots[e.slot].state, SlotState::Prefill { .. }))
+            .map(|e| e.tokens.len())
+            .sum();
+        self.stats
+            .max_prompt_tokens_per_step
+            .fetch_max(prompt_tokens, Ordering::Relaxed);
         for (entry, row) in entries.iter().zip(rows) {
             self.after_decode(entry, row);
         }

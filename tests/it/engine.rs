@@ -257,3 +257,49 @@ async fn an_empty_conversation_is_a_clear_error() {
         .unwrap_err();
     assert!(matches!(err, EngineError::Prompt(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_long_prompt_is_read_in_chunks_while_another_reply_streams() {
+    let mut config = engine_config();
+    config.slots = NonZeroUsize::new(2).unwrap();
+    config.ctx_size = NonZeroU32::new(4096).unwrap();
+    let engine = start_engine(config).await;
+    let mut streaming = engine
+        .submit(ask(
+            "Write the numbers from 1 to 300 in words, separated by commas.",
+            3000,
+        ))
+        .unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            streaming.next_event().await,
+            Some(Ok(StreamEvent::Delta(_)))
+        ));
+    }
+    let generated_before = engine.stats().tokens_generated;
+    let cold = "The river runs past the old mill and the market square. ".repeat(170);
+    let (_, newcomer) = engine
+        .submit(ask(&cold, 1))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let stats = engine.stats();
+    assert!(
+        newcomer.usage.processed_tokens > 1500,
+        "{:?}",
+        newcomer.usage
+    );
+    assert_eq!(
+        stats.max_prompt_tokens_per_step, 128,
+        "the prompt was read 128 tokens (--prefill-chunk) per step"
+    );
+    // Each of the ≥ 12 prompt steps also decoded a token of the streaming reply.
+    let chunks = newcomer.usage.processed_tokens.div_ceil(128) as u64;
+    assert!(
+        stats.tokens_generated - generated_before >= chunks,
+        "the streaming reply kept generating: {} tokens during {chunks} prompt steps",
+        stats.tokens_generated - generated_before
+    );
+    drop(streaming);
+}
