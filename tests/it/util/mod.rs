@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod app;
+pub mod fake_provider;
+
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
