@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod fake_provider;
+pub mod prometheus;
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
