@@ -338,9 +338,17 @@ impl fmt::Display for Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_string()))
+    }
+}
+
 /// An empty or blank secret is no secret.
-fn secret(value: Option<String>) -> Option<Secret> {
-    value.filter(|v| !v.trim().is_empty()).map(Secret)
+fn secret(value: Option<Secret>) -> Option<Secret> {
+    value.filter(|v| !v.0.trim().is_empty())
 }
 
 /// Flags of the fallback chain and the cloud providers.
@@ -362,7 +370,7 @@ pub struct ProviderArgs {
 
     /// Groq API key.
     #[arg(long, env = "GROQ_API_KEY", hide_env_values = true)]
-    pub groq_api_key: Option<String>,
+    pub groq_api_key: Option<Secret>,
     /// Groq model.
     #[arg(long, env = "GROQ_MODEL", default_value = "llama-3.3-70b-versatile")]
     pub groq_model: String,
@@ -379,7 +387,7 @@ pub struct ProviderArgs {
 
     /// Mistral La Plateforme API key.
     #[arg(long, env = "MISTRAL_API_KEY", hide_env_values = true)]
-    pub mistral_api_key: Option<String>,
+    pub mistral_api_key: Option<Secret>,
     /// Mistral model.
     #[arg(long, env = "MISTRAL_MODEL", default_value = "mistral-small-latest")]
     pub mistral_model: String,
@@ -396,7 +404,7 @@ pub struct ProviderArgs {
 
     /// Gemini API key.
     #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
-    pub gemini_api_key: Option<String>,
+    pub gemini_api_key: Option<Secret>,
     /// Gemini model.
     #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-2.5-flash")]
     pub gemini_model: String,
@@ -414,7 +422,7 @@ pub struct ProviderArgs {
     /// API key of the generic OpenAI-compatible provider (optional when
     /// --openai-base-url points at a server without keys, e.g. a vLLM or llama-server fleet).
     #[arg(long, env = "OPENAI_COMPAT_API_KEY", hide_env_values = true)]
-    pub openai_api_key: Option<String>,
+    pub openai_api_key: Option<Secret>,
     /// Model of the generic OpenAI-compatible provider.
     #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-4o-mini")]
     pub openai_model: String,
@@ -612,7 +620,7 @@ pub struct HttpArgs {
     /// Bearer key the HTTP API's `/v1/*` routes require; needed when --http-addr is not a
     /// loopback address.
     #[arg(long, env = "MISTRAL_BOT_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MISTRAL_BOT_HTTP_BODY_LIMIT", default_value_t = 1 << 20)]
@@ -750,6 +758,15 @@ mod tests {
     #[test]
     fn secrets_never_show_in_debug() {
         let config = parse(&["--groq-api-key", "gsk_topsecret", "--api-key", "hunter2"]).unwrap();
+        let args = Args::try_parse_from([
+            "mistral-bot",
+            "-m",
+            "m.gguf",
+            "--gemini-api-key",
+            "AIza-topsecret",
+        ])
+        .unwrap();
+        assert!(!format!("{args:?}").contains("AIza-topsecret"));
         let debug = format!("{config:?}");
         assert!(!debug.contains("gsk_topsecret"), "{debug}");
         assert!(!debug.contains("hunter2"), "{debug}");

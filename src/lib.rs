@@ -43,10 +43,12 @@ pub use http::serve as serve_http;
 /// Runs what `config` asks for until it is done or the process is told to stop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     config.engine.progress_bar = std::io::stderr().is_terminal();
-    if config.mode == Mode::Serve {
-        // The HTTP API starts before the engine, so it owns the start-up order.
-        return serve(config).await;
-    }
+    let prompt = match &config.mode {
+        // The HTTP API starts before the engine, so serve mode owns the start-up order.
+        Mode::Serve => return serve(config).await,
+        Mode::Prompt(prompt) => Some(prompt.clone()),
+        Mode::Console => None,
+    };
     let engine = EngineHandle::start(config.engine.clone())
         .await
         .context("starting the local engine")?;
@@ -55,9 +57,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         system_prompt: config.system_prompt.clone(),
         verbose_prompt: config.verbose_prompt,
     };
-    match &config.mode {
-        Mode::Prompt(prompt) => console::answer_once(&engine, &console, prompt).await,
-        Mode::Console | Mode::Serve => console::chat(&engine, &console).await,
+    match prompt {
+        Some(prompt) => console::answer_once(&engine, &console, &prompt).await,
+        None => console::chat(&engine, &console).await,
     }
 }
 

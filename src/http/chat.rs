@@ -85,13 +85,17 @@ pub async fn completions(
         model: state.settings().model_id.clone(),
         provider: reply.provider,
     };
-    let provider = HeaderValue::from_static(reply.provider);
+    // Provider names are plain ASCII; a name that is not a valid header value (a provider
+    // from outside this crate) is left out of the header, still in the body.
+    let provider = HeaderValue::from_str(reply.provider).ok();
     let mut response = if stream {
         streamed(meta, reply.events).into_response()
     } else {
         whole(meta, reply.events).await.into_response()
     };
-    response.headers_mut().insert(PROVIDER_HEADER, provider);
+    if let Some(provider) = provider {
+        response.headers_mut().insert(PROVIDER_HEADER, provider);
+    }
     Ok(response)
 }
 
