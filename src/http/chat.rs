@@ -176,3 +176,30 @@ fn streamed(
         .map(Ok);
     Sse::new(all).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_language_comes_from_accept_language() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(lang(&headers), Lang::En);
+        headers.insert(
+            header::ACCEPT_LANGUAGE,
+            HeaderValue::from_static("ru-RU,ru;q=0.9,en;q=0.8"),
+        );
+        assert_eq!(lang(&headers), Lang::Ru);
+        headers.insert(
+            header::ACCEPT_LANGUAGE,
+            HeaderValue::from_static("de;q=0.9, ru"),
+        );
+        assert_eq!(lang(&headers), Lang::En, "the first tag decides");
+    }
+
+    #[test]
+    fn finish_reasons_are_openai_names() {
+        assert_eq!(finish_reason(FinishReason::Length), "length");
+        assert_eq!(finish_reason(FinishReason::Cancelled), "stop");
+    }
+}

@@ -547,3 +547,63 @@ async fn local_engine_answers_first_when_free() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn gemini_faults_rate_limit_from_the_body_and_a_cut_stream() {
+    let gemini = FakeProvider::start(
+        Shape::Gemini,
+        Behavior::RateLimited {
+            retry_after_secs: 60,
+        },
+    )
+    .await;
+    let mistral = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["Bonjour."])).await;
+    let fakes = Fakes {
+        gemini: Some(gemini.clone()),
+        mistral: Some(mistral),
+        ..Fakes::default()
+    };
+    let app = start_app(
+        &providers_config(&[Gemini, Mistral], &fakes),
+        shared_engine().await,
+        http_settings(),
+    )
+    .await;
+    let before = app.counters().await;
+    assert_eq!(app.ask("hi").await.1.as_deref(), Some("mistral"));
+    assert_eq!(app.ask("hi").await.1.as_deref(), Some("mistral"));
+    assert_eq!(gemini.hits(), 1, "retryDelay in the 429 body is honoured");
+    assert_moved(
+        &before,
+        &app.counters().await,
+        &[
+            ("gemini.requests", 1),
+            ("gemini.errors", 1),
+            ("gemini.skipped", 1),
+            ("mistral.requests", 2),
+            ("mistral.success", 2),
+        ],
+    );
+
+    // A fresh app (fresh Retry-After memory) whose Gemini stream breaks after text.
+    gemini.set(Behavior::CutAfter(vec!["Ro".into(), "me".into()]));
+    let app = start_app(
+        &providers_config(&[Gemini, Mistral], &fakes),
+        shared_engine().await,
+        http_settings(),
+    )
+    .await;
+    let before = app.counters().await;
+    let (_, provider, body) = app.ask("hi").await;
+    assert_eq!(provider.as_deref(), Some("gemini"));
+    assert_eq!(
+        content(&body),
+        format!("Rome{}", i18n::interrupted_notice(Lang::En))
+    );
+    assert_moved(
+        &before,
+        &app.counters().await,
+        &[("gemini.requests", 1), ("gemini.errors", 1)],
+    );
+    assert_eq!(app.error_kinds("gemini").await, json!({"cut": 1}));
+}
