@@ -3,7 +3,7 @@
 //! `Chain::reply` (alternating which goes first), so both see the same machine load.
 //! Prints the medians and the median of the per-pair differences.
 //!
-//! `cargo run --release --example chain_overhead [rounds]` (model: `MISTRAL_BOT_BENCH_MODEL`,
+//! `cargo run --release --example chain_overhead [rounds] [max_tokens]` (model: `MISTRAL_BOT_BENCH_MODEL`,
 //! default the test model).
 
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -19,11 +19,11 @@ use mistral_bot::i18n::Lang;
 use mistral_bot::metrics::Metrics;
 use mistral_bot::providers::{Chain, LocalProvider};
 
-fn request() -> ChatRequest {
+fn request(max_tokens: u32) -> ChatRequest {
     ChatRequest::new(
         vec![ChatMessage::user("Say hello.")],
         GenerateParams {
-            max_tokens: 8,
+            max_tokens,
             temperature: 0.0,
             top_p: 1.0,
             seed: Some(1),
@@ -45,6 +45,12 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("rounds must be a number")?
         .unwrap_or(40);
+    let max_tokens: u32 = std::env::args()
+        .nth(2)
+        .map(|r| r.parse())
+        .transpose()
+        .context("max_tokens must be a number")?
+        .unwrap_or(8);
     let model = std::env::var_os("MISTRAL_BOT_BENCH_MODEL").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
         PathBuf::from,
@@ -70,13 +76,15 @@ async fn main() -> anyhow::Result<()> {
 
     let direct = || async {
         let started = Instant::now();
-        let reply = engine.submit(request()).context("engine refused")?;
+        let reply = engine
+            .submit(request(max_tokens))
+            .context("engine refused")?;
         reply.collect().await.context("engine failed")?;
         anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
     };
     let chained = || async {
         let started = Instant::now();
-        let reply = chain.reply(request(), Lang::En).await;
+        let reply = chain.reply(request(max_tokens), Lang::En).await;
         anyhow::ensure!(reply.provider == "local", "{} answered", reply.provider);
         reply.events.collect::<Vec<_>>().await;
         anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
@@ -98,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         diff.push(b - a);
     }
     println!(
-        "{rounds} pairs, 8-token greedy replies: engine direct median {:.2} ms, through chain \
+        "{rounds} pairs, {max_tokens}-token greedy replies: engine direct median {:.2} ms, through chain \
          median {:.2} ms, median per-pair difference {:+.3} ms",
         median(&mut d),
         median(&mut c),

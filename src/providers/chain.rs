@@ -18,6 +18,10 @@ use crate::metrics::Metrics;
 /// The timeout of providers added with [`Chain::new`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest reply passed on, in bytes: a provider streaming without end (ignoring
+/// `max_tokens`) is cut off here rather than filling memory downstream.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
 /// An answer from the chain: who gave it and its events (text deltas, then `Done`).
 /// Dropping `events` cancels the reply (the local engine frees the slot).
 pub struct Reply {
@@ -139,6 +143,7 @@ impl Chain {
             match first {
                 Ok((text, rest)) => {
                     let tail = Tail {
+                        delivered: text.len(),
                         events: rest,
                         attempt,
                         idle: entry.timeout,
@@ -247,6 +252,8 @@ struct Tail {
     /// Longest pause allowed between two events.
     idle: Duration,
     lang: Lang,
+    /// Bytes of text passed on so far.
+    delivered: usize,
 }
 
 impl Tail {
@@ -259,8 +266,14 @@ impl Tail {
                     tail.attempt.succeeded();
                     return Some((vec![StreamEvent::Done(completion)], None));
                 }
-                Ok(Some(Ok(StreamEvent::Delta(text)))) => {
+                Ok(Some(Ok(StreamEvent::Delta(text))))
+                    if tail.delivered + text.len() <= MAX_REPLY_BYTES =>
+                {
+                    tail.delivered += text.len();
                     return Some((vec![StreamEvent::Delta(text)], Some(tail)));
+                }
+                Ok(Some(Ok(StreamEvent::Delta(_)))) => {
+                    ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
                 Ok(Some(Ok(StreamEvent::Prompt(_)))) => return Some((Vec::new(), Some(tail))),
                 Ok(Some(Err(e))) => e,
@@ -534,6 +547,34 @@ mod tests {
             (s["groq"].requests, s["groq"].errors, s["groq"].skipped),
             (3, 2, 2)
         );
+    }
+
+    #[tokio::test]
+    async fn an_endless_reply_is_cut_off() {
+        let metrics = Arc::new(Metrics::new());
+        let piece = "x".repeat(64 * 1024);
+        let endless = stream::repeat(Ok(StreamEvent::Delta(piece))).boxed();
+        struct Endless(std::sync::Mutex<Option<EventStream>>);
+        impl Provider for Endless {
+            fn name(&self) -> &'static str {
+                "openai"
+            }
+            fn stream(&self, _: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+                let events = self.0.lock().unwrap().take().ok_or(ProviderError::Empty);
+                Box::pin(async move { events })
+            }
+        }
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(
+                Endless(std::sync::Mutex::new(Some(endless))),
+                DEFAULT_TIMEOUT,
+            )
+            .build();
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        assert_eq!(provider, "openai");
+        assert!(text.len() <= MAX_REPLY_BYTES + 100, "{}", text.len());
+        assert!(text.ends_with(i18n::interrupted_notice(Lang::En)));
+        assert_eq!(metrics.snapshot()["openai"].errors_by_kind["malformed"], 1);
     }
 
     #[tokio::test]
