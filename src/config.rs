@@ -4,10 +4,14 @@
 //! loads a `.env` file first. [`Args`] is what clap parses; [`Config`] is what the rest of
 //! the program uses: checked once here, never re-read from the environment later.
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+use url::Url;
 
 use crate::chat::GenerateParams;
 use crate::engine::{ChatTemplateChoice, EngineConfig};
@@ -104,6 +108,14 @@ pub struct Args {
     /// Print the final prompt's token ids and pieces to stderr before generating.
     #[arg(long, env = "MISTRAL_BOT_VERBOSE_PROMPT")]
     pub verbose_prompt: bool,
+
+    /// Fallback providers.
+    #[command(flatten)]
+    pub providers: ProviderArgs,
+
+    /// The HTTP API.
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// What the process was asked to do.
@@ -130,6 +142,10 @@ pub struct Config {
     pub mode: Mode,
     /// Print prompts as tokens before generating.
     pub verbose_prompt: bool,
+    /// The fallback chain and the cloud providers.
+    pub providers: ProvidersConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
 }
 
 /// A flag value that cannot work.
@@ -177,6 +193,32 @@ pub enum ConfigError {
         "--chat-template must not be empty (use `auto`, `mistral` or a llama.cpp template name)"
     )]
     EmptyTemplate,
+    /// `--chain` names something that is not a provider, or names one twice.
+    #[error("--chain: {0}")]
+    Chain(String),
+    /// A timeout that is not a positive number of seconds.
+    #[error("--{flag} {value} must be a positive number of seconds")]
+    Timeout {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// An empty model name.
+    #[error("--{flag} must not be empty")]
+    EmptyModel {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// The HTTP API would be open to the network without a key.
+    #[error(
+        "--http-addr {addr} is not a loopback address: set --api-key (MISTRAL_BOT_API_KEY) so \
+         the API is not open to anyone who can reach it"
+    )]
+    OpenWithoutKey {
+        /// The address.
+        addr: SocketAddr,
+    },
 }
 
 fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
@@ -266,6 +308,354 @@ impl TryFrom<Args> for Config {
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,
             verbose_prompt: args.verbose_prompt,
+            providers: ProvidersConfig::try_from(args.providers)?,
+            http: HttpConfig::try_from(args.http)?,
+        })
+    }
+}
+
+/// A secret (an API key): its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that sends it (an HTTP header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_string()))
+    }
+}
+
+/// An empty or blank secret is no secret.
+fn secret(value: Option<Secret>) -> Option<Secret> {
+    value.filter(|v| !v.0.trim().is_empty())
+}
+
+/// Flags of the fallback chain and the cloud providers.
+#[derive(Debug, clap::Args)]
+pub struct ProviderArgs {
+    /// Providers to try, in order, before the canned apology: `local`, `groq`, `mistral`,
+    /// `gemini`, `openai` (comma-separated). Unconfigured providers are skipped.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_CHAIN",
+        default_value = "local,groq,mistral,gemini"
+    )]
+    pub chain: String,
+
+    /// Seconds the local engine may take to start answering (queue wait and prompt
+    /// included) before the next provider is tried; also the longest pause mid-reply.
+    #[arg(long, env = "MISTRAL_BOT_LOCAL_TIMEOUT", default_value_t = 120.0)]
+    pub local_timeout: f64,
+
+    /// Groq API key.
+    #[arg(long, env = "GROQ_API_KEY", hide_env_values = true)]
+    pub groq_api_key: Option<Secret>,
+    /// Groq model.
+    #[arg(long, env = "GROQ_MODEL", default_value = "llama-3.3-70b-versatile")]
+    pub groq_model: String,
+    /// Groq OpenAI-compatible base URL.
+    #[arg(
+        long,
+        env = "GROQ_BASE_URL",
+        default_value = "https://api.groq.com/openai/v1"
+    )]
+    pub groq_base_url: Url,
+    /// Seconds Groq may take to start answering; also the longest pause mid-reply.
+    #[arg(long, env = "GROQ_TIMEOUT", default_value_t = 30.0)]
+    pub groq_timeout: f64,
+
+    /// Mistral La Plateforme API key.
+    #[arg(long, env = "MISTRAL_API_KEY", hide_env_values = true)]
+    pub mistral_api_key: Option<Secret>,
+    /// Mistral model.
+    #[arg(long, env = "MISTRAL_MODEL", default_value = "mistral-small-latest")]
+    pub mistral_model: String,
+    /// Mistral base URL.
+    #[arg(
+        long,
+        env = "MISTRAL_BASE_URL",
+        default_value = "https://api.mistral.ai/v1"
+    )]
+    pub mistral_base_url: Url,
+    /// Seconds Mistral may take to start answering; also the longest pause mid-reply.
+    #[arg(long, env = "MISTRAL_TIMEOUT", default_value_t = 30.0)]
+    pub mistral_timeout: f64,
+
+    /// Gemini API key.
+    #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
+    pub gemini_api_key: Option<Secret>,
+    /// Gemini model.
+    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-2.5-flash")]
+    pub gemini_model: String,
+    /// Gemini API base URL.
+    #[arg(
+        long,
+        env = "GEMINI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com/v1beta"
+    )]
+    pub gemini_base_url: Url,
+    /// Seconds Gemini may take to start answering; also the longest pause mid-reply.
+    #[arg(long, env = "GEMINI_TIMEOUT", default_value_t = 30.0)]
+    pub gemini_timeout: f64,
+
+    /// API key of the generic OpenAI-compatible provider (optional when
+    /// --openai-base-url points at a server without keys, e.g. a vLLM or llama-server fleet).
+    #[arg(long, env = "OPENAI_COMPAT_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<Secret>,
+    /// Model of the generic OpenAI-compatible provider.
+    #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-4o-mini")]
+    pub openai_model: String,
+    /// Base URL of the generic OpenAI-compatible provider [default: https://api.openai.com/v1].
+    #[arg(long, env = "OPENAI_COMPAT_BASE_URL")]
+    pub openai_base_url: Option<Url>,
+    /// Seconds the generic provider may take to start answering; also the longest pause.
+    #[arg(long, env = "OPENAI_COMPAT_TIMEOUT", default_value_t = 30.0)]
+    pub openai_timeout: f64,
+
+    /// Consecutive failures after which a provider is skipped for --breaker-cooldown.
+    #[arg(long, env = "MISTRAL_BOT_BREAKER_FAILURES", default_value_t = 3)]
+    pub breaker_failures: u32,
+    /// Seconds a failing provider is skipped before one probe request is let through.
+    #[arg(long, env = "MISTRAL_BOT_BREAKER_COOLDOWN", default_value_t = 30.0)]
+    pub breaker_cooldown: f64,
+}
+
+/// A provider that can be named in `--chain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// The in-process llama.cpp engine.
+    Local,
+    /// Groq (OpenAI-compatible).
+    Groq,
+    /// Mistral La Plateforme (OpenAI-compatible).
+    Mistral,
+    /// Google Gemini.
+    Gemini,
+    /// Any OpenAI-compatible server.
+    OpenAi,
+}
+
+impl ProviderKind {
+    /// The name in `--chain`, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Groq => "groq",
+            ProviderKind::Mistral => "mistral",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::OpenAi => "openai",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [
+            ProviderKind::Local,
+            ProviderKind::Groq,
+            ProviderKind::Mistral,
+            ProviderKind::Gemini,
+            ProviderKind::OpenAi,
+        ]
+        .into_iter()
+        .find(|kind| kind.name() == name)
+    }
+}
+
+/// One cloud provider's settings.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// Base URL (`…/v1` for OpenAI-compatible APIs, `…/v1beta` for Gemini).
+    pub base_url: Url,
+    /// API key; `None` when not configured.
+    pub api_key: Option<Secret>,
+    /// Whether the provider is unusable without a key (false only for a self-hosted
+    /// OpenAI-compatible server).
+    pub key_required: bool,
+    /// Model name.
+    pub model: String,
+    /// Time allowed until the first text, and between two pieces of text.
+    pub timeout: Duration,
+}
+
+impl CloudConfig {
+    /// Whether the provider can be used (its key is set, or it needs none).
+    pub fn is_configured(&self) -> bool {
+        self.api_key.is_some() || !self.key_required
+    }
+}
+
+/// The fallback chain's settings.
+#[derive(Debug, Clone)]
+pub struct ProvidersConfig {
+    /// Providers in order (the canned apology always comes last).
+    pub chain: Vec<ProviderKind>,
+    /// Time allowed to the local engine until the first text, and between two pieces.
+    pub local_timeout: Duration,
+    /// Groq.
+    pub groq: CloudConfig,
+    /// Mistral La Plateforme.
+    pub mistral: CloudConfig,
+    /// Gemini.
+    pub gemini: CloudConfig,
+    /// The generic OpenAI-compatible provider.
+    pub openai: CloudConfig,
+    /// Consecutive failures that open a provider's circuit breaker.
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker skips its provider before one probe.
+    pub breaker_cooldown: Duration,
+}
+
+fn seconds(value: f64, flag: &'static str) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero() && value <= 86_400.0)
+        .ok_or(ConfigError::Timeout { flag, value })
+}
+
+fn model(value: String, flag: &'static str) -> Result<String, ConfigError> {
+    let value = value.trim().to_string();
+    if value.is_empty() {
+        return Err(ConfigError::EmptyModel { flag });
+    }
+    Ok(value)
+}
+
+/// The default base URL of the generic OpenAI-compatible provider.
+pub const OPENAI_DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+impl TryFrom<ProviderArgs> for ProvidersConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ProviderArgs) -> Result<Self, Self::Error> {
+        let mut chain = Vec::new();
+        for name in args
+            .chain
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            let kind = ProviderKind::parse(name).ok_or_else(|| {
+                ConfigError::Chain(format!(
+                    "unknown provider `{name}` (known: local, groq, mistral, gemini, openai)"
+                ))
+            })?;
+            if chain.contains(&kind) {
+                return Err(ConfigError::Chain(format!("`{name}` is named twice")));
+            }
+            chain.push(kind);
+        }
+        if chain.is_empty() {
+            return Err(ConfigError::Chain("name at least one provider".into()));
+        }
+        let self_hosted = args.openai_base_url.is_some();
+        let openai_base_url = match args.openai_base_url {
+            Some(url) => url,
+            None => Url::parse(OPENAI_DEFAULT_BASE_URL)
+                .map_err(|e| ConfigError::Chain(format!("default OpenAI URL: {e}")))?,
+        };
+        Ok(ProvidersConfig {
+            chain,
+            local_timeout: seconds(args.local_timeout, "local-timeout")?,
+            groq: CloudConfig {
+                base_url: args.groq_base_url,
+                api_key: secret(args.groq_api_key),
+                key_required: true,
+                model: model(args.groq_model, "groq-model")?,
+                timeout: seconds(args.groq_timeout, "groq-timeout")?,
+            },
+            mistral: CloudConfig {
+                base_url: args.mistral_base_url,
+                api_key: secret(args.mistral_api_key),
+                key_required: true,
+                model: model(args.mistral_model, "mistral-model")?,
+                timeout: seconds(args.mistral_timeout, "mistral-timeout")?,
+            },
+            gemini: CloudConfig {
+                base_url: args.gemini_base_url,
+                api_key: secret(args.gemini_api_key),
+                key_required: true,
+                model: model(args.gemini_model, "gemini-model")?,
+                timeout: seconds(args.gemini_timeout, "gemini-timeout")?,
+            },
+            openai: CloudConfig {
+                base_url: openai_base_url,
+                api_key: secret(args.openai_api_key),
+                key_required: !self_hosted,
+                model: model(args.openai_model, "openai-model")?,
+                timeout: seconds(args.openai_timeout, "openai-timeout")?,
+            },
+            breaker_failures: non_zero_u32(args.breaker_failures, "breaker-failures")?,
+            breaker_cooldown: seconds(args.breaker_cooldown, "breaker-cooldown")?,
+        })
+    }
+}
+
+/// Flags of the HTTP API.
+#[derive(Debug, clap::Args)]
+pub struct HttpArgs {
+    /// Address of the HTTP API (OpenAI-compatible chat, metrics, health).
+    #[arg(long, env = "MISTRAL_BOT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+
+    /// Bearer key the HTTP API's `/v1/*` routes require; needed when --http-addr is not a
+    /// loopback address.
+    #[arg(long, env = "MISTRAL_BOT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MISTRAL_BOT_HTTP_BODY_LIMIT", default_value_t = 1 << 20)]
+    pub http_body_limit: usize,
+}
+
+/// The HTTP API's settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The bearer key of `/v1/*`, if any.
+    pub api_key: Option<Secret>,
+    /// Largest request body, in bytes.
+    pub body_limit: NonZeroUsize,
+}
+
+impl TryFrom<HttpArgs> for HttpConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: HttpArgs) -> Result<Self, Self::Error> {
+        let api_key = secret(args.api_key);
+        if api_key.is_none() && !args.http_addr.ip().is_loopback() {
+            return Err(ConfigError::OpenWithoutKey {
+                addr: args.http_addr,
+            });
+        }
+        Ok(HttpConfig {
+            addr: args.http_addr,
+            api_key,
+            body_limit: non_zero_usize(args.http_body_limit, "http-body-limit")?,
         })
     }
 }
@@ -346,6 +736,83 @@ mod tests {
                 .chat_template,
             ChatTemplateChoice::Mistral
         );
+    }
+
+    #[test]
+    fn chain_is_parsed_and_checked() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(
+            config.providers.chain,
+            [
+                ProviderKind::Local,
+                ProviderKind::Groq,
+                ProviderKind::Mistral,
+                ProviderKind::Gemini
+            ]
+        );
+        assert_eq!(
+            parse(&["--chain", "groq, openai"]).unwrap().providers.chain,
+            [ProviderKind::Groq, ProviderKind::OpenAi]
+        );
+        assert!(parse(&["--chain", "groq,grok"]).is_err());
+        assert!(parse(&["--chain", "groq,groq"]).is_err());
+        assert!(parse(&["--chain", ""]).is_err());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let config = parse(&["--groq-api-key", "gsk_topsecret", "--api-key", "hunter2"]).unwrap();
+        let args = Args::try_parse_from([
+            "mistral-bot",
+            "-m",
+            "m.gguf",
+            "--gemini-api-key",
+            "AIza-topsecret",
+        ])
+        .unwrap();
+        assert!(!format!("{args:?}").contains("AIza-topsecret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("gsk_topsecret"), "{debug}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert_eq!(
+            config.providers.groq.api_key.as_ref().map(Secret::expose),
+            Some("gsk_topsecret")
+        );
+        assert_eq!(Secret::new("x").to_string(), "***");
+    }
+
+    #[test]
+    fn providers_without_keys_are_unconfigured() {
+        let config = parse(&["--groq-api-key", " "]).unwrap();
+        assert!(!config.providers.groq.is_configured());
+        let config = parse(&["--openai-base-url", "http://127.0.0.1:9/v1"]).unwrap();
+        assert!(
+            config.providers.openai.is_configured(),
+            "a self-hosted server needs no key"
+        );
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        assert!(parse(&["--groq-timeout", "0"]).is_err());
+        assert_eq!(
+            parse(&["--groq-timeout", "0.25"])
+                .unwrap()
+                .providers
+                .groq
+                .timeout,
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn non_loopback_http_needs_a_key() {
+        assert!(matches!(
+            parse(&["--http-addr", "0.0.0.0:8000"]).unwrap_err(),
+            ConfigError::OpenWithoutKey { .. }
+        ));
+        assert!(parse(&["--http-addr", "0.0.0.0:8000", "--api-key", "k"]).is_ok());
+        assert!(parse(&["--http-addr", "[::1]:8000"]).is_ok());
     }
 
     #[test]

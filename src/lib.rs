@@ -7,6 +7,8 @@
 //! - [`engine`]: the inference thread, slots, scheduler, prompt building, detokenizer.
 //! - [`console`]: `--prompt` and `--console`.
 //! - [`providers`]: the fallback chain (local engine, cloud providers, canned apology).
+//! - [`http`]: the OpenAI-compatible HTTP API, metrics, health and readiness.
+//! - [`metrics`]: per-provider counters and latencies, engine gauges.
 //! - [`i18n`]: the bot's own words in English and Russian.
 //!
 //! # Data path
@@ -18,20 +20,35 @@ pub mod chat;
 pub mod config;
 pub mod console;
 pub mod engine;
+pub mod http;
 pub mod i18n;
+pub mod metrics;
 pub mod providers;
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 
 use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use config::{Config, Mode};
 use console::ConsoleConfig;
 use engine::EngineHandle;
+use http::{AppState, HttpSettings};
+use metrics::Metrics;
+
+pub use http::serve as serve_http;
 
 /// Runs what `config` asks for until it is done or the process is told to stop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     config.engine.progress_bar = std::io::stderr().is_terminal();
+    let prompt = match &config.mode {
+        // The HTTP API starts before the engine, so serve mode owns the start-up order.
+        Mode::Serve => return serve(config).await,
+        Mode::Prompt(prompt) => Some(prompt.clone()),
+        Mode::Console => None,
+    };
     let engine = EngineHandle::start(config.engine.clone())
         .await
         .context("starting the local engine")?;
@@ -40,11 +57,91 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         system_prompt: config.system_prompt.clone(),
         verbose_prompt: config.verbose_prompt,
     };
-    match &config.mode {
-        Mode::Prompt(prompt) => console::answer_once(&engine, &console, prompt).await,
-        Mode::Console => console::chat(&engine, &console).await,
-        Mode::Serve => anyhow::bail!(
-            "nothing to serve yet: use --console to chat in the terminal or --prompt \"…\" for one answer"
-        ),
+    match prompt {
+        Some(prompt) => console::answer_once(&engine, &console, &prompt).await,
+        None => console::chat(&engine, &console).await,
+    }
+}
+
+/// The HTTP settings `config` describes.
+pub fn http_settings(config: &Config) -> HttpSettings {
+    HttpSettings {
+        api_key: config.http.api_key.clone(),
+        body_limit: config.http.body_limit.get(),
+        model_id: config
+            .engine
+            .model_path
+            .file_stem()
+            .map_or_else(|| "local".to_string(), |s| s.to_string_lossy().into_owned()),
+        generate: config.generate.clone(),
+        system_prompt: config.system_prompt.clone(),
+    }
+}
+
+/// Serve mode: the HTTP API starts at once (`/ready` is 503 while the model loads), then
+/// the engine loads, then chats are answered through the provider chain until Ctrl-C or
+/// SIGTERM, after which the requests in flight finish.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(http_settings(&config), Arc::clone(&metrics));
+    let listener = TcpListener::bind(config.http.addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {}", config.http.addr))?;
+    let addr = listener.local_addr().context("reading the HTTP address")?;
+    tracing::info!("HTTP API listening on http://{addr}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let server = tokio::spawn(serve_http(
+        listener,
+        state.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let engine = tokio::select! {
+        engine = EngineHandle::start(config.engine.clone()) => {
+            engine.context("starting the local engine")?
+        }
+        () = stopped(stop_rx) => return Ok(()),
+    };
+    let chain = providers::build_chain(&config.providers, engine.clone(), metrics)?;
+    state.set_ready(Arc::new(chain), engine);
+    tracing::info!(model = %config.engine.model_path.display(), "ready");
+    server
+        .await
+        .context("the HTTP server task failed")?
+        .context("the HTTP server failed")
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
     }
 }

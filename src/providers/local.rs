@@ -24,7 +24,7 @@ impl From<EngineError> for ProviderError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Overloaded { .. } => ProviderError::Overloaded,
-            other => ProviderError::Failed(other.to_string()),
+            other => ProviderError::Engine(other),
         }
     }
 }

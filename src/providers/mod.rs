@@ -5,29 +5,91 @@
 //! provider fails, the canned apology answers. A provider that fails before any text is
 //! delivered hands over to the next one; a stream that breaks after text was delivered
 //! ends with what was delivered plus a short notice (no second answer).
+//!
+//! # Layout
+//! - `chain`: [`Chain`]: order, per-provider timeouts, metrics, the hand-over rules.
+//! - `health`: Retry-After memory and the circuit breaker (pure; time is a parameter).
+//! - `local`, `canned`: the engine and the apology as providers.
+//! - `openai`, `gemini`: the cloud clients (Groq, Mistral and the generic provider are
+//!   [`OpenAiProvider`]s); `convert`: chat history → each API's messages; `sse`: the
+//!   server-sent-events decoder; `cloud`: what the HTTP clients share (errors, Retry-After).
+//!
+//! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
 mod canned;
+mod chain;
+mod cloud;
+mod convert;
+mod gemini;
+mod health;
 mod local;
+mod openai;
+mod sse;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::BoxStream;
 
 pub use canned::CannedProvider;
+pub use chain::{Chain, ChainBuilder, Reply};
+pub use gemini::GeminiProvider;
+pub use health::BreakerPolicy;
 pub use local::LocalProvider;
+pub use openai::{OpenAiFlavor, OpenAiProvider};
 
-use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
-use crate::i18n::{self, Lang};
+use crate::chat::{ChatRequest, StreamEvent};
+use crate::config::{ProviderKind, ProvidersConfig};
+use crate::engine::{EngineError, EngineHandle};
+use crate::metrics::Metrics;
 
 /// A provider's reply as it arrives: text deltas, then `Done`.
 pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;
 
-/// Why a provider did not answer.
+/// Why a provider did not answer. Every variant makes the chain try the next provider
+/// (or, after text was delivered, end the reply with a notice).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
     /// The provider is at capacity (the local queue is full).
     #[error("overloaded")]
     Overloaded,
-    /// The provider failed.
+    /// HTTP 429: the provider asks us to come back later.
+    #[error("rate limited (retry after {retry_after:?})")]
+    RateLimited {
+        /// What `Retry-After` (or Gemini's `retryDelay`) said, if anything.
+        retry_after: Option<Duration>,
+    },
+    /// Another HTTP error status.
+    #[error("HTTP {status}: {detail}")]
+    Status {
+        /// The status code.
+        status: u16,
+        /// The provider's own message, shortened.
+        detail: String,
+    },
+    /// No text within the provider's timeout, or a pause longer than it mid-reply.
+    #[error("timed out")]
+    Timeout,
+    /// The provider could not be reached.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The response is not what the API promises.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    /// The provider ended its reply without any text.
+    #[error("empty reply")]
+    Empty,
+    /// The response stream ended or broke before its end marker.
+    #[error("the response stream was cut off: {0}")]
+    Cut(String),
+    /// The provider needs an API key and has none.
+    #[error("no API key configured")]
+    MissingKey,
+    /// The local engine failed (other than being overloaded).
+    #[error("local engine: {0}")]
+    Engine(EngineError),
+    /// Any other failure (for providers outside this crate, e.g. test doubles).
     #[error("failed: {0}")]
     Failed(String),
 }
@@ -37,8 +99,31 @@ impl ProviderError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderError::Overloaded => "overloaded",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Status { status, .. } if *status >= 500 => "http_5xx",
+            ProviderError::Status {
+                status: 401 | 403, ..
+            } => "unauthorized",
+            ProviderError::Status { .. } => "http_4xx",
+            ProviderError::Timeout => "timeout",
+            ProviderError::Connect(_) => "connect",
+            ProviderError::Malformed(_) => "malformed",
+            ProviderError::Empty => "empty",
+            ProviderError::Cut(_) => "cut",
+            ProviderError::MissingKey => "missing_key",
+            ProviderError::Engine(e) => e.kind(),
             ProviderError::Failed(_) => "error",
         }
+    }
+
+    /// Whether this failure says something about the provider's health (and so counts
+    /// toward its circuit breaker). Being busy or rate limited does not: those have their
+    /// own, shorter, remedies.
+    pub fn trips_breaker(&self) -> bool {
+        !matches!(
+            self,
+            ProviderError::Overloaded | ProviderError::RateLimited { .. }
+        )
     }
 }
 
@@ -51,97 +136,83 @@ pub trait Provider: Send + Sync {
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>>;
 }
 
-/// An answer from the chain: who gave it and its events (text deltas, then `Done`).
-/// Dropping `events` cancels the reply (the local engine frees the slot).
-pub struct Reply {
-    /// The provider that answered.
-    pub provider: &'static str,
-    /// The reply's events; never an error.
-    pub events: BoxStream<'static, StreamEvent>,
+/// Why the chain could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The HTTP client (rustls) could not be set up.
+    #[error("cannot set up the HTTP client for cloud providers: {0}")]
+    Client(String),
 }
 
-/// Providers in order of preference.
-pub struct Chain {
-    providers: Vec<Box<dyn Provider>>,
-}
+/// How long a cloud client may take to open a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Chain {
-    /// A chain trying `providers` in order, then the canned apology.
-    pub fn new(providers: Vec<Box<dyn Provider>>) -> Self {
-        Self { providers }
-    }
-
-    /// The answer of the first provider that gives one; the canned apology in `lang` if
-    /// none does.
-    pub async fn reply(&self, request: ChatRequest, lang: Lang) -> Reply {
-        for provider in &self.providers {
-            let mut events = match provider.stream(request.clone()).await {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(provider = provider.name(), error = %e, "provider failed; trying the next");
-                    continue;
-                }
-            };
-            // A provider counts as answering once it produced text; an error or an empty
-            // reply before that hands over to the next provider.
-            let mut first = Vec::new();
-            loop {
-                match events.next().await {
-                    Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
-                        first.push(StreamEvent::Delta(text));
-                        break;
-                    }
-                    Some(Ok(StreamEvent::Delta(_) | StreamEvent::Prompt(_))) => {}
-                    Some(Ok(StreamEvent::Done(_))) | None => {
-                        tracing::warn!(
-                            provider = provider.name(),
-                            "provider gave an empty reply; trying the next"
-                        );
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(provider = provider.name(), error = %e, "provider failed; trying the next");
-                        break;
-                    }
-                }
-            }
-            if first.is_empty() {
+/// The chain `config` describes, over `engine`, recording into `metrics`. Providers named
+/// in the chain but not configured (no API key) are left out with one log line each.
+pub fn build_chain(
+    config: &ProvidersConfig,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+) -> Result<Chain, BuildError> {
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("mistral-bot/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError::Client(e.to_string()))?;
+    let mut builder = Chain::builder(metrics).breaker(BreakerPolicy {
+        failures: config.breaker_failures.get(),
+        cooldown: config.breaker_cooldown,
+    });
+    for kind in &config.chain {
+        let cloud = match kind {
+            ProviderKind::Local => {
+                builder =
+                    builder.provider(LocalProvider::new(engine.clone()), config.local_timeout);
                 continue;
             }
-            let name = provider.name();
-            let rest = events.scan(false, move |ended, event| {
-                let out = match (*ended, event) {
-                    (true, _) => None,
-                    (false, Ok(event)) => {
-                        *ended = matches!(event, StreamEvent::Done(_));
-                        Some(vec![event])
-                    }
-                    (false, Err(e)) => {
-                        tracing::warn!(provider = name, error = %e, "reply broke off midway");
-                        *ended = true;
-                        Some(vec![
-                            StreamEvent::Delta(i18n::interrupted_notice(lang).to_string()),
-                            StreamEvent::Done(Completion {
-                                finish_reason: FinishReason::Stop,
-                                usage: Usage::default(),
-                                timings: Timings::default(),
-                            }),
-                        ])
-                    }
-                };
-                futures::future::ready(out)
-            });
-            return Reply {
-                provider: name,
-                events: stream::iter(first)
-                    .chain(rest.flat_map(stream::iter))
-                    .boxed(),
-            };
+            ProviderKind::Groq => &config.groq,
+            ProviderKind::Mistral => &config.mistral,
+            ProviderKind::Gemini => &config.gemini,
+            ProviderKind::OpenAi => &config.openai,
+        };
+        if !cloud.is_configured() {
+            tracing::info!(
+                provider = kind.name(),
+                "provider skipped: no API key (set {})",
+                key_env(*kind)
+            );
+            continue;
         }
-        let canned = CannedProvider::new(lang);
-        Reply {
-            provider: canned.name(),
-            events: canned.events(),
-        }
+        builder = match kind {
+            ProviderKind::Gemini => {
+                builder.provider(GeminiProvider::new(client.clone(), cloud), cloud.timeout)
+            }
+            ProviderKind::Groq => builder.provider(
+                OpenAiProvider::new(OpenAiFlavor::Groq, client.clone(), cloud),
+                cloud.timeout,
+            ),
+            ProviderKind::Mistral => builder.provider(
+                OpenAiProvider::new(OpenAiFlavor::Mistral, client.clone(), cloud),
+                cloud.timeout,
+            ),
+            ProviderKind::OpenAi | ProviderKind::Local => builder.provider(
+                OpenAiProvider::new(OpenAiFlavor::Generic, client.clone(), cloud),
+                cloud.timeout,
+            ),
+        };
+    }
+    let chain = builder.build();
+    tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
+    Ok(chain)
+}
+
+fn key_env(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Local => "nothing",
+        ProviderKind::Groq => "GROQ_API_KEY",
+        ProviderKind::Mistral => "MISTRAL_API_KEY",
+        ProviderKind::Gemini => "GEMINI_API_KEY",
+        ProviderKind::OpenAi => "OPENAI_COMPAT_API_KEY or --openai-base-url",
     }
 }

@@ -2,6 +2,10 @@
 
 #![allow(dead_code)]
 
+pub mod app;
+pub mod fake_provider;
+pub mod prometheus;
+
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -1,0 +1,205 @@
+//! `POST /v1/chat/completions`: validate, ask the chain, answer as one JSON completion or
+//! as SSE chunks ending with `data: [DONE]`. The provider that answered is named in the
+//! `x-mistral-bot-provider` header and the `provider` field.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream;
+use serde_json::{Value, json};
+
+use super::api;
+use super::error::ApiError;
+use super::state::AppState;
+use crate::chat::{Completion, FinishReason, StreamEvent, Usage};
+use crate::i18n::Lang;
+
+/// The response header naming the provider that answered.
+pub const PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-mistral-bot-provider");
+
+/// What every chunk of one completion repeats.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    provider: &'static str,
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    })
+}
+
+/// The reply's language: the first `Accept-Language` tag (English otherwise).
+fn lang(headers: &HeaderMap) -> Lang {
+    let first = headers
+        .get(header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split([',', ';']).next())
+        .map(str::trim);
+    Lang::from_code(first)
+}
+
+/// The handler.
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge {
+                limit: state.settings().body_limit,
+            }
+        } else {
+            ApiError::UnreadableBody
+        }
+    })?;
+    let (request, stream) = api::parse(&body)?.validate(state.settings())?;
+    let chain = state.chain().ok_or(ApiError::NotReady)?;
+    let reply = chain.reply(request, lang(&headers)).await;
+    let meta = Meta {
+        id: state.next_completion_id(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.settings().model_id.clone(),
+        provider: reply.provider,
+    };
+    // Provider names are plain ASCII; a name that is not a valid header value (a provider
+    // from outside this crate) is left out of the header, still in the body.
+    let provider = HeaderValue::from_str(reply.provider).ok();
+    let mut response = if stream {
+        streamed(meta, reply.events).into_response()
+    } else {
+        whole(meta, reply.events).await.into_response()
+    };
+    if let Some(provider) = provider {
+        response.headers_mut().insert(PROVIDER_HEADER, provider);
+    }
+    Ok(response)
+}
+
+/// Collects the reply into one `chat.completion`.
+async fn whole(
+    meta: Meta,
+    mut events: futures::stream::BoxStream<'static, StreamEvent>,
+) -> Json<Value> {
+    let mut text = String::new();
+    let mut completion = None;
+    while let Some(event) = events.next().await {
+        match event {
+            StreamEvent::Delta(delta) => text.push_str(&delta),
+            StreamEvent::Done(done) => {
+                completion = Some(done);
+                break;
+            }
+            StreamEvent::Prompt(_) => {}
+        }
+    }
+    let (reason, usage) = completion.map_or((FinishReason::Stop, Usage::default()), |c| {
+        (c.finish_reason, c.usage)
+    });
+    Json(json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "provider": meta.provider,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason(reason),
+        }],
+        "usage": usage_json(&usage),
+    }))
+}
+
+fn chunk(meta: &Meta, delta: Value, finish: Option<&Completion>) -> Event {
+    let mut chunk = json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "provider": meta.provider,
+        "choices": [{
+            "index": 0,
+            "delta": delta,
+            "finish_reason": finish.map(|c| finish_reason(c.finish_reason)),
+        }],
+    });
+    if let Some(completion) = finish {
+        chunk["usage"] = usage_json(&completion.usage);
+    }
+    Event::default().data(chunk.to_string())
+}
+
+/// The reply as `chat.completion.chunk` events: the role first, then one per delta, then
+/// the finish reason with `usage`, then `[DONE]`.
+fn streamed(
+    meta: Meta,
+    events: futures::stream::BoxStream<'static, StreamEvent>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let first = chunk(&meta, json!({"role": "assistant", "content": ""}), None);
+    let body = events.filter_map(move |event| {
+        let out = match event {
+            StreamEvent::Delta(text) => Some(chunk(&meta, json!({"content": text}), None)),
+            StreamEvent::Done(completion) => Some(chunk(&meta, json!({}), Some(&completion))),
+            StreamEvent::Prompt(_) => None,
+        };
+        futures::future::ready(out)
+    });
+    let all = stream::once(futures::future::ready(first))
+        .chain(body)
+        .chain(stream::once(futures::future::ready(
+            Event::default().data("[DONE]"),
+        )))
+        .map(Ok);
+    Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_language_comes_from_accept_language() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(lang(&headers), Lang::En);
+        headers.insert(
+            header::ACCEPT_LANGUAGE,
+            HeaderValue::from_static("ru-RU,ru;q=0.9,en;q=0.8"),
+        );
+        assert_eq!(lang(&headers), Lang::Ru);
+        headers.insert(
+            header::ACCEPT_LANGUAGE,
+            HeaderValue::from_static("de;q=0.9, ru"),
+        );
+        assert_eq!(lang(&headers), Lang::En, "the first tag decides");
+    }
+
+    #[test]
+    fn finish_reasons_are_openai_names() {
+        assert_eq!(finish_reason(FinishReason::Length), "length");
+        assert_eq!(finish_reason(FinishReason::Cancelled), "stop");
+    }
+}

@@ -1,0 +1,102 @@
+//! The HTTP API (axum): an OpenAI-compatible `POST /v1/chat/completions` served through
+//! the provider chain, `GET /v1/models`, and the operational routes `/health`, `/ready`,
+//! `/metrics`, `/dialogue_metrics`.
+//!
+//! # Layout
+//! - [`router`] builds the routes over an [`AppState`]; [`serve`] runs them on a listener
+//!   until a shutdown future resolves.
+//! - `api`: the request and its validation; `chat`: the completion handler (JSON or SSE);
+//!   `ops`: health, readiness, metrics; `error`: [`ApiError`], the one mapping to statuses.
+//!
+//! `/v1/*` needs `Authorization: Bearer <key>` when an API key is configured; the
+//! operational routes never do (probes and scrapers). May use `providers`, `engine`,
+//! `metrics`, `config`, `chat`, `i18n`.
+
+mod api;
+mod chat;
+mod error;
+mod ops;
+mod state;
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+pub use chat::PROVIDER_HEADER;
+pub use error::ApiError;
+pub use state::{AppState, HttpSettings};
+
+/// The routes over `state`.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(ops::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/dialogue_metrics", get(ops::dialogue_metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(state.settings().body_limit))
+        .with_state(state)
+}
+
+/// Serves `state`'s routes on `listener` until `shutdown` resolves, then finishes the
+/// requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Rejects `/v1/*` requests without the configured bearer key.
+async fn require_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(key) = &state.settings().api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), key.expose().as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

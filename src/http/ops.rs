@@ -1,0 +1,69 @@
+//! The operational routes: `/health`, `/ready`, `/metrics` (Prometheus text),
+//! `/dialogue_metrics` (JSON) and `/v1/models`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::state::AppState;
+
+/// `GET /health`: the process is up.
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 once the model is loaded, 503 before.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready", "model": state.settings().model_id})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics().encode().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /dialogue_metrics`: per-provider counters and latencies, engine gauges.
+pub async fn dialogue_metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let engine = state.metrics().engine();
+    let chain = state
+        .chain()
+        .map(|c| c.provider_names())
+        .unwrap_or_default();
+    Json(json!({"data": {
+        "providers": state.metrics().snapshot(),
+        "chain": chain,
+        "engine": engine,
+        "local_tokens_per_second": engine.as_ref().map(|e| e.tokens_per_second),
+        "model": state.settings().model_id,
+        "model_loaded": state.engine().is_some(),
+        "uptime_seconds": state.uptime_seconds(),
+    }}))
+}
+
+/// `GET /v1/models`: the one model served.
+pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.settings().model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mistral-bot",
+        }],
+    }))
+}

@@ -1,0 +1,119 @@
+//! [`AppState`]: what the HTTP handlers share. The server starts before the model is
+//! loaded (so `/health` and `/ready` answer during the load); [`AppState::set_ready`]
+//! hands it the chain and the engine once they exist.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use crate::chat::GenerateParams;
+use crate::config::Secret;
+use crate::engine::EngineHandle;
+use crate::metrics::{EngineFigures, Metrics};
+use crate::providers::Chain;
+
+/// The HTTP API's settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// The bearer key `/v1/*` requires, if any.
+    pub api_key: Option<Secret>,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    /// The model id `/v1/models` lists and responses name.
+    pub model_id: String,
+    /// Generation defaults; `max_tokens` is also the most a request may ask for.
+    pub generate: GenerateParams,
+    /// Put first when a request brings no system message of its own.
+    pub system_prompt: Option<String>,
+}
+
+/// What answers once the model is loaded.
+struct Backend {
+    chain: Arc<Chain>,
+    engine: EngineHandle,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: HttpSettings,
+    metrics: Arc<Metrics>,
+    /// Set once, when the model is loaded.
+    backend: OnceLock<Backend>,
+    started: Instant,
+    /// Numbers completion ids.
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// State of a server whose model is not loaded yet.
+    pub fn new(settings: HttpSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                metrics,
+                backend: OnceLock::new(),
+                started: Instant::now(),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The model is loaded: serve chats through `chain`, show `engine`'s gauges.
+    /// Only the first call counts.
+    pub fn set_ready(&self, chain: Arc<Chain>, engine: EngineHandle) {
+        let gauges = engine.clone();
+        self.inner.metrics.set_engine_source(move || {
+            let stats = gauges.stats();
+            EngineFigures {
+                slots: stats.slots,
+                slots_busy: stats.slots_busy,
+                queue_len: stats.queue_len,
+                requests_started: stats.requests_started,
+                requests_finished: stats.requests_finished,
+                prompt_tokens_processed: stats.prompt_tokens_processed,
+                prompt_tokens_cached: stats.prompt_tokens_cached,
+                tokens_generated: stats.tokens_generated,
+                tokens_per_second: stats.avg_tokens_per_second,
+            }
+        });
+        let _ = self.inner.backend.set(Backend { chain, engine });
+    }
+
+    /// Whether the model is loaded.
+    pub fn is_ready(&self) -> bool {
+        self.inner.backend.get().is_some()
+    }
+
+    pub(super) fn chain(&self) -> Option<&Arc<Chain>> {
+        self.inner.backend.get().map(|b| &b.chain)
+    }
+
+    pub(super) fn engine(&self) -> Option<&EngineHandle> {
+        self.inner.backend.get().map(|b| &b.engine)
+    }
+
+    pub(super) fn settings(&self) -> &HttpSettings {
+        &self.inner.settings
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(super) fn uptime_seconds(&self) -> u64 {
+        self.inner.started.elapsed().as_secs()
+    }
+
+    pub(super) fn next_completion_id(&self) -> String {
+        format!(
+            "chatcmpl-{}-{}",
+            std::process::id(),
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}

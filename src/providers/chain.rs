@@ -1,0 +1,599 @@
+//! The fallback chain: tries providers in order until one delivers text, with a timeout
+//! per provider, Retry-After memory and a circuit breaker ([`health`](super::health)), and
+//! counts every attempt in [`Metrics`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use tokio::time::{Instant, timeout};
+
+use super::health::{Admission, BreakerPolicy, Health};
+use super::{CannedProvider, EventStream, Provider, ProviderError};
+use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
+use crate::i18n::{self, Lang};
+use crate::metrics::Metrics;
+
+/// The timeout of providers added with [`Chain::new`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest reply passed on, in bytes: a provider streaming without end (ignoring
+/// `max_tokens`) is cut off here rather than filling memory downstream.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
+/// An answer from the chain: who gave it and its events (text deltas, then `Done`).
+/// Dropping `events` cancels the reply (the local engine frees the slot).
+pub struct Reply {
+    /// The provider that answered.
+    pub provider: &'static str,
+    /// The reply's events; never an error.
+    pub events: BoxStream<'static, StreamEvent>,
+}
+
+/// One provider of the chain and what the chain knows about it.
+struct Entry {
+    provider: Box<dyn Provider>,
+    /// Time allowed until the first text, and between two events after it.
+    timeout: Duration,
+    health: Arc<Mutex<Health>>,
+}
+
+/// Providers in order of preference.
+pub struct Chain {
+    entries: Vec<Entry>,
+    breaker: BreakerPolicy,
+    metrics: Arc<Metrics>,
+}
+
+/// Builds a [`Chain`] with per-provider timeouts, a breaker policy and shared metrics.
+pub struct ChainBuilder {
+    chain: Chain,
+}
+
+impl ChainBuilder {
+    /// Adds `provider`, tried after those already added, allowed `timeout` until its first
+    /// text and between two pieces of text.
+    pub fn provider(mut self, provider: impl Provider + 'static, timeout: Duration) -> Self {
+        self.chain.entries.push(Entry {
+            provider: Box::new(provider),
+            timeout,
+            health: Arc::default(),
+        });
+        self
+    }
+
+    /// Sets the circuit breaker's policy.
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.chain.breaker = policy;
+        self
+    }
+
+    /// The chain.
+    pub fn build(self) -> Chain {
+        self.chain
+    }
+}
+
+fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
+    // Health updates cannot leave it inconsistent; a panic elsewhere must not stop replies.
+    health.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Chain {
+    /// A chain trying `providers` in order (each with [`DEFAULT_TIMEOUT`]), then the
+    /// canned apology, with its own metrics.
+    pub fn new(providers: Vec<Box<dyn Provider>>) -> Self {
+        Self {
+            entries: providers
+                .into_iter()
+                .map(|provider| Entry {
+                    provider,
+                    timeout: DEFAULT_TIMEOUT,
+                    health: Arc::default(),
+                })
+                .collect(),
+            breaker: BreakerPolicy::default(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// An empty chain recording into `metrics`, to add providers to.
+    pub fn builder(metrics: Arc<Metrics>) -> ChainBuilder {
+        ChainBuilder {
+            chain: Chain {
+                entries: Vec::new(),
+                breaker: BreakerPolicy::default(),
+                metrics,
+            },
+        }
+    }
+
+    /// The providers' names, in order (the canned apology not included).
+    pub fn provider_names(&self) -> Vec<&'static str> {
+        self.entries.iter().map(|e| e.provider.name()).collect()
+    }
+
+    /// The metrics the chain records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The answer of the first provider that gives one; the canned apology in `lang` if
+    /// none does.
+    pub async fn reply(&self, request: ChatRequest, lang: Lang) -> Reply {
+        for entry in &self.entries {
+            let name = entry.provider.name();
+            if let Admission::Skip(reason) = lock(&entry.health).admit(Instant::now()) {
+                tracing::debug!(
+                    provider = name,
+                    reason = reason.as_str(),
+                    "provider skipped"
+                );
+                self.metrics.skipped(name, reason);
+                continue;
+            }
+            let attempt = Attempt::start(name, self, entry);
+            let first = timeout(
+                entry.timeout,
+                first_text(entry.provider.as_ref(), request.clone()),
+            )
+            .await
+            .unwrap_or(Err(ProviderError::Timeout));
+            match first {
+                Ok((text, rest)) => {
+                    let tail = Tail {
+                        delivered: text.len(),
+                        events: rest,
+                        attempt,
+                        idle: entry.timeout,
+                        lang,
+                    };
+                    return Reply {
+                        provider: name,
+                        events: stream::iter([StreamEvent::Delta(text)])
+                            .chain(tail.into_stream())
+                            .boxed(),
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(provider = name, error = %e, "provider failed; trying the next");
+                    attempt.failed(&e);
+                }
+            }
+        }
+        let canned = CannedProvider::new(lang);
+        self.metrics.attempt(canned.name());
+        self.metrics
+            .success(canned.name(), Duration::ZERO, Duration::ZERO);
+        Reply {
+            provider: canned.name(),
+            events: canned.events(),
+        }
+    }
+}
+
+/// Starts `provider` and waits for its first non-empty text.
+async fn first_text(
+    provider: &dyn Provider,
+    request: ChatRequest,
+) -> Result<(String, EventStream), ProviderError> {
+    let mut events = provider.stream(request).await?;
+    loop {
+        match events.next().await {
+            Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => return Ok((text, events)),
+            Some(Ok(StreamEvent::Delta(_) | StreamEvent::Prompt(_))) => {}
+            Some(Ok(StreamEvent::Done(_))) => return Err(ProviderError::Empty),
+            None => return Err(ProviderError::Cut("ended before any text".into())),
+            Some(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// One call of one provider, from the chain's decision to call it until its reply ends.
+/// Records the outcome in the metrics and the provider's health exactly once; dropped
+/// without an outcome, it counts as cancelled.
+struct Attempt {
+    provider: &'static str,
+    metrics: Arc<Metrics>,
+    health: Arc<Mutex<Health>>,
+    breaker: BreakerPolicy,
+    started: Instant,
+    first_text: Option<Duration>,
+    ended: bool,
+}
+
+impl Attempt {
+    fn start(provider: &'static str, chain: &Chain, entry: &Entry) -> Self {
+        chain.metrics.attempt(provider);
+        Self {
+            provider,
+            metrics: Arc::clone(&chain.metrics),
+            health: Arc::clone(&entry.health),
+            breaker: chain.breaker,
+            started: Instant::now(),
+            first_text: None,
+            ended: false,
+        }
+    }
+
+    fn failed(mut self, error: &ProviderError) {
+        self.ended = true;
+        if *error == ProviderError::Timeout {
+            self.metrics.timeout(self.provider);
+        } else {
+            self.metrics.error(self.provider, error.kind());
+        }
+        lock(&self.health).failed(Instant::now(), error, self.breaker);
+    }
+
+    fn succeeded(mut self) {
+        self.ended = true;
+        let total = self.started.elapsed();
+        self.metrics
+            .success(self.provider, self.first_text.unwrap_or(total), total);
+        lock(&self.health).succeeded();
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.cancelled(self.provider);
+            lock(&self.health).abandoned();
+        }
+    }
+}
+
+/// The rest of a reply after its first text.
+struct Tail {
+    events: EventStream,
+    attempt: Attempt,
+    /// Longest pause allowed between two events.
+    idle: Duration,
+    lang: Lang,
+    /// Bytes of text passed on so far.
+    delivered: usize,
+}
+
+impl Tail {
+    fn into_stream(mut self) -> BoxStream<'static, StreamEvent> {
+        self.attempt.first_text = Some(self.attempt.started.elapsed());
+        stream::unfold(Some(self), |tail| async move {
+            let mut tail = tail?;
+            let failure = match timeout(tail.idle, tail.events.next()).await {
+                Ok(Some(Ok(StreamEvent::Done(completion)))) => {
+                    tail.attempt.succeeded();
+                    return Some((vec![StreamEvent::Done(completion)], None));
+                }
+                Ok(Some(Ok(StreamEvent::Delta(text))))
+                    if tail.delivered + text.len() <= MAX_REPLY_BYTES =>
+                {
+                    tail.delivered += text.len();
+                    return Some((vec![StreamEvent::Delta(text)], Some(tail)));
+                }
+                Ok(Some(Ok(StreamEvent::Delta(_)))) => {
+                    ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
+                }
+                Ok(Some(Ok(StreamEvent::Prompt(_)))) => return Some((Vec::new(), Some(tail))),
+                Ok(Some(Err(e))) => e,
+                Ok(None) => ProviderError::Cut("ended without its end marker".into()),
+                Err(_) => ProviderError::Timeout,
+            };
+            tracing::warn!(provider = tail.attempt.provider, error = %failure, "reply broke off midway");
+            let lang = tail.lang;
+            tail.attempt.failed(&failure);
+            Some((
+                vec![
+                    StreamEvent::Delta(i18n::interrupted_notice(lang).to_string()),
+                    StreamEvent::Done(Completion {
+                        finish_reason: FinishReason::Stop,
+                        usage: Usage::default(),
+                        timings: Timings::default(),
+                    }),
+                ],
+                None,
+            ))
+        })
+        .flat_map(stream::iter)
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::chat::{ChatMessage, GenerateParams};
+
+    /// A scripted provider: each call takes the next script (the last one repeats).
+    struct Scripted {
+        name: &'static str,
+        scripts: Vec<Script>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[derive(Clone)]
+    enum Script {
+        Fail(ProviderError),
+        Events(Vec<Result<StreamEvent, ProviderError>>),
+        /// Some events, then silence forever.
+        Stall(Vec<Result<StreamEvent, ProviderError>>),
+    }
+
+    impl Provider for Scripted {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        fn stream(&self, _: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            let script = self.scripts[call.min(self.scripts.len() - 1)].clone();
+            Box::pin(async move {
+                match script {
+                    Script::Fail(e) => Err(e),
+                    Script::Events(events) => Ok(stream::iter(events).boxed()),
+                    Script::Stall(events) => {
+                        Ok(stream::iter(events).chain(stream::pending()).boxed())
+                    }
+                }
+            })
+        }
+    }
+
+    fn scripted(name: &'static str, scripts: Vec<Script>) -> (Scripted, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        (
+            Scripted {
+                name,
+                scripts,
+                calls: Arc::clone(&calls),
+            },
+            calls,
+        )
+    }
+
+    fn done() -> StreamEvent {
+        StreamEvent::Done(Completion {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+            timings: Timings::default(),
+        })
+    }
+
+    fn answer(text: &str) -> Script {
+        Script::Events(vec![Ok(StreamEvent::Delta(text.into())), Ok(done())])
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest::new(vec![ChatMessage::user("hi")], GenerateParams::default())
+    }
+
+    async fn text_of(reply: Reply) -> (&'static str, String) {
+        let events: Vec<_> = reply.events.collect().await;
+        assert!(
+            matches!(events.last(), Some(StreamEvent::Done(_))),
+            "{events:?}"
+        );
+        let text = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        (reply.provider, text)
+    }
+
+    fn status(code: u16) -> ProviderError {
+        ProviderError::Status {
+            status: code,
+            detail: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn falls_over_on_errors_and_empty_replies() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted("local", vec![Script::Fail(ProviderError::Overloaded)]);
+        let (b, _) = scripted("groq", vec![Script::Events(vec![Ok(done())])]);
+        let (c, _) = scripted("mistral", vec![answer("bonjour")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .provider(c, DEFAULT_TIMEOUT)
+            .build();
+        assert_eq!(
+            text_of(chain.reply(request(), Lang::En).await).await,
+            ("mistral", "bonjour".into())
+        );
+        let s = metrics.snapshot();
+        assert_eq!(s["local"].errors_by_kind["overloaded"], 1);
+        assert_eq!(s["groq"].errors_by_kind["empty"], 1);
+        assert_eq!((s["mistral"].requests, s["mistral"].success), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn all_down_gives_the_canned_apology() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted("groq", vec![Script::Fail(status(500))]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .build();
+        let (provider, text) = text_of(chain.reply(request(), Lang::Ru).await).await;
+        assert_eq!(provider, "canned");
+        assert_eq!(text, i18n::canned_apology(Lang::Ru));
+        assert_eq!(metrics.snapshot()["canned"].success, 1);
+    }
+
+    #[tokio::test]
+    async fn a_break_after_text_ends_with_a_notice_not_a_second_answer() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted(
+            "groq",
+            vec![Script::Events(vec![
+                Ok(StreamEvent::Delta("Par".into())),
+                Err(ProviderError::Cut("reset".into())),
+            ])],
+        );
+        let (b, b_calls) = scripted("mistral", vec![answer("never")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .build();
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        assert_eq!(provider, "groq");
+        assert_eq!(text, format!("Par{}", i18n::interrupted_notice(Lang::En)));
+        assert_eq!(b_calls.load(Ordering::SeqCst), 0);
+        let s = metrics.snapshot();
+        assert_eq!((s["groq"].errors, s["groq"].success), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn timeouts_before_and_after_the_first_text() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted("groq", vec![Script::Stall(Vec::new())]);
+        let (b, _) = scripted(
+            "mistral",
+            vec![Script::Stall(vec![Ok(StreamEvent::Delta("Hi".into()))])],
+        );
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, Duration::from_millis(50))
+            .provider(b, Duration::from_millis(50))
+            .build();
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        assert_eq!(provider, "mistral");
+        assert!(text.starts_with("Hi\n\n"), "{text}");
+        let s = metrics.snapshot();
+        assert_eq!((s["groq"].timeouts, s["mistral"].timeouts), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn retry_after_skips_the_provider_until_then() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, a_calls) = scripted(
+            "groq",
+            vec![
+                Script::Fail(ProviderError::RateLimited {
+                    retry_after: Some(Duration::from_millis(300)),
+                }),
+                answer("back"),
+            ],
+        );
+        let (b, _) = scripted("mistral", vec![answer("m")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .build();
+        assert_eq!(
+            text_of(chain.reply(request(), Lang::En).await).await.0,
+            "mistral"
+        );
+        assert_eq!(
+            text_of(chain.reply(request(), Lang::En).await).await.0,
+            "mistral"
+        );
+        assert_eq!(
+            a_calls.load(Ordering::SeqCst),
+            1,
+            "skipped while Retry-After runs"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            text_of(chain.reply(request(), Lang::En).await).await.0,
+            "groq"
+        );
+        let s = metrics.snapshot();
+        assert_eq!((s["groq"].requests, s["groq"].skipped), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn breaker_skips_a_failing_provider_then_probes() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, a_calls) = scripted(
+            "groq",
+            vec![
+                Script::Fail(status(500)),
+                Script::Fail(status(502)),
+                answer("healed"),
+            ],
+        );
+        let (b, _) = scripted("mistral", vec![answer("m")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .breaker(BreakerPolicy {
+                failures: 2,
+                cooldown: Duration::from_millis(300),
+            })
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .build();
+        for _ in 0..4 {
+            assert_eq!(
+                text_of(chain.reply(request(), Lang::En).await).await.0,
+                "mistral"
+            );
+        }
+        assert_eq!(a_calls.load(Ordering::SeqCst), 2, "open after two failures");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            text_of(chain.reply(request(), Lang::En).await).await.0,
+            "groq"
+        );
+        let s = metrics.snapshot();
+        assert_eq!(
+            (s["groq"].requests, s["groq"].errors, s["groq"].skipped),
+            (3, 2, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_reply_is_cut_off() {
+        let metrics = Arc::new(Metrics::new());
+        let piece = "x".repeat(64 * 1024);
+        let endless = stream::repeat(Ok(StreamEvent::Delta(piece))).boxed();
+        struct Endless(std::sync::Mutex<Option<EventStream>>);
+        impl Provider for Endless {
+            fn name(&self) -> &'static str {
+                "openai"
+            }
+            fn stream(&self, _: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+                let events = self.0.lock().unwrap().take().ok_or(ProviderError::Empty);
+                Box::pin(async move { events })
+            }
+        }
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(
+                Endless(std::sync::Mutex::new(Some(endless))),
+                DEFAULT_TIMEOUT,
+            )
+            .build();
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        assert_eq!(provider, "openai");
+        assert!(text.len() <= MAX_REPLY_BYTES + 100, "{}", text.len());
+        assert!(text.ends_with(i18n::interrupted_notice(Lang::En)));
+        assert_eq!(metrics.snapshot()["openai"].errors_by_kind["malformed"], 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_a_reply_counts_as_cancelled() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted(
+            "local",
+            vec![Script::Stall(vec![Ok(StreamEvent::Delta("x".into()))])],
+        );
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .build();
+        let mut reply = chain.reply(request(), Lang::En).await;
+        assert_eq!(
+            reply.events.next().await,
+            Some(StreamEvent::Delta("x".into()))
+        );
+        drop(reply);
+        let s = metrics.snapshot();
+        assert_eq!((s["local"].requests, s["local"].cancelled), (1, 1));
+    }
+}

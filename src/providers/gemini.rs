@@ -1,0 +1,334 @@
+//! Google Gemini: `POST {base}/models/{model}:streamGenerateContent?alt=sse` with the key
+//! in `x-goog-api-key`. The history becomes `contents` (roles `user` and `model`) and a
+//! `systemInstruction`; each SSE event is a `GenerateContentResponse` whose
+//! `candidates[0].content.parts[].text` is the next text. Gemini sends no `[DONE]`: the
+//! stream ends after the chunk carrying `finishReason`.
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream};
+use reqwest::header;
+use serde::Deserialize;
+use serde_json::json;
+use url::Url;
+
+use super::cloud;
+use super::convert::normalize;
+use super::openai::endpoint;
+use super::{EventStream, Provider, ProviderError, sse};
+use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
+use crate::config::{CloudConfig, Secret};
+
+/// A client of the Gemini API.
+pub struct GeminiProvider {
+    client: reqwest::Client,
+    endpoint: Result<Url, String>,
+    api_key: Option<Secret>,
+}
+
+impl std::fmt::Debug for GeminiProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeminiProvider")
+            .field("endpoint", &self.endpoint)
+            .field("api_key", &self.api_key)
+            .finish()
+    }
+}
+
+impl GeminiProvider {
+    /// A client of the API `config` describes.
+    pub fn new(client: reqwest::Client, config: &CloudConfig) -> Self {
+        Self {
+            client,
+            endpoint: endpoint(
+                &config.base_url,
+                &format!("models/{}:streamGenerateContent?alt=sse", config.model),
+            ),
+            api_key: config.api_key.clone(),
+        }
+    }
+}
+
+/// The `generateContent` request body for `request`.
+fn body(request: &ChatRequest) -> serde_json::Value {
+    let turns = normalize(&request.messages);
+    let contents: Vec<_> = turns
+        .turns
+        .iter()
+        .map(|(role, text)| {
+            let role = match role {
+                Role::Assistant => "model",
+                Role::User | Role::System => "user",
+            };
+            json!({"role": role, "parts": [{"text": text}]})
+        })
+        .collect();
+    let params = &request.params;
+    let mut config = json!({
+        "maxOutputTokens": params.max_tokens,
+        "temperature": params.temperature,
+        "topP": params.top_p,
+    });
+    if let Some(seed) = params.seed {
+        config["seed"] = json!(seed);
+    }
+    if !params.stop.is_empty() {
+        config["stopSequences"] = json!(params.stop);
+    }
+    let mut body = json!({"contents": contents, "generationConfig": config});
+    if let Some(system) = turns.system {
+        body["systemInstruction"] = json!({"parts": [{"text": system}]});
+    }
+    body
+}
+
+impl Provider for GeminiProvider {
+    fn name(&self) -> &'static str {
+        "gemini"
+    }
+
+    fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        Box::pin(async move {
+            let key = self.api_key.as_ref().ok_or(ProviderError::MissingKey)?;
+            let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
+            let http = self
+                .client
+                .post(endpoint)
+                .header("x-goog-api-key", key.expose())
+                .header(header::ACCEPT, "text/event-stream")
+                .json(&body(&request));
+            let response = cloud::send(http).await?;
+            Ok(events(sse::data_stream(response.bytes_stream())))
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Chunk {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    usage_metadata: Option<UsageMetadata>,
+    prompt_feedback: Option<PromptFeedback>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    content: Option<Content>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Content {
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Part {
+    text: Option<String>,
+    /// Thinking models mark their thoughts; those are not the answer.
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u32,
+    #[serde(default)]
+    candidates_token_count: u32,
+    #[serde(default)]
+    cached_content_token_count: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    block_reason: Option<String>,
+}
+
+struct Reading {
+    data: BoxStream<'static, Result<String, ProviderError>>,
+    finish: Option<FinishReason>,
+    usage: Usage,
+}
+
+fn done(reading: &Reading) -> StreamEvent {
+    StreamEvent::Done(Completion {
+        finish_reason: reading.finish.unwrap_or(FinishReason::Stop),
+        usage: reading.usage,
+        timings: Timings::default(),
+    })
+}
+
+/// The events of a streamed `generateContent`, from its SSE `data` payloads.
+fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStream {
+    let reading = Reading {
+        data,
+        finish: None,
+        usage: Usage::default(),
+    };
+    stream::unfold(Some(reading), |reading| async move {
+        let mut reading = reading?;
+        loop {
+            let payload = match reading.data.next().await {
+                Some(Ok(payload)) => payload,
+                Some(Err(e)) => return Some((Err(e), None)),
+                None if reading.finish.is_some() => {
+                    let done = done(&reading);
+                    return Some((Ok(done), None));
+                }
+                None => {
+                    return Some((
+                        Err(ProviderError::Cut("ended before a finishReason".into())),
+                        None,
+                    ));
+                }
+            };
+            let chunk: Chunk = match serde_json::from_str(&payload) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    return Some((
+                        Err(ProviderError::Malformed(format!(
+                            "stream chunk is not valid JSON: {e}"
+                        ))),
+                        None,
+                    ));
+                }
+            };
+            if let Some(error) = chunk.error {
+                let message = error
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("error event");
+                let message: String = message.chars().take(200).collect();
+                return Some((
+                    Err(ProviderError::Cut(format!("provider error: {message}"))),
+                    None,
+                ));
+            }
+            if let Some(reason) = chunk.prompt_feedback.and_then(|f| f.block_reason) {
+                return Some((
+                    Err(ProviderError::Status {
+                        status: 400,
+                        detail: format!("prompt blocked: {reason}"),
+                    }),
+                    None,
+                ));
+            }
+            if let Some(usage) = chunk.usage_metadata {
+                let cached = usage
+                    .cached_content_token_count
+                    .min(usage.prompt_token_count);
+                reading.usage = Usage {
+                    prompt_tokens: usage.prompt_token_count,
+                    cached_tokens: cached,
+                    processed_tokens: usage.prompt_token_count - cached,
+                    completion_tokens: usage.candidates_token_count,
+                };
+            }
+            let mut text = String::new();
+            if let Some(candidate) = chunk.candidates.first() {
+                if let Some(reason) = &candidate.finish_reason {
+                    reading.finish = Some(match reason.as_str() {
+                        "MAX_TOKENS" => FinishReason::Length,
+                        _ => FinishReason::Stop,
+                    });
+                }
+                for part in candidate.content.iter().flat_map(|c| &c.parts) {
+                    if let (Some(t), false) = (&part.text, part.thought) {
+                        text.push_str(t);
+                    }
+                }
+            }
+            if !text.is_empty() {
+                return Some((Ok(StreamEvent::Delta(text)), Some(reading)));
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{ChatMessage, GenerateParams};
+
+    #[test]
+    fn history_becomes_contents_and_system_instruction() {
+        let request = ChatRequest::new(
+            vec![
+                ChatMessage::system("Be brief."),
+                ChatMessage::user("Hi"),
+                ChatMessage::assistant("Hello"),
+                ChatMessage::user("Capital of France?"),
+            ],
+            GenerateParams {
+                max_tokens: 64,
+                ..GenerateParams::default()
+            },
+        );
+        let body = body(&request);
+        assert_eq!(
+            body["systemInstruction"],
+            json!({"parts": [{"text": "Be brief."}]})
+        );
+        assert_eq!(
+            body["contents"][1],
+            json!({"role": "model", "parts": [{"text": "Hello"}]})
+        );
+        assert_eq!(body["contents"][2]["role"], json!("user"));
+        assert_eq!(body["generationConfig"]["maxOutputTokens"], json!(64));
+    }
+
+    #[test]
+    fn endpoint_and_debug() {
+        let provider = GeminiProvider::new(
+            reqwest::Client::new(),
+            &CloudConfig {
+                base_url: Url::parse("https://generativelanguage.googleapis.com/v1beta").unwrap(),
+                api_key: Some(Secret::new("AIza-secret")),
+                key_required: true,
+                model: "gemini-2.5-flash".into(),
+                timeout: std::time::Duration::from_secs(1),
+            },
+        );
+        assert_eq!(
+            provider.endpoint.as_ref().unwrap().as_str(),
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        );
+        assert!(!format!("{provider:?}").contains("AIza-secret"));
+    }
+
+    async fn run(payloads: &[&str]) -> Vec<Result<StreamEvent, ProviderError>> {
+        let data = stream::iter(
+            payloads
+                .iter()
+                .map(|p| Ok(p.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .boxed();
+        events(data).collect().await
+    }
+
+    #[tokio::test]
+    async fn chunks_become_deltas_and_done() {
+        let events = run(&[
+            r#"{"candidates":[{"content":{"parts":[{"text":"Par"}],"role":"model"},"index":0}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"text":"is."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":2,"totalTokenCount":11}}"#,
+        ])
+        .await;
+        assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())));
+        let Ok(StreamEvent::Done(completion)) = &events[2] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(completion.usage.completion_tokens, 2);
+        let cut = run(&[r#"{"candidates":[{"content":{"parts":[{"text":"Par"}]}}]}"#]).await;
+        assert!(matches!(cut.last(), Some(Err(ProviderError::Cut(_)))));
+    }
+}

@@ -1,0 +1,447 @@
+//! OpenAI-compatible chat completions with SSE streaming: Groq, Mistral La Plateforme and
+//! the generic `openai` provider (OpenAI itself, or a vLLM / TGI / llama-server fleet) are
+//! one client with different base URLs, keys, models and a few per-API quirks
+//! ([`OpenAiFlavor`]).
+//!
+//! Request: `POST {base}/chat/completions`, `Authorization: Bearer {key}`, `stream: true`.
+//! Response: `data: {"choices":[{"delta":{"content":"…"}}]}` events, then `data: [DONE]`.
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream};
+use reqwest::header;
+use serde::Deserialize;
+use serde_json::json;
+use url::Url;
+
+use super::cloud::{self, MAX_RESPONSE_BODY};
+use super::convert::normalize;
+use super::{EventStream, Provider, ProviderError, sse};
+use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
+use crate::config::{CloudConfig, Secret};
+
+/// Which OpenAI-compatible API this is: the name, and what each accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAiFlavor {
+    /// Groq: OpenAI's fields, usage via `stream_options`.
+    Groq,
+    /// Mistral La Plateforme: `random_seed` instead of `seed`; rejects unknown fields and
+    /// sends usage in the last chunk anyway.
+    Mistral,
+    /// Any OpenAI-compatible server.
+    Generic,
+}
+
+impl OpenAiFlavor {
+    fn name(self) -> &'static str {
+        match self {
+            OpenAiFlavor::Groq => "groq",
+            OpenAiFlavor::Mistral => "mistral",
+            OpenAiFlavor::Generic => "openai",
+        }
+    }
+}
+
+/// A client of one OpenAI-compatible chat completions API.
+pub struct OpenAiProvider {
+    flavor: OpenAiFlavor,
+    client: reqwest::Client,
+    endpoint: Result<Url, String>,
+    api_key: Option<Secret>,
+    key_required: bool,
+    model: String,
+}
+
+impl std::fmt::Debug for OpenAiProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiProvider")
+            .field("flavor", &self.flavor)
+            .field("endpoint", &self.endpoint)
+            .field("api_key", &self.api_key)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// `{base}/{path}`, whether or not `base` ends with a slash.
+pub(super) fn endpoint(base: &Url, path: &str) -> Result<Url, String> {
+    let joined = format!("{}/{path}", base.as_str().trim_end_matches('/'));
+    Url::parse(&joined).map_err(|e| format!("bad URL {joined}: {e}"))
+}
+
+impl OpenAiProvider {
+    /// A client of `flavor`'s API as `config` describes it.
+    pub fn new(flavor: OpenAiFlavor, client: reqwest::Client, config: &CloudConfig) -> Self {
+        Self {
+            flavor,
+            client,
+            endpoint: endpoint(&config.base_url, "chat/completions"),
+            api_key: config.api_key.clone(),
+            key_required: config.key_required,
+            model: config.model.clone(),
+        }
+    }
+
+    /// The request body for `request`.
+    fn body(&self, request: &ChatRequest) -> serde_json::Value {
+        let turns = normalize(&request.messages);
+        let messages: Vec<_> = turns
+            .system
+            .iter()
+            .map(|s| json!({"role": "system", "content": s}))
+            .chain(
+                turns
+                    .turns
+                    .iter()
+                    .map(|(role, text)| json!({"role": role.as_str(), "content": text})),
+            )
+            .collect();
+        let params = &request.params;
+        let mut body = json!({
+            "model": self.model,
+            "messages": messages,
+            "stream": true,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        });
+        if let Some(seed) = params.seed {
+            let field = match self.flavor {
+                OpenAiFlavor::Mistral => "random_seed",
+                OpenAiFlavor::Groq | OpenAiFlavor::Generic => "seed",
+            };
+            body[field] = json!(seed);
+        }
+        if !params.stop.is_empty() {
+            body["stop"] = json!(params.stop);
+        }
+        if self.flavor != OpenAiFlavor::Mistral {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        body
+    }
+}
+
+impl Provider for OpenAiProvider {
+    fn name(&self) -> &'static str {
+        self.flavor.name()
+    }
+
+    fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        Box::pin(async move {
+            if self.key_required && self.api_key.is_none() {
+                return Err(ProviderError::MissingKey);
+            }
+            let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
+            let mut http = self
+                .client
+                .post(endpoint)
+                .header(header::ACCEPT, "text/event-stream")
+                .json(&self.body(&request));
+            if let Some(key) = &self.api_key {
+                http = http.bearer_auth(key.expose());
+            }
+            let response = cloud::send(http).await?;
+            let is_json = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/json"));
+            if is_json {
+                // The server ignored `stream: true` and sent the whole completion.
+                let body = cloud::read_bounded(response, MAX_RESPONSE_BODY).await?;
+                return whole_completion(&body).map(|events| stream::iter(events).boxed());
+            }
+            Ok(events(sse::data_stream(response.bytes_stream())))
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<WireUsage>,
+    /// Groq also reports usage here.
+    x_groq: Option<XGroq>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct XGroq {
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    delta: Option<Message>,
+    message: Option<Message>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    content: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u32,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(wire: WireUsage) -> Self {
+        let cached = wire
+            .prompt_tokens_details
+            .map_or(0, |d| d.cached_tokens)
+            .min(wire.prompt_tokens);
+        Usage {
+            prompt_tokens: wire.prompt_tokens,
+            cached_tokens: cached,
+            processed_tokens: wire.prompt_tokens - cached,
+            completion_tokens: wire.completion_tokens,
+        }
+    }
+}
+
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "length" | "model_length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+fn done(finish: Option<FinishReason>, usage: Usage) -> StreamEvent {
+    StreamEvent::Done(Completion {
+        finish_reason: finish.unwrap_or(FinishReason::Stop),
+        usage,
+        timings: Timings::default(),
+    })
+}
+
+/// A non-streamed completion as events.
+fn whole_completion(body: &[u8]) -> Result<Vec<Result<StreamEvent, ProviderError>>, ProviderError> {
+    let chunk: Chunk = serde_json::from_slice(body)
+        .map_err(|e| ProviderError::Malformed(format!("completion is not valid JSON: {e}")))?;
+    let choice = chunk
+        .choices
+        .first()
+        .ok_or_else(|| ProviderError::Malformed("completion without choices".into()))?;
+    let text = choice
+        .message
+        .as_ref()
+        .and_then(|m| m.content.clone())
+        .unwrap_or_default();
+    let finish = choice.finish_reason.as_deref().map(finish_reason);
+    let usage = chunk.usage.map(Usage::from).unwrap_or_default();
+    Ok(vec![Ok(StreamEvent::Delta(text)), Ok(done(finish, usage))])
+}
+
+/// Reading state of one streamed completion.
+struct Reading {
+    data: BoxStream<'static, Result<String, ProviderError>>,
+    finish: Option<FinishReason>,
+    usage: Usage,
+}
+
+/// The events of a streamed completion, from its SSE `data` payloads.
+fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStream {
+    let reading = Reading {
+        data,
+        finish: None,
+        usage: Usage::default(),
+    };
+    stream::unfold(Some(reading), |reading| async move {
+        let mut reading = reading?;
+        loop {
+            let payload = match reading.data.next().await {
+                Some(Ok(payload)) => payload,
+                Some(Err(e)) => return Some((Err(e), None)),
+                // Some servers close without `[DONE]` after the finish reason; a stream
+                // that ends before any finish reason was cut off.
+                None if reading.finish.is_some() => {
+                    return Some((Ok(done(reading.finish, reading.usage)), None));
+                }
+                None => {
+                    return Some((Err(ProviderError::Cut("ended before [DONE]".into())), None));
+                }
+            };
+            if payload.trim() == "[DONE]" {
+                return Some((Ok(done(reading.finish, reading.usage)), None));
+            }
+            let chunk: Chunk = match serde_json::from_str(&payload) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    return Some((
+                        Err(ProviderError::Malformed(format!(
+                            "stream chunk is not valid JSON: {e}"
+                        ))),
+                        None,
+                    ));
+                }
+            };
+            if let Some(error) = chunk.error {
+                let message = error
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("error event")
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                return Some((
+                    Err(ProviderError::Cut(format!("provider error: {message}"))),
+                    None,
+                ));
+            }
+            if let Some(usage) = chunk.usage.or(chunk.x_groq.and_then(|x| x.usage)) {
+                reading.usage = usage.into();
+            }
+            let mut text = String::new();
+            for choice in &chunk.choices {
+                if let Some(reason) = &choice.finish_reason {
+                    reading.finish = Some(finish_reason(reason));
+                }
+                if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
+                    text.push_str(content);
+                }
+            }
+            if !text.is_empty() {
+                return Some((Ok(StreamEvent::Delta(text)), Some(reading)));
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{ChatMessage, GenerateParams};
+    use crate::config::CloudConfig;
+
+    fn provider(flavor: OpenAiFlavor) -> OpenAiProvider {
+        OpenAiProvider::new(
+            flavor,
+            reqwest::Client::new(),
+            &CloudConfig {
+                base_url: Url::parse("http://127.0.0.1:9/openai/v1/").unwrap(),
+                api_key: Some(Secret::new("sk-secret")),
+                key_required: true,
+                model: "m".into(),
+                timeout: std::time::Duration::from_secs(1),
+            },
+        )
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest::new(
+            vec![
+                ChatMessage::system("Be brief."),
+                ChatMessage::user("Hi"),
+                ChatMessage::assistant("Hello"),
+                ChatMessage::user("Capital of France?"),
+            ],
+            GenerateParams {
+                seed: Some(7),
+                stop: vec!["\n\n".into()],
+                ..GenerateParams::default()
+            },
+        )
+    }
+
+    #[test]
+    fn body_has_the_history_and_each_flavors_fields() {
+        let groq = provider(OpenAiFlavor::Groq);
+        assert_eq!(
+            groq.endpoint.as_ref().unwrap().as_str(),
+            "http://127.0.0.1:9/openai/v1/chat/completions"
+        );
+        let body = groq.body(&request());
+        assert_eq!(
+            body["messages"][0],
+            json!({"role": "system", "content": "Be brief."})
+        );
+        assert_eq!(
+            body["messages"][3],
+            json!({"role": "user", "content": "Capital of France?"})
+        );
+        assert_eq!(body["stream"], json!(true));
+        assert_eq!(body["seed"], json!(7));
+        assert_eq!(body["stop"], json!(["\n\n"]));
+        assert_eq!(body["stream_options"]["include_usage"], json!(true));
+        let mistral = provider(OpenAiFlavor::Mistral).body(&request());
+        assert_eq!(mistral["random_seed"], json!(7));
+        assert!(mistral.get("seed").is_none() && mistral.get("stream_options").is_none());
+        assert!(!format!("{groq:?}").contains("sk-secret"));
+    }
+
+    async fn run(payloads: &[&str]) -> Vec<Result<StreamEvent, ProviderError>> {
+        let data = stream::iter(
+            payloads
+                .iter()
+                .map(|p| Ok(p.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .boxed();
+        events(data).collect().await
+    }
+
+    #[tokio::test]
+    async fn stream_chunks_become_deltas_then_done_with_usage() {
+        let events = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"Par"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"is."},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#,
+            "[DONE]",
+        ])
+        .await;
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())));
+        let Ok(StreamEvent::Done(completion)) = &events[2] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(completion.usage.prompt_tokens, 12);
+        assert_eq!(completion.usage.completion_tokens, 3);
+    }
+
+    #[tokio::test]
+    async fn a_cut_or_garbled_stream_is_an_error() {
+        let cut = run(&[r#"{"choices":[{"delta":{"content":"Par"}}]}"#]).await;
+        assert!(
+            matches!(cut.last(), Some(Err(ProviderError::Cut(_)))),
+            "{cut:?}"
+        );
+        let garbage = run(&["{not json"]).await;
+        assert!(matches!(garbage[0], Err(ProviderError::Malformed(_))));
+        let error = run(&[r#"{"error":{"message":"overloaded"}}"#]).await;
+        assert!(matches!(error[0], Err(ProviderError::Cut(_))));
+    }
+
+    #[test]
+    fn whole_completions_are_accepted() {
+        let events = whole_completion(
+            br#"{"choices":[{"message":{"role":"assistant","content":"Hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(events[0], Ok(StreamEvent::Delta("Hi".into())));
+        assert!(matches!(
+            &events[1],
+            Ok(StreamEvent::Done(Completion {
+                finish_reason: FinishReason::Length,
+                ..
+            }))
+        ));
+        assert!(whole_completion(b"<html>").is_err());
+    }
+}
