@@ -205,3 +205,37 @@ fn an_unknown_chat_template_is_a_clear_error() {
     ]);
     assert_fails_with(&output, "chat template unusable");
 }
+
+#[test]
+fn flags_come_from_the_environment_and_a_dotenv_file() {
+    let model = test_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "MISTRAL_BOT_MODEL={}\nMISTRAL_BOT_TEMPERATURE=0\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "--prompt",
+            "What is the capital of France? Answer in one word.",
+        ])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("Paris"), "{}", stdout(&output));
+
+    // An environment variable is validated like its flag.
+    let output = Command::new(BIN)
+        .args(["--prompt", "hi"])
+        .current_dir(dir.path())
+        .env("MISTRAL_BOT_SLOTS", "0")
+        .output()
+        .unwrap();
+    assert_fails_with(&output, "--slots must be at least 1");
+}
