@@ -68,6 +68,7 @@ pub fn http_settings(config: &Config) -> HttpSettings {
     HttpSettings {
         api_key: config.http.api_key.clone(),
         body_limit: config.http.body_limit.get(),
+        max_concurrent: config.http.max_concurrent.get(),
         model_id: config
             .engine
             .model_path
