@@ -203,7 +203,13 @@ pub fn build_chain(
         };
     }
     let chain = builder.build();
-    tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
+    if chain.provider_names().is_empty() {
+        tracing::warn!(
+            "no provider in the chain is configured: every message gets the canned apology"
+        );
+    } else {
+        tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
+    }
     Ok(chain)
 }
 
