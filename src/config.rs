@@ -629,6 +629,10 @@ pub struct HttpArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MISTRAL_BOT_HTTP_BODY_LIMIT", default_value_t = 1 << 20)]
     pub http_body_limit: usize,
+
+    /// Chat completions answered at the same time; more get 503 with `Retry-After`.
+    #[arg(long, env = "MISTRAL_BOT_HTTP_MAX_CONCURRENT", default_value_t = 256)]
+    pub http_max_concurrent: usize,
 }
 
 /// The HTTP API's settings.
@@ -640,6 +644,8 @@ pub struct HttpConfig {
     pub api_key: Option<Secret>,
     /// Largest request body, in bytes.
     pub body_limit: NonZeroUsize,
+    /// Most chat completions in flight.
+    pub max_concurrent: NonZeroUsize,
 }
 
 impl TryFrom<HttpArgs> for HttpConfig {
@@ -656,6 +662,7 @@ impl TryFrom<HttpArgs> for HttpConfig {
             addr: args.http_addr,
             api_key,
             body_limit: non_zero_usize(args.http_body_limit, "http-body-limit")?,
+            max_concurrent: non_zero_usize(args.http_max_concurrent, "http-max-concurrent")?,
         })
     }
 }

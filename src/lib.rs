@@ -12,9 +12,17 @@
 //! - [`i18n`]: the bot's own words in English and Russian.
 //!
 //! # Data path
-//! front-end → [`ChatRequest`](chat::ChatRequest) → [`EngineHandle::submit`](engine::EngineHandle::submit)
-//! → bounded queue → engine thread (one batch per step over all slots) → per-request
-//! stream of [`StreamEvent`](chat::StreamEvent)s → front-end.
+//! front-end (HTTP, console) → [`ChatRequest`](chat::ChatRequest) →
+//! [`Chain::reply`](providers::Chain::reply) → the first provider that answers: the local
+//! engine ([`EngineHandle::submit`](engine::EngineHandle::submit) → bounded queue → engine
+//! thread, one batch per step over all slots), else Groq, Mistral, Gemini, an
+//! OpenAI-compatible fleet, else the canned apology → stream of
+//! [`StreamEvent`](chat::StreamEvent)s → front-end. The console talks to the engine directly.
+//!
+//! # Serve mode
+//! [`run`] binds the HTTP API first (`/ready` is 503 while the model loads), loads the
+//! engine, builds the chain with [`providers::build_chain`] and serves until Ctrl-C or
+//! SIGTERM. Tests run the same server in process with [`serve_http`] on a pre-bound listener.
 
 pub mod chat;
 pub mod config;
@@ -68,6 +76,7 @@ pub fn http_settings(config: &Config) -> HttpSettings {
     HttpSettings {
         api_key: config.http.api_key.clone(),
         body_limit: config.http.body_limit.get(),
+        max_concurrent: config.http.max_concurrent.get(),
         model_id: config
             .engine
             .model_path

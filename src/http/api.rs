@@ -215,6 +215,7 @@ mod tests {
         HttpSettings {
             api_key: None,
             body_limit: 1 << 20,
+            max_concurrent: 1,
             model_id: "m".into(),
             generate: GenerateParams {
                 max_tokens: 100,

@@ -76,6 +76,7 @@ pub async fn completions(
     })?;
     let (request, stream) = api::parse(&body)?.validate(state.settings())?;
     let chain = state.chain().ok_or(ApiError::NotReady)?;
+    let permit = state.try_admit().ok_or(ApiError::Busy)?;
     let reply = chain.reply(request, lang(&headers)).await;
     let meta = Meta {
         id: state.next_completion_id(),
@@ -89,9 +90,20 @@ pub async fn completions(
     // from outside this crate) is left out of the header, still in the body.
     let provider = HeaderValue::from_str(reply.provider).ok();
     let mut response = if stream {
-        streamed(meta, reply.events).into_response()
+        // The permit lives as long as the stream: it is released when the reply ends or
+        // the client leaves.
+        let events = reply
+            .events
+            .map(move |event| {
+                let _held = &permit;
+                event
+            })
+            .boxed();
+        streamed(meta, events).into_response()
     } else {
-        whole(meta, reply.events).await.into_response()
+        let response = whole(meta, reply.events).await.into_response();
+        drop(permit);
+        response
     };
     if let Some(provider) = provider {
         response.headers_mut().insert(PROVIDER_HEADER, provider);

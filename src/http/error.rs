@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The model is still loading.
     #[error("the model is still loading; retry shortly")]
     NotReady,
+    /// Too many chat completions in flight.
+    #[error("too many requests in flight; retry shortly")]
+    Busy,
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::UnreadableBody => "unreadable_body",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotReady => "not_ready",
+            ApiError::Busy => "busy",
             ApiError::NotFound => "not_found",
         }
     }
@@ -71,7 +75,7 @@ impl ApiError {
             | ApiError::UnreadableBody => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
         }
     }
@@ -79,7 +83,7 @@ impl ApiError {
     fn error_type(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "authentication_error",
-            ApiError::NotReady => "server_error",
+            ApiError::NotReady | ApiError::Busy => "server_error",
             ApiError::NotFound => "not_found_error",
             _ => "invalid_request_error",
         }
@@ -105,7 +109,7 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::NotReady => {
+            ApiError::NotReady | ApiError::Busy => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -129,6 +133,7 @@ mod tests {
             (ApiError::BodyTooLarge { limit: 1 }, 413),
             (ApiError::Unauthorized, 401),
             (ApiError::NotReady, 503),
+            (ApiError::Busy, 503),
             (ApiError::NotFound, 404),
         ];
         for (error, status) in cases {

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::chat::GenerateParams;
 use crate::config::Secret;
 use crate::engine::EngineHandle;
@@ -19,6 +21,8 @@ pub struct HttpSettings {
     pub api_key: Option<Secret>,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// Most chat completions in flight; more are refused with 503.
+    pub max_concurrent: usize,
     /// The model id `/v1/models` lists and responses name.
     pub model_id: String,
     /// Generation defaults; `max_tokens` is also the most a request may ask for.
@@ -47,6 +51,8 @@ struct Inner {
     started: Instant,
     /// Numbers completion ids.
     next_id: AtomicU64,
+    /// One permit per chat completion in flight.
+    in_flight: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -54,11 +60,12 @@ impl AppState {
     pub fn new(settings: HttpSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                settings,
                 metrics,
                 backend: OnceLock::new(),
                 started: Instant::now(),
                 next_id: AtomicU64::new(1),
+                in_flight: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+                settings,
             }),
         }
     }
@@ -103,6 +110,11 @@ impl AppState {
 
     pub(super) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// A place for one more chat completion, if there is one; held until its reply ends.
+    pub(super) fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.in_flight).try_acquire_owned().ok()
     }
 
     pub(super) fn uptime_seconds(&self) -> u64 {

@@ -203,7 +203,13 @@ pub fn build_chain(
         };
     }
     let chain = builder.build();
-    tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
+    if chain.provider_names().is_empty() {
+        tracing::warn!(
+            "no provider in the chain is configured: every message gets the canned apology"
+        );
+    } else {
+        tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
+    }
     Ok(chain)
 }
 
@@ -214,5 +220,29 @@ fn key_env(kind: ProviderKind) -> &'static str {
         ProviderKind::Mistral => "MISTRAL_API_KEY",
         ProviderKind::Gemini => "GEMINI_API_KEY",
         ProviderKind::OpenAi => "OPENAI_COMPAT_API_KEY or --openai-base-url",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_and_which_trip_the_breaker() {
+        let status = |status| ProviderError::Status {
+            status,
+            detail: String::new(),
+        };
+        assert_eq!(status(503).kind(), "http_5xx");
+        assert_eq!(status(401).kind(), "unauthorized");
+        assert_eq!(status(404).kind(), "http_4xx");
+        assert_eq!(
+            ProviderError::Engine(EngineError::Stopped).kind(),
+            "stopped"
+        );
+        assert!(!ProviderError::Overloaded.trips_breaker());
+        assert!(!ProviderError::RateLimited { retry_after: None }.trips_breaker());
+        assert!(ProviderError::Timeout.trips_breaker());
+        assert!(status(500).trips_breaker());
     }
 }

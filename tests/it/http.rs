@@ -530,3 +530,48 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
     let all = format!("{}\n{}", log.join("\n"), rest.join("\n"));
     assert!(all.contains("provider skipped: no API key"), "{all}");
 }
+
+#[tokio::test]
+async fn completions_over_the_concurrency_limit_get_503() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::Hang).await;
+    let fakes = Fakes {
+        groq: Some(groq.clone()),
+        ..Fakes::default()
+    };
+    let mut settings = http_settings();
+    settings.max_concurrent = 1;
+    let app = std::sync::Arc::new(
+        start_app(
+            &providers_config(&[Groq], &fakes),
+            shared_engine().await,
+            settings,
+        )
+        .await,
+    );
+    let first = tokio::spawn({
+        let app = std::sync::Arc::clone(&app);
+        async move { app.ask("hi").await }
+    });
+    crate::util::wait_until(
+        "the first request reached the provider",
+        Duration::from_secs(10),
+        || groq.hits() == 1,
+    )
+    .await;
+    let (status, _, body) = app.ask("hi").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "busy");
+    let (status, provider, _) = first.await.unwrap();
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("canned")),
+        "timed out, then canned"
+    );
+    groq.set(Behavior::answer(&["free again"]));
+    let (status, provider, _) = app.ask("hi").await;
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("groq")),
+        "the place was given back"
+    );
+}

@@ -77,6 +77,7 @@ pub fn http_settings() -> HttpSettings {
     HttpSettings {
         api_key: None,
         body_limit: 64 * 1024,
+        max_concurrent: 64,
         model_id: "SmolLM2-135M-Instruct.Q4_1".into(),
         generate: greedy(48),
         system_prompt: None,
