@@ -50,13 +50,7 @@ fn engine_config() -> EngineConfig {
 fn request() -> ChatRequest {
     ChatRequest::new(
         vec![ChatMessage::user("Say hello.")],
-        GenerateParams {
-            max_tokens: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: Some(1),
-            stop: Vec::new(),
-        },
+        GenerateParams::greedy(8),
     )
 }
 

@@ -34,13 +34,7 @@ pub fn bench_engine_config(prefill_chunk: u32) -> EngineConfig {
 
 /// Greedy decoding of exactly `max_tokens` (with a prompt that does not stop early).
 pub fn greedy(max_tokens: u32) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: Some(1),
-        stop: Vec::new(),
-    }
+    GenerateParams::greedy(max_tokens)
 }
 
 /// A prompt the small test model answers at length (it counts on and on).

@@ -22,13 +22,7 @@ use mistral_bot::providers::{Chain, LocalProvider};
 fn request(max_tokens: u32) -> ChatRequest {
     ChatRequest::new(
         vec![ChatMessage::user("Say hello.")],
-        GenerateParams {
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: Some(1),
-            stop: Vec::new(),
-        },
+        GenerateParams::greedy(max_tokens),
     )
 }
 

@@ -97,6 +97,20 @@ impl Default for GenerateParams {
     }
 }
 
+impl GenerateParams {
+    /// Deterministic decoding (temperature 0, fixed seed) of at most `max_tokens` tokens:
+    /// what tests and benchmarks use.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: Some(1),
+            stop: Vec::new(),
+        }
+    }
+}
+
 /// A request for a reply: the conversation so far (ending with the user's message) and how
 /// to generate.
 #[derive(Debug, Clone, PartialEq)]

@@ -50,13 +50,7 @@ pub async fn start_engine(config: EngineConfig) -> EngineHandle {
 
 /// Greedy decoding with a token cap.
 pub fn greedy(max_tokens: u32) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: Some(1),
-        stop: Vec::new(),
-    }
+    GenerateParams::greedy(max_tokens)
 }
 
 /// Polls `check` until it holds or `timeout` passes; panics with `what` on timeout.
