@@ -1,6 +1,8 @@
 //! Shared test helpers: the test model, engine start-up, waiting for conditions.
 
 #![allow(dead_code)]
+// Test helpers may panic: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
