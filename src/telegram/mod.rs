@@ -67,7 +67,7 @@ pub enum TelegramError {
     #[error("cannot build the HTTP client for the Bot API")]
     Client(#[source] reqwest::Error),
     /// A Bot API call that the bot cannot run without failed.
-    #[error("Telegram Bot API: {0}")]
+    #[error("a Telegram Bot API call failed")]
     Api(#[from] ApiCallError),
     /// The polling state cannot be loaded.
     #[error(transparent)]

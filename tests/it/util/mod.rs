@@ -1,8 +1,9 @@
 //! Shared test helpers: the test model, engine start-up, waiting for conditions.
 
 #![allow(dead_code)]
-// Test helpers may panic: a failed setup is a failed test.
-#![allow(clippy::unwrap_used)]
+
+pub mod bot_process;
+pub mod fake_telegram;
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
