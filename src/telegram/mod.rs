@@ -152,7 +152,7 @@ pub async fn run(
     let mut backoff = Duration::from_secs(1);
     loop {
         while tasks.try_join_next().is_some() {}
-        if bot.state().pending_len() >= MAX_PENDING {
+        if bot.state().pending_len() >= MAX_PENDING && !tasks.is_empty() {
             // Backpressure: Telegram keeps the updates until we ask for them.
             tokio::select! {
                 _ = tasks.join_next() => continue,

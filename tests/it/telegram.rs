@@ -22,9 +22,9 @@ const CAPITAL_A: &str = "The capital of France is Paris.";
 const STORY_Q: &str = "Tell me a story about a cat.";
 const LONG: Duration = Duration::from_secs(300);
 
-/// Bot processes running at once: each loads the model and decodes on 2 threads, and
-/// the machine may have only 2 cores.
-static BOTS: Semaphore = Semaphore::const_new(3);
+/// Bot processes running at once: each decodes on one thread, and the machine may have
+/// only 2 cores.
+static BOTS: Semaphore = Semaphore::const_new(2);
 
 /// The fake, a data directory, and the bot started against them.
 struct Setup {
@@ -215,6 +215,62 @@ async fn a_private_message_gets_typing_then_a_streamed_answer_equal_to_the_engin
     );
     assert_eq!(overhead.len(), 1, "{}", s.report());
     s.assert_token_not_logged();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bots_own_overhead_per_message_is_small() {
+    // Overhead: from the update's arrival to the first sendMessage, minus the engine's
+    // time to first token (queue + prompt), as the bot logs it for every answer.
+    let s = Setup::start(&[]).await;
+    for n in 1..=5 {
+        s.fake.send_text(&private_chat(71), &en_user(71), "/new");
+        s.messages(71, 2 * n - 1).await;
+        s.fake.send_text(&private_chat(71), &en_user(71), CAPITAL_Q);
+        s.answers(n).await;
+        s.messages(71, 2 * n).await;
+    }
+    let mut overhead = overheads(&s.bot.stderr());
+    assert_eq!(overhead.len(), 5, "{}", s.report());
+    overhead.sort_unstable();
+    let median = overhead[2];
+    println!("bot overhead per message: median {median} µs, all {overhead:?} µs");
+    assert!(
+        median < 250_000,
+        "the bot adds {median} µs before the first text\n{}",
+        s.report()
+    );
+    s.assert_token_not_logged();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_cancels_the_answer_and_frees_its_slot() {
+    let s = Setup::start(&["--max-tokens", "700"]).await;
+    let chat = private_chat(81);
+    s.fake.send_text(
+        &chat,
+        &en_user(81),
+        "Write a very long and detailed essay about the history of Rome.",
+    );
+    s.fake
+        .wait_for("the answer to start", LONG, |f| {
+            !f.calls_in(81, "editMessageText").is_empty()
+        })
+        .await;
+    s.fake.send_text(&chat, &en_user(81), "/stop");
+    s.answers(1).await;
+    let report = s.report();
+    assert!(s.bot.stderr().contains("stopped=true"), "{report}");
+    let texts = s.fake.texts(81);
+    assert!(texts.iter().any(|t| t == "Stopped."), "{report}");
+    // The slot is free again at once: /stats shows no busy slot.
+    s.fake.send_text(&chat, &en_user(81), "/stats");
+    let texts = s.messages(81, 3).await;
+    assert!(texts[2].contains("Slots busy: 0 of 4"), "{}", s.report());
+    let answer = &s.fake.messages(81)[0];
+    assert!(
+        answer.html,
+        "the partial answer gets its final edit\n{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

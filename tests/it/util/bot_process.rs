@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::fake_telegram::FakeTelegram;
 use super::test_model;
 
-/// Flags every test bot gets: the test model, greedy decoding, small windows.
+/// Flags every test bot gets: the test model, greedy decoding, small windows, and one
+/// thread: llama.cpp's worker threads spin while they wait for each other, which on a
+/// busy 2-core machine (parallel tests, other builds) made decoding ~50 times slower.
 pub const BASE_ARGS: [&str; 10] = [
     "--temperature",
     "0",
@@ -19,7 +21,7 @@ pub const BASE_ARGS: [&str; 10] = [
     "--max-tokens",
     "200",
     "--threads",
-    "2",
+    "1",
     "--slots",
     "4",
 ];
