@@ -742,3 +742,33 @@ async fn a_rejected_token_stops_the_bot_with_a_clear_message_and_no_token() {
     assert!(!output.status.success());
     assert!(stderr.contains("TELEGRAM_BOT_TOKEN"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_engine_gives_a_clear_busy_reply() {
+    let s = Setup::start(&["--slots", "1", "--queue-size", "1"]).await;
+    for chat in [91, 92, 93] {
+        s.fake
+            .send_text(&private_chat(chat), &en_user(chat), STORY_Q);
+    }
+    s.answers(3).await;
+    let report = s.report();
+    let busy: Vec<i64> = [91, 92, 93]
+        .into_iter()
+        .filter(|&chat| {
+            s.fake
+                .texts(chat)
+                .first()
+                .is_some_and(|t| t.starts_with("Sorry, I can't answer right now"))
+        })
+        .collect();
+    assert!(
+        !busy.is_empty(),
+        "one chat is told the bot is busy\n{report}"
+    );
+    assert!(busy.len() < 3, "the others are answered\n{report}");
+    assert!(
+        s.bot.stderr().contains("provider=\"canned\"")
+            || s.bot.stderr().contains("provider=canned"),
+        "{report}"
+    );
+}
