@@ -83,6 +83,21 @@ impl Origin {
     }
 }
 
+impl Action {
+    /// A short label for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Ignore => "ignore",
+            Action::Refuse => "refuse",
+            Action::Command(_) => "command",
+            Action::Ask(_) => "ask",
+            Action::Empty => "empty",
+            Action::NotText => "not_text",
+            Action::Edited => "edited",
+        }
+    }
+}
+
 /// An update understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
@@ -200,6 +215,9 @@ pub fn is_allowed(allowed: &[AllowedUser], id: u64, username: Option<&str>) -> b
 
 /// The text without `@username` if it mentions the bot; `None` if it does not.
 pub fn strip_mention(text: &str, username: &str) -> Option<String> {
+    if username.is_empty() {
+        return None;
+    }
     let mention = format!("@{username}");
     let lower = text.to_lowercase();
     let needle = mention.to_lowercase();

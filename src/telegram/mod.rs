@@ -283,7 +283,12 @@ impl BotCore {
             self.done(update_id);
             return;
         };
-        tracing::debug!(update_id, chat = origin.chat_id, action = ?std::mem::discriminant(&incoming.action), "update");
+        tracing::debug!(
+            update_id,
+            chat = origin.chat_id,
+            action = incoming.action.kind(),
+            "update"
+        );
         let lang = origin.lang;
         let quick = |text: String, tasks: &mut JoinSet<()>| {
             let bot = Arc::clone(self);
