@@ -105,7 +105,8 @@ pub struct Args {
     #[arg(long)]
     pub console: bool,
 
-    /// Print the final prompt's token ids and pieces to stderr before generating.
+    /// Print the final prompt's token ids and pieces to stderr before generating (in
+    /// --prompt/--console; when serving Telegram, the messages of each request).
     #[arg(long, env = "MISTRAL_BOT_VERBOSE_PROMPT")]
     pub verbose_prompt: bool,
 
@@ -116,6 +117,89 @@ pub struct Args {
     /// The HTTP API.
     #[command(flatten)]
     pub http: HttpArgs,
+
+    /// Telegram bot token from @BotFather. Without one (and without --console/--prompt)
+    /// there is no Telegram bot.
+    #[arg(
+        long,
+        env = "TELEGRAM_BOT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub telegram_token: Option<Secret>,
+
+    /// Telegram Bot API server [default: https://api.telegram.org]; point it at a
+    /// self-hosted telegram-bot-api server.
+    #[arg(long, env = "TELEGRAM_API_URL", value_name = "URL")]
+    pub telegram_api_url: Option<String>,
+
+    /// Who may talk to the bot: Telegram user ids and/or @usernames, comma-separated.
+    /// Empty: everyone.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_ALLOWED_USERS",
+        value_delimiter = ',',
+        value_name = "ID|@NAME,..."
+    )]
+    pub allowed_users: Vec<String>,
+
+    /// Directory for state kept across restarts (the Telegram polling offset and the
+    /// updates not yet answered).
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_DATA_DIR",
+        default_value = "data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+}
+
+fn parse_secret(value: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(value.trim()))
+}
+
+/// One entry of `--allowed-users`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedUser {
+    /// A numeric Telegram user id.
+    Id(u64),
+    /// A username, without the `@`, lowercased (Telegram usernames are case-insensitive).
+    Username(String),
+}
+
+impl AllowedUser {
+    /// Parses `123456` or `@name` (the `@` is optional for names).
+    pub fn parse(entry: &str) -> Result<Option<Self>, ConfigError> {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(id) = entry.parse::<u64>() {
+            return Ok(Some(AllowedUser::Id(id)));
+        }
+        let name = entry.strip_prefix('@').unwrap_or(entry);
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(ConfigError::BadAllowedUser {
+                entry: entry.to_string(),
+            });
+        }
+        Ok(Some(AllowedUser::Username(name.to_ascii_lowercase())))
+    }
+}
+
+/// The Telegram bot's setup.
+#[derive(Debug, Clone)]
+pub struct TelegramConfig {
+    /// The bot token (redacted in `Debug`).
+    pub token: Secret,
+    /// The Bot API server; `None` for Telegram's own.
+    pub api_url: Option<Url>,
+    /// Who may talk to the bot; empty for everyone.
+    pub allowed_users: Vec<AllowedUser>,
+    /// Where the polling state is kept across restarts.
+    pub data_dir: PathBuf,
 }
 
 /// What the process was asked to do.
@@ -146,6 +230,8 @@ pub struct Config {
     pub providers: ProvidersConfig,
     /// The HTTP API.
     pub http: HttpConfig,
+    /// The Telegram bot, when a token is configured.
+    pub telegram: Option<TelegramConfig>,
 }
 
 /// A flag value that cannot work.
@@ -219,6 +305,18 @@ pub enum ConfigError {
         /// The address.
         addr: SocketAddr,
     },
+    /// An `--allowed-users` entry that is neither an id nor a username.
+    #[error("--allowed-users: `{entry}` is neither a numeric user id nor a @username")]
+    BadAllowedUser {
+        /// The entry.
+        entry: String,
+    },
+    /// A Bot API URL that does not parse.
+    #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
+    BadApiUrl {
+        /// The value given.
+        url: String,
+    },
 }
 
 fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
@@ -284,6 +382,28 @@ impl TryFrom<Args> for Config {
             (None, true) => Mode::Console,
             (None, false) => Mode::Serve,
         };
+        let telegram = match args.telegram_token.filter(|t| !t.expose().is_empty()) {
+            None => None,
+            Some(token) => {
+                let api_url = match args.telegram_api_url.filter(|u| !u.trim().is_empty()) {
+                    None => None,
+                    Some(raw) => match Url::parse(raw.trim()) {
+                        Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+                        _ => return Err(ConfigError::BadApiUrl { url: raw }),
+                    },
+                };
+                let mut allowed_users = Vec::new();
+                for entry in &args.allowed_users {
+                    allowed_users.extend(AllowedUser::parse(entry)?);
+                }
+                Some(TelegramConfig {
+                    token,
+                    api_url,
+                    allowed_users,
+                    data_dir: args.data_dir,
+                })
+            }
+        };
         Ok(Config {
             engine: EngineConfig {
                 model_path: args.model,
@@ -310,6 +430,7 @@ impl TryFrom<Args> for Config {
             verbose_prompt: args.verbose_prompt,
             providers: ProvidersConfig::try_from(args.providers)?,
             http: HttpConfig::try_from(args.http)?,
+            telegram,
         })
     }
 }
@@ -820,6 +941,42 @@ mod tests {
         ));
         assert!(parse(&["--http-addr", "0.0.0.0:8000", "--api-key", "k"]).is_ok());
         assert!(parse(&["--http-addr", "[::1]:8000"]).is_ok());
+    }
+
+    #[test]
+    fn telegram_settings() {
+        assert!(parse(&[]).unwrap().telegram.is_none());
+        let config = parse(&[
+            "--telegram-token",
+            "123:secret-token",
+            "--telegram-api-url",
+            "http://127.0.0.1:9/",
+            "--allowed-users",
+            "42,@Alice, bob",
+        ])
+        .unwrap();
+        let telegram = config.telegram.expect("a token gives a bot");
+        assert_eq!(telegram.token.expose(), "123:secret-token");
+        assert_eq!(
+            telegram.allowed_users,
+            vec![
+                AllowedUser::Id(42),
+                AllowedUser::Username("alice".into()),
+                AllowedUser::Username("bob".into())
+            ]
+        );
+        assert!(
+            parse(&["--telegram-token", "t", "--allowed-users", "a-b"]).is_err(),
+            "a name with a dash is no username"
+        );
+        assert!(parse(&["--telegram-token", "t", "--telegram-api-url", "ftp://x"]).is_err());
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let config = parse(&["--telegram-token", "123:secret-token"]).unwrap();
+        let shown = format!("{config:?} {}", config.telegram.as_ref().unwrap().token);
+        assert!(!shown.contains("secret-token"), "{shown}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`http`]: the OpenAI-compatible HTTP API, metrics, health and readiness.
 //! - [`metrics`]: per-provider counters and latencies, engine gauges.
 //! - [`i18n`]: the bot's own words in English and Russian.
+//! - [`conversation`]: per-chat history.
+//! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
 //! front-end (HTTP, console) → [`ChatRequest`](chat::ChatRequest) →
@@ -27,11 +29,13 @@
 pub mod chat;
 pub mod config;
 pub mod console;
+pub mod conversation;
 pub mod engine;
 pub mod http;
 pub mod i18n;
 pub mod metrics;
 pub mod providers;
+pub mod telegram;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -47,6 +51,11 @@ use http::{AppState, HttpSettings};
 use metrics::Metrics;
 
 pub use http::serve as serve_http;
+
+/// What to say when serve mode has no Telegram token.
+const NO_TOKEN: &str = "no Telegram bot token, so no Telegram bot: set TELEGRAM_BOT_TOKEN (in the environment or a \
+    .env file) or pass --telegram-token <TOKEN> (get one from @BotFather); the HTTP API is served \
+    either way; --console chats in the terminal, --prompt \"…\" gives one answer";
 
 /// Runs what `config` asks for until it is done or the process is told to stop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
@@ -91,6 +100,9 @@ pub fn http_settings(config: &Config) -> HttpSettings {
 /// the engine loads, then chats are answered through the provider chain until Ctrl-C or
 /// SIGTERM, after which the requests in flight finish.
 async fn serve(config: Config) -> anyhow::Result<()> {
+    if config.telegram.is_none() {
+        tracing::warn!("{NO_TOKEN}");
+    }
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(http_settings(&config), Arc::clone(&metrics));
     let listener = TcpListener::bind(config.http.addr)
@@ -115,11 +127,37 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         engine = EngineHandle::start(config.engine.clone()) => {
             engine.context("starting the local engine")?
         }
-        () = stopped(stop_rx) => return Ok(()),
+        () = stopped(stop_rx.clone()) => return Ok(()),
     };
-    let chain = providers::build_chain(&config.providers, engine.clone(), metrics)?;
-    state.set_ready(Arc::new(chain), engine);
+    let chain = Arc::new(providers::build_chain(
+        &config.providers,
+        engine.clone(),
+        metrics,
+    )?);
+    state.set_ready(Arc::clone(&chain), engine.clone());
     tracing::info!(model = %config.engine.model_path.display(), "ready");
+
+    let Some(telegram) = config.telegram.clone() else {
+        return server
+            .await
+            .context("the HTTP server task failed")?
+            .context("the HTTP server failed");
+    };
+    let deps = telegram::BotDeps {
+        chain,
+        engine,
+        generate: config.generate.clone(),
+        system_prompt: config.system_prompt.clone(),
+        verbose_prompt: config.verbose_prompt,
+    };
+    // The bot stops with the same signal as the HTTP API; a fatal bot error (a rejected
+    // token) stops the process, since the bot is what the operator asked for.
+    let bot = telegram::run(telegram, deps, stopped(stop_rx));
+    let bot_result = bot.await.context("the Telegram bot stopped");
+    if bot_result.is_err() {
+        server.abort();
+        return bot_result;
+    }
     server
         .await
         .context("the HTTP server task failed")?

@@ -12,6 +12,7 @@ fn run(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .env("MISTRAL_BOT_THREADS", "1")
         .output()
         .expect("the binary runs")
 }
@@ -69,6 +70,7 @@ fn console_mode_keeps_history_and_resets() {
             "0",
             "--console",
         ])
+        .env("MISTRAL_BOT_THREADS", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -225,6 +227,7 @@ fn flags_come_from_the_environment_and_a_dotenv_file() {
         ])
         .current_dir(dir.path())
         .env_remove("RUST_LOG")
+        .env("MISTRAL_BOT_THREADS", "1")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));

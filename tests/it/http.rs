@@ -450,11 +450,12 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
             "--max-tokens",
             "16",
             "--threads",
-            "2",
+            "1",
             "--temperature",
             "0",
         ])
         .env_remove("GROQ_API_KEY")
+        .env_remove("TELEGRAM_BOT_TOKEN")
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -528,6 +529,8 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
         rest.join("\n")
     );
     let all = format!("{}\n{}", log.join("\n"), rest.join("\n"));
+    // Without a Telegram token it says how to set one, and serves the HTTP API anyway.
+    assert!(all.contains("set TELEGRAM_BOT_TOKEN"), "{all}");
     assert!(all.contains("provider skipped: no API key"), "{all}");
 }
 

@@ -10,4 +10,5 @@ mod cli;
 mod engine;
 mod http;
 mod providers;
+mod telegram;
 mod util;

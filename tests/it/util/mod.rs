@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod bot_process;
 pub mod fake_provider;
+pub mod fake_telegram;
 pub mod prometheus;
 
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -32,7 +34,9 @@ pub fn engine_config() -> EngineConfig {
         model_path: test_model(),
         slots: NonZeroUsize::new(4).unwrap(),
         ctx_size: NonZeroU32::new(1024).unwrap(),
-        threads: NonZeroUsize::new(2).unwrap(),
+        // One llama.cpp thread: tests run two at a time on 2 cores, and llama.cpp's
+        // OpenMP threads spin-wait, which is many times slower when cores are oversubscribed.
+        threads: NonZeroUsize::new(1).unwrap(),
         batch_size: NonZeroU32::new(512).unwrap(),
         prefill_chunk: NonZeroU32::new(128).unwrap(),
         queue_size: NonZeroUsize::new(4).unwrap(),

@@ -1,0 +1,548 @@
+//! The Telegram bot: long polling, who may talk, per-chat ordering, streamed answers.
+//!
+//! # Data path
+//! poller (`getUpdates`, offset and unanswered updates saved in [`state`]) →
+//! [`incoming::classify`] (groups: only when addressed; access list; commands) →
+//! quick replies (`/stop`, `/stats`, `/help`, refusals, "text only") in their own tasks, or
+//! the chat's queue → the chat's worker task: history from [`ConversationStore`], the
+//! provider [`Chain`], [`stream::deliver`] (typing, send, paced edits, final HTML).
+//!
+//! # Ordering
+//! Each conversation (chat, forum topic) has one worker task answering its messages in
+//! order: a message sent while an answer is being written waits its turn silently (up to
+//! [`CHAT_QUEUE`] waiting; beyond that the user is asked to resend later). Different
+//! conversations run in parallel up to the engine's slots (its queue holds the rest; when
+//! that is full the chain answers with the "busy" apology). `/stop` and `/stats` bypass
+//! the queue, so they are never stuck behind an answer.
+//!
+//! May use: `providers`, `conversation`, `engine` (stats only), `i18n`, `config`, `chat`.
+
+pub mod api;
+pub mod format;
+pub mod incoming;
+pub mod split;
+pub mod state;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use teloxide::Bot;
+use teloxide::types::{BotCommand, ChatId, Update};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::chat::{ChatMessage, ChatRequest, GenerateParams};
+use crate::config::{AllowedUser, TelegramConfig};
+use crate::conversation::{ConversationKey, ConversationStore, HistoryLimits};
+use crate::engine::EngineHandle;
+use crate::i18n::{self, Lang};
+use crate::providers::Chain;
+use api::{ApiCallError, Persistence, Target, TelegramApi};
+use incoming::{Action, BotIdentity, Command, Origin};
+use state::{PollState, StateError};
+use stream::Pacing;
+
+/// Messages that may wait in one conversation behind the answer being written.
+pub const CHAT_QUEUE: usize = 4;
+/// How long a long poll waits for updates (below teloxide's 17 s client timeout).
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Updates received and not yet answered, at most; polling pauses beyond this.
+const MAX_PENDING: usize = 256;
+/// How long an idle conversation keeps its worker task.
+const WORKER_IDLE: Duration = Duration::from_secs(300);
+/// How long shutdown waits for answers being written; unfinished ones are answered again
+/// after the restart.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// The longest wait between failed polls.
+const MAX_POLL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why the bot stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TelegramError {
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client for the Bot API")]
+    Client(#[source] reqwest::Error),
+    /// A Bot API call that the bot cannot run without failed.
+    #[error("a Telegram Bot API call failed")]
+    Api(#[from] ApiCallError),
+    /// The polling state cannot be loaded.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What the bot answers with.
+pub struct BotDeps {
+    /// The providers (local engine first).
+    pub chain: Arc<Chain>,
+    /// The local engine, for `/stats`.
+    pub engine: EngineHandle,
+    /// Generation parameters of every answer.
+    pub generate: GenerateParams,
+    /// The system prompt put before every conversation.
+    pub system_prompt: Option<String>,
+    /// Log each request's messages (debugging; shows user text in the logs).
+    pub verbose_prompt: bool,
+}
+
+/// Runs the bot until `shutdown` completes (then finishes the answers being written, for
+/// a while) or a fatal error (the token rejected).
+pub async fn run(
+    config: TelegramConfig,
+    deps: BotDeps,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TelegramError> {
+    let client = teloxide::net::default_reqwest_settings()
+        .build()
+        .map_err(TelegramError::Client)?;
+    let mut bot = Bot::with_client(config.token.expose(), client);
+    if let Some(url) = &config.api_url {
+        bot = bot.set_api_url(url.clone());
+    }
+    let api = TelegramApi::new(bot);
+    let state = PollState::load(&config.data_dir)?;
+    tokio::pin!(shutdown);
+
+    let me = tokio::select! {
+        me = api.get_me() => me?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let me = BotIdentity {
+        id: me.user.id.0,
+        username: me.user.username.clone().unwrap_or_default(),
+    };
+    tracing::info!(bot = %me.username, "Telegram bot connected");
+    if let Err(e) = api.delete_webhook().await {
+        tracing::warn!(error = %e, "deleteWebhook failed; polling may conflict with a webhook");
+    }
+    for (lang, code) in [(Lang::En, None), (Lang::Ru, Some("ru"))] {
+        let commands = i18n::command_menu(lang)
+            .iter()
+            .map(|(c, d)| BotCommand::new(*c, *d))
+            .collect();
+        if let Err(e) = api.set_commands(commands, code).await {
+            tracing::warn!(error = %e, "setMyCommands failed");
+        }
+    }
+
+    let pending = state.pending();
+    let bot = Arc::new(BotCore {
+        api,
+        me,
+        allowed: config.allowed_users,
+        conversations: ConversationStore::new(HistoryLimits::default()),
+        deps,
+        answers: AtomicU64::new(0),
+        state: Mutex::new(state),
+        chats: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = JoinSet::new();
+    if !pending.is_empty() {
+        tracing::info!(
+            count = pending.len(),
+            "answering updates left unanswered before the restart"
+        );
+    }
+    for update in pending {
+        bot.dispatch(update, Instant::now(), &mut tasks);
+    }
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if bot.state().pending_len() >= MAX_PENDING && !tasks.is_empty() {
+            // Backpressure: Telegram keeps the updates until we ask for them.
+            tokio::select! {
+                _ = tasks.join_next() => continue,
+                () = &mut shutdown => break,
+            }
+        }
+        let offset = bot.state().offset();
+        let result = tokio::select! {
+            result = bot.api.get_updates(offset, POLL_TIMEOUT) => result,
+            () = &mut shutdown => break,
+        };
+        let received = Instant::now();
+        let wait = match result {
+            Ok(updates) => {
+                backoff = Duration::from_secs(1);
+                let fresh = bot.state().receive(updates.clone());
+                let fresh = match fresh {
+                    Ok(fresh) => fresh,
+                    Err(e) => {
+                        // Answer anyway; only the restart guarantee is lost.
+                        tracing::error!(error = %e, "cannot save the polling state");
+                        updates
+                    }
+                };
+                for update in fresh {
+                    bot.dispatch(update, received, &mut tasks);
+                }
+                continue;
+            }
+            Err(ApiCallError::Unauthorized) => return Err(ApiCallError::Unauthorized.into()),
+            Err(ApiCallError::RetryAfter(wait)) => wait,
+            Err(e) => {
+                tracing::warn!(error = %e, "getUpdates failed; retrying");
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_POLL_BACKOFF);
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down the Telegram bot");
+    // Closing the queues lets each worker finish what it holds and exit.
+    bot.lock_chats().clear();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "answers still being written at shutdown; they will be answered again after restart"
+        );
+        tasks.shutdown().await;
+    }
+    Ok(())
+}
+
+/// What a conversation's worker does next.
+#[derive(Debug)]
+enum Work {
+    /// Answer a question.
+    Ask(String),
+    /// Answer the last question again.
+    Retry,
+    /// Forget the conversation.
+    Reset,
+}
+
+/// One queued piece of work.
+#[derive(Debug)]
+struct Job {
+    update_id: u32,
+    origin: Origin,
+    work: Work,
+    /// When the poller received the update (for the overhead figure).
+    received: Instant,
+}
+
+/// A conversation's worker, as the dispatcher sees it.
+struct ChatSlot {
+    jobs_tx: mpsc::Sender<Job>,
+    /// Stops the answer being written, if any.
+    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+/// Everything the tasks share.
+struct BotCore {
+    api: TelegramApi,
+    me: BotIdentity,
+    allowed: Vec<AllowedUser>,
+    conversations: ConversationStore,
+    deps: BotDeps,
+    /// Answers delivered since start.
+    answers: AtomicU64,
+    state: Mutex<PollState>,
+    chats: Mutex<HashMap<ConversationKey, ChatSlot>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is short and leaves the data consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl BotCore {
+    fn state(&self) -> MutexGuard<'_, PollState> {
+        lock(&self.state)
+    }
+
+    fn lock_chats(&self) -> MutexGuard<'_, HashMap<ConversationKey, ChatSlot>> {
+        lock(&self.chats)
+    }
+
+    /// Marks an update answered.
+    fn done(&self, update_id: u32) {
+        if let Err(e) = self.state().done(update_id) {
+            tracing::error!(error = %e, "cannot save the polling state");
+        }
+    }
+
+    /// Routes one update.
+    fn dispatch(self: &Arc<Self>, update: Update, received: Instant, tasks: &mut JoinSet<()>) {
+        let update_id = update.id.0;
+        let incoming = incoming::classify(&update, &self.me, &self.allowed);
+        let Some(origin) = incoming.origin else {
+            self.done(update_id);
+            return;
+        };
+        tracing::debug!(
+            update_id,
+            chat = origin.chat_id,
+            action = incoming.action.kind(),
+            "update"
+        );
+        let lang = origin.lang;
+        let quick = |text: String, tasks: &mut JoinSet<()>| {
+            let bot = Arc::clone(self);
+            let origin = origin.clone();
+            tasks.spawn(async move {
+                bot.say(&origin, &text).await;
+                bot.done(update_id);
+            });
+        };
+        match incoming.action {
+            Action::Ignore => self.done(update_id),
+            Action::Refuse => quick(i18n::refused(lang).into(), tasks),
+            Action::NotText => quick(i18n::text_only(lang).into(), tasks),
+            Action::Edited => quick(i18n::edited_ignored(lang).into(), tasks),
+            Action::Empty => quick(i18n::empty_hint(lang).into(), tasks),
+            Action::Command(Command::Start) => {
+                quick(i18n::greeting(lang, &self.deps.engine.info().name), tasks)
+            }
+            Action::Command(Command::Help) => quick(i18n::help(lang).into(), tasks),
+            Action::Command(Command::Stats) => quick(self.stats_text(lang), tasks),
+            Action::Command(Command::Stop) => {
+                let stopped = self
+                    .lock_chats()
+                    .get(&origin.conversation())
+                    .and_then(|slot| lock(&slot.stop).take())
+                    .is_some_and(|stop| stop.send(()).is_ok());
+                let text = if stopped {
+                    i18n::stopped(lang)
+                } else {
+                    i18n::nothing_to_stop(lang)
+                };
+                quick(text.into(), tasks);
+            }
+            Action::Command(Command::Reset) => {
+                self.enqueue(update_id, origin, Work::Reset, received, tasks)
+            }
+            Action::Command(Command::Retry) => {
+                self.enqueue(update_id, origin, Work::Retry, received, tasks)
+            }
+            Action::Ask(text) => self.enqueue(update_id, origin, Work::Ask(text), received, tasks),
+        }
+    }
+
+    fn stats_text(&self, lang: Lang) -> String {
+        let stats = self.deps.engine.stats();
+        i18n::stats(
+            lang,
+            &i18n::StatsFigures {
+                model: &self.deps.engine.info().name,
+                slots_busy: stats.slots_busy,
+                slots: stats.slots,
+                queue_len: stats.queue_len,
+                answers: self.answers.load(Ordering::Relaxed),
+                tokens_per_second: stats.avg_tokens_per_second,
+            },
+        )
+    }
+
+    /// Puts work in its conversation's queue, starting a worker if there is none.
+    fn enqueue(
+        self: &Arc<Self>,
+        update_id: u32,
+        origin: Origin,
+        work: Work,
+        received: Instant,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let key = origin.conversation();
+        let mut job = Job {
+            update_id,
+            origin,
+            work,
+            received,
+        };
+        let mut chats = self.lock_chats();
+        if let Some(slot) = chats.get(&key) {
+            match slot.jobs_tx.try_send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    drop(chats);
+                    let bot = Arc::clone(self);
+                    tasks.spawn(async move {
+                        bot.say(&back.origin, i18n::chat_busy(back.origin.lang))
+                            .await;
+                        bot.done(back.update_id);
+                    });
+                    return;
+                }
+                // The worker went idle and exited: start a new one.
+                Err(mpsc::error::TrySendError::Closed(back)) => job = back,
+            }
+        }
+        let (jobs_tx, jobs_rx) = mpsc::channel(CHAT_QUEUE);
+        let stop = Arc::new(Mutex::new(None));
+        if jobs_tx.try_send(job).is_err() {
+            // Cannot happen with a fresh channel of capacity ≥ 1.
+            tracing::error!("a new conversation queue refused its first job");
+            return;
+        }
+        chats.insert(
+            key,
+            ChatSlot {
+                jobs_tx,
+                stop: Arc::clone(&stop),
+            },
+        );
+        drop(chats);
+        let bot = Arc::clone(self);
+        tasks.spawn(async move { bot.worker(key, jobs_rx, stop).await });
+    }
+
+    /// A conversation's worker: answers its jobs in order; exits when idle.
+    async fn worker(
+        self: Arc<Self>,
+        key: ConversationKey,
+        mut jobs_rx: mpsc::Receiver<Job>,
+        stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    ) {
+        loop {
+            match tokio::time::timeout(WORKER_IDLE, jobs_rx.recv()).await {
+                Ok(Some(job)) => self.handle(job, &stop).await,
+                Ok(None) => break,
+                Err(_) => {
+                    jobs_rx.close();
+                    while let Ok(job) = jobs_rx.try_recv() {
+                        self.handle(job, &stop).await;
+                    }
+                    break;
+                }
+            }
+        }
+        let mut chats = self.lock_chats();
+        if chats.get(&key).is_some_and(|slot| slot.jobs_tx.is_closed()) {
+            chats.remove(&key);
+        }
+    }
+
+    async fn handle(&self, job: Job, stop: &Mutex<Option<oneshot::Sender<()>>>) {
+        let key = job.origin.conversation();
+        let lang = job.origin.lang;
+        match job.work {
+            Work::Reset => {
+                self.conversations.reset(key);
+                self.say(&job.origin, i18n::reset_done(lang)).await;
+            }
+            Work::Retry => match self.conversations.pop_last_exchange(key) {
+                Some(question) => self.answer(&job.origin, question, job.received, stop).await,
+                None => self.say(&job.origin, i18n::nothing_to_retry(lang)).await,
+            },
+            Work::Ask(question) => self.answer(&job.origin, question, job.received, stop).await,
+        }
+        self.done(job.update_id);
+    }
+
+    /// Where replies to `origin` go.
+    fn target(origin: &Origin) -> Target {
+        Target {
+            chat: ChatId(origin.chat_id),
+            thread: origin.thread,
+            reply_to: (!origin.private).then_some(origin.message_id),
+        }
+    }
+
+    /// Sends one of the bot's own messages.
+    async fn say(&self, origin: &Origin, text: &str) {
+        if let Err(e) = self
+            .api
+            .send(Self::target(origin), text, false, Persistence::Deliver)
+            .await
+        {
+            tracing::warn!(chat = origin.chat_id, error = %e, "could not send a message");
+        }
+    }
+
+    /// Answers `question` in `origin`'s conversation, streaming.
+    async fn answer(
+        &self,
+        origin: &Origin,
+        question: String,
+        received: Instant,
+        stop: &Mutex<Option<oneshot::Sender<()>>>,
+    ) {
+        let key = origin.conversation();
+        let target = Self::target(origin);
+        let typing = stream::typing(&self.api, target);
+        let (stop_tx, mut stop_rx) = oneshot::channel();
+        *lock(stop) = Some(stop_tx);
+
+        let messages: Vec<ChatMessage> = self
+            .deps
+            .system_prompt
+            .iter()
+            .map(ChatMessage::system)
+            .chain(self.conversations.history(key))
+            .chain([ChatMessage::user(question.clone())])
+            .collect();
+        if self.deps.verbose_prompt {
+            tracing::info!(
+                chat = origin.chat_id,
+                messages = %serde_json::to_string(&messages).unwrap_or_default(),
+                "request"
+            );
+        }
+        let request = ChatRequest::new(messages, self.deps.generate.clone());
+        let reply = tokio::select! {
+            reply = self.deps.chain.reply(request, origin.lang) => reply,
+            _ = &mut stop_rx => {
+                lock(stop).take();
+                return;
+            }
+        };
+        let provider = reply.provider;
+        let delivered = stream::deliver(
+            &self.api,
+            target,
+            Pacing::for_chat(origin.private),
+            reply.events,
+            stop_rx,
+            typing,
+        )
+        .await;
+        lock(stop).take();
+        match delivered {
+            Ok(delivered) => {
+                let answer = delivered.text.trim();
+                // The canned apology is not part of the conversation: /retry can then
+                // ask again.
+                if provider != "canned" && !answer.is_empty() {
+                    self.conversations.push_exchange(key, &question, answer);
+                }
+                self.answers.fetch_add(1, Ordering::Relaxed);
+                let to_first_send = delivered.first_send.map(|t| t.duration_since(received));
+                let ttft = delivered
+                    .completion
+                    .map(|c| c.timings.queued + c.timings.prompt);
+                let overhead = match (to_first_send, ttft) {
+                    (Some(send), Some(ttft)) => Some(send.saturating_sub(ttft)),
+                    _ => None,
+                };
+                tracing::info!(
+                    chat = origin.chat_id,
+                    provider,
+                    chars = answer.chars().count(),
+                    messages = delivered.messages,
+                    stopped = delivered.stopped,
+                    to_first_send_us = to_first_send.map(|d| d.as_micros() as u64),
+                    ttft_us = ttft.map(|d| d.as_micros() as u64),
+                    overhead_us = overhead.map(|d| d.as_micros() as u64),
+                    "answer delivered"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(chat = origin.chat_id, error = %e, "answer not delivered");
+            }
+        }
+    }
+}

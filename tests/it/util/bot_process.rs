@@ -1,0 +1,177 @@
+//! The real `mistral-bot` binary as a subprocess: started against a fake Bot API with the
+//! test model, its stderr captured (to check logs, and to print on failure).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::fake_telegram::FakeTelegram;
+use super::test_model;
+
+/// Flags every test bot gets: the test model, greedy decoding, small windows, and one
+/// thread: llama.cpp's worker threads spin while they wait for each other, which on a
+/// busy 2-core machine (parallel tests, other builds) made decoding ~50 times slower.
+pub const BASE_ARGS: [&str; 10] = [
+    "--temperature",
+    "0",
+    "--ctx-size",
+    "1024",
+    "--max-tokens",
+    "200",
+    "--threads",
+    "1",
+    "--slots",
+    "4",
+];
+
+/// The base flags not overridden in `extra`, then `extra` (clap refuses a flag twice).
+fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut out: Vec<&str> = BASE_ARGS
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten()
+        .copied()
+        .collect();
+    out.extend_from_slice(extra);
+    out
+}
+
+/// Removes terminal colour codes, so log lines can be matched as text.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A running bot process.
+pub struct BotProcess {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl BotProcess {
+    /// Starts the binary against `fake` with `extra` flags (after the base ones, so they
+    /// win) and its state in `data_dir`; the token goes in the environment. Returns once
+    /// the bot polls for updates.
+    pub async fn start(
+        fake: &FakeTelegram,
+        data_dir: &Path,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mistral-bot"));
+        command
+            .arg("--model")
+            .arg(test_model())
+            .args(flags(extra))
+            .args([
+                "--telegram-api-url",
+                &fake.url,
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("TELEGRAM_BOT_TOKEN", &fake.token)
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .env_remove("MISTRAL_BOT_ALLOWED_USERS")
+            .env_remove("MISTRAL_BOT_SYSTEM_PROMPT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the binary starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&strip_ansi(&line));
+                sink.push('\n');
+            }
+        });
+        let mut bot = Self { child, stderr };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !fake.calls().iter().any(|c| c.method == "getUpdates") {
+            if let Ok(Some(status)) = bot.child.try_wait() {
+                panic!("the bot exited with {status}:\n{}", bot.stderr());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bot did not start polling:\n{}\n{}",
+                bot.stderr(),
+                fake.dump()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bot
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the bot wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..3000 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader thread take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+impl Drop for BotProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The answer of `mistral-bot --prompt` with the base flags and `extra` flags.
+pub fn reference_answer(prompt: &str, extra: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_mistral-bot"))
+        .arg("--model")
+        .arg(test_model())
+        .args(flags(extra))
+        .args(["--prompt", prompt])
+        .env_remove("TELEGRAM_BOT_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert!(
+        output.status.success(),
+        "--prompt failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}

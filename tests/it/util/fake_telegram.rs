@@ -1,0 +1,661 @@
+//! A fake Telegram Bot API server on a loopback port, speaking the real protocol:
+//! `POST /bot<token>/<method>` with JSON parameters, answers `{"ok":true,"result":…}` or
+//! `{"ok":false,"error_code":…,"description":…,"parameters":{"retry_after":N}}`.
+//!
+//! It keeps updates until a `getUpdates` offset confirms them (as Telegram does), holds
+//! long polls open up to their `timeout`, keeps the bot's messages (so edits can be
+//! checked, "message is not modified" included), validates `parse_mode=HTML` text like
+//! Telegram ("can't parse entities"), records every call, and lets a test inject updates
+//! and failures.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// The bot's identity in `getMe`.
+pub const BOT_ID: i64 = 777_000;
+/// The bot's username.
+pub const BOT_USERNAME: &str = "fake_llm_bot";
+
+/// One recorded call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The method (`sendMessage`, …).
+    pub method: String,
+    /// Its JSON parameters.
+    pub params: Value,
+    /// When it arrived, since the fake started.
+    pub at: Duration,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
+impl Call {
+    /// The `chat_id` parameter, if any.
+    pub fn chat(&self) -> Option<i64> {
+        self.params.get("chat_id").and_then(Value::as_i64)
+    }
+
+    /// The `text` parameter, if any.
+    pub fn text(&self) -> Option<&str> {
+        self.params.get("text").and_then(Value::as_str)
+    }
+
+    /// Whether `parse_mode` is HTML.
+    pub fn html(&self) -> bool {
+        self.params.get("parse_mode").and_then(Value::as_str) == Some("HTML")
+    }
+}
+
+/// A message the bot sent, as it stands now.
+#[derive(Debug, Clone)]
+pub struct BotMessage {
+    /// Its id.
+    pub id: i64,
+    /// The text as sent (HTML source when `html`).
+    pub text: String,
+    /// Whether the text is HTML.
+    pub html: bool,
+    /// The text as the user sees it (tags removed, entities decoded).
+    pub visible: String,
+    /// The forum topic.
+    pub thread: Option<i64>,
+    /// The message it replies to.
+    pub reply_to: Option<i64>,
+    /// How many times it was edited successfully.
+    pub edits: usize,
+}
+
+/// A failure to answer instead of the real result.
+#[derive(Debug, Clone)]
+struct Failure {
+    method: String,
+    remaining: usize,
+    status: u16,
+    description: String,
+    retry_after: Option<u32>,
+    only_html: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    updates: VecDeque<Value>,
+    next_update_id: i64,
+    next_message_id: i64,
+    calls: Vec<Call>,
+    failures: Vec<Failure>,
+    /// (chat, message id) → message.
+    messages: BTreeMap<(i64, i64), BotMessage>,
+    /// Chats seen in injected updates, by id.
+    chats: BTreeMap<i64, Value>,
+}
+
+struct Shared {
+    token: String,
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+/// A running fake server.
+pub struct FakeTelegram {
+    /// Its base URL, for `--telegram-api-url`.
+    pub url: String,
+    /// The token it accepts.
+    pub token: String,
+    shared: Arc<Shared>,
+}
+
+impl FakeTelegram {
+    /// Starts a fake accepting `token` on `127.0.0.1:0`.
+    pub async fn start(token: &str) -> Self {
+        let shared = Arc::new(Shared {
+            token: token.to_string(),
+            started: Instant::now(),
+            inner: Mutex::new(Inner {
+                next_update_id: 1000,
+                next_message_id: 1,
+                ..Inner::default()
+            }),
+        });
+        let app = Router::new()
+            .route("/{bot}/{method}", post(handle))
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            token: token.to_string(),
+            shared,
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap()
+    }
+
+    /// Queues an update holding `message` (under `kind`: `message`, `edited_message`) and
+    /// returns its id. The message gets a message id and date if it lacks them.
+    pub fn inject(&self, kind: &str, mut message: Value) -> i64 {
+        let mut inner = self.inner();
+        inner.next_update_id += 1;
+        let id = inner.next_update_id;
+        if message.get("message_id").is_none() {
+            inner.next_message_id += 1;
+            message["message_id"] = json!(inner.next_message_id);
+        }
+        if message.get("date").is_none() {
+            message["date"] = json!(now());
+        }
+        if let Some(chat) = message.get("chat")
+            && let Some(chat_id) = chat.get("id").and_then(Value::as_i64)
+        {
+            inner.chats.insert(chat_id, chat.clone());
+        }
+        inner
+            .updates
+            .push_back(json!({"update_id": id, kind: message}));
+        id
+    }
+
+    /// Queues a text message from `user` in `chat`; returns the message's id.
+    pub fn send_text(&self, chat: &Value, user: &Value, text: &str) -> i64 {
+        let mut message = json!({"chat": chat, "from": user, "text": text});
+        let message_id = self.allocate_message_id();
+        message["message_id"] = json!(message_id);
+        self.inject("message", message);
+        message_id
+    }
+
+    /// A fresh message id (for messages the test builds itself).
+    pub fn allocate_message_id(&self) -> i64 {
+        let mut inner = self.inner();
+        inner.next_message_id += 1;
+        inner.next_message_id
+    }
+
+    /// The next `times` calls of `method` fail with `status` and `description`
+    /// (and `retry_after` seconds, for 429). `only_html`: only calls with HTML text.
+    pub fn fail_next(
+        &self,
+        method: &str,
+        times: usize,
+        status: u16,
+        description: &str,
+        retry_after: Option<u32>,
+        only_html: bool,
+    ) {
+        self.inner().failures.push(Failure {
+            method: method.to_string(),
+            remaining: times,
+            status,
+            description: description.to_string(),
+            retry_after,
+            only_html,
+        });
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner().calls.clone()
+    }
+
+    /// The calls of `method` for `chat`.
+    pub fn calls_in(&self, chat: i64, method: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == method && c.chat() == Some(chat))
+            .collect()
+    }
+
+    /// The bot's messages in `chat`, oldest first, as they stand now.
+    pub fn messages(&self, chat: i64) -> Vec<BotMessage> {
+        self.inner()
+            .messages
+            .range((chat, i64::MIN)..=(chat, i64::MAX))
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// The visible texts of the bot's messages in `chat`.
+    pub fn texts(&self, chat: i64) -> Vec<String> {
+        self.messages(chat).into_iter().map(|m| m.visible).collect()
+    }
+
+    /// Updates not yet confirmed by a `getUpdates` offset.
+    pub fn unconfirmed(&self) -> usize {
+        self.inner().updates.len()
+    }
+
+    /// Everything recorded, for failure messages (long polls without updates omitted).
+    pub fn dump(&self) -> String {
+        let inner = self.inner();
+        let mut out = String::from("--- calls recorded by the fake Telegram ---\n");
+        for call in &inner.calls {
+            if call.method == "getUpdates"
+                && call.status == 200
+                && call.params.get("__empty").is_some()
+            {
+                continue;
+            }
+            let mut params = call.params.clone();
+            if let Some(o) = params.as_object_mut() {
+                o.remove("__empty");
+            }
+            let mut shown = params.to_string();
+            if shown.len() > 300 {
+                let mut cut = 300;
+                while !shown.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                shown.truncate(cut);
+                shown.push('…');
+            }
+            let _ = writeln!(
+                out,
+                "{:>8.3}s {:<16} {} {}",
+                call.at.as_secs_f64(),
+                call.method,
+                call.status,
+                shown
+            );
+        }
+        let _ = writeln!(out, "--- bot messages ---");
+        for ((chat, id), m) in &inner.messages {
+            let _ = writeln!(
+                out,
+                "chat {chat} msg {id} edits {} html {}: {:?}",
+                m.edits, m.html, m.text
+            );
+        }
+        out
+    }
+
+    /// Waits until `check` holds, polling; panics with the recording on timeout.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !check(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\n{}",
+                    self.dump()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A private chat with user `id`.
+pub fn private_chat(id: i64) -> Value {
+    json!({"id": id, "type": "private", "first_name": format!("User{id}")})
+}
+
+/// A forum supergroup.
+pub fn forum_group(id: i64) -> Value {
+    json!({"id": id, "type": "supergroup", "title": "Test group", "is_forum": true})
+}
+
+/// A user.
+pub fn user(id: i64, username: &str, language: &str) -> Value {
+    json!({"id": id, "is_bot": false, "first_name": format!("User{id}"), "username": username, "language_code": language})
+}
+
+fn ok(result: Value) -> Response {
+    (
+        StatusCode::OK,
+        axum::Json(json!({"ok": true, "result": result})),
+    )
+        .into_response()
+}
+
+fn error(status: u16, description: &str, retry_after: Option<u32>) -> Response {
+    let mut body = json!({"ok": false, "error_code": status, "description": description});
+    if let Some(seconds) = retry_after {
+        body["parameters"] = json!({"retry_after": seconds});
+    }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn bot_user() -> Value {
+    json!({"id": BOT_ID, "is_bot": true, "first_name": "Fake LLM", "username": BOT_USERNAME})
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    Path((bot, method)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    // Bot API method names are case-insensitive (teloxide sends `SendMessage`).
+    let method = canonical(&method);
+    let params: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| json!({"__unparsed": String::from_utf8_lossy(&body)}))
+    };
+    let at = shared.started.elapsed();
+    if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
+        record(&shared, &method, params, at, 401);
+        return error(401, "Unauthorized", None);
+    }
+    if method == "getUpdates" {
+        return get_updates(&shared, params, at).await;
+    }
+    let mut inner = shared.inner.lock().unwrap();
+    let html = params.get("parse_mode").and_then(Value::as_str) == Some("HTML");
+    if let Some(failure) = inner
+        .failures
+        .iter_mut()
+        .find(|f| f.method == method && f.remaining > 0 && (!f.only_html || html))
+    {
+        failure.remaining -= 1;
+        let (status, description, retry_after) = (
+            failure.status,
+            failure.description.clone(),
+            failure.retry_after,
+        );
+        inner.calls.push(Call {
+            method,
+            params,
+            at,
+            status,
+        });
+        return error(status, &description, retry_after);
+    }
+    let (status, response) = answer(&mut inner, &method, &params);
+    inner.calls.push(Call {
+        method,
+        params,
+        at,
+        status,
+    });
+    response
+}
+
+/// The documented spelling of a method name.
+fn canonical(method: &str) -> String {
+    const KNOWN: [&str; 7] = [
+        "getUpdates",
+        "getMe",
+        "sendMessage",
+        "editMessageText",
+        "sendChatAction",
+        "setMyCommands",
+        "deleteWebhook",
+    ];
+    KNOWN
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(method))
+        .map_or_else(|| method.to_string(), |known| known.to_string())
+}
+
+fn record(shared: &Shared, method: &str, params: Value, at: Duration, status: u16) {
+    shared.inner.lock().unwrap().calls.push(Call {
+        method: method.to_string(),
+        params,
+        at,
+        status,
+    });
+}
+
+async fn get_updates(shared: &Shared, mut params: Value, at: Duration) -> Response {
+    let offset = params.get("offset").and_then(Value::as_i64);
+    let timeout = params
+        .get("timeout")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .min(30);
+    let limit = params.get("limit").and_then(Value::as_u64).unwrap_or(100) as usize;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        {
+            let mut inner = shared.inner.lock().unwrap();
+            if let Some(offset) = offset {
+                // An offset confirms every update before it: Telegram forgets them.
+                while inner
+                    .updates
+                    .front()
+                    .is_some_and(|u| u["update_id"].as_i64() < Some(offset))
+                {
+                    inner.updates.pop_front();
+                }
+            }
+            if !inner.updates.is_empty() || Instant::now() >= deadline {
+                let batch: Vec<Value> = inner.updates.iter().take(limit).cloned().collect();
+                if batch.is_empty() {
+                    params["__empty"] = json!(true);
+                } else {
+                    params["__returned"] = json!(
+                        batch
+                            .iter()
+                            .map(|u| u["update_id"].clone())
+                            .collect::<Vec<_>>()
+                    );
+                }
+                inner.calls.push(Call {
+                    method: "getUpdates".into(),
+                    params,
+                    at,
+                    status: 200,
+                });
+                return ok(Value::Array(batch));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The normal answer to a call: (status, response).
+fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
+    match method {
+        "getMe" => (
+            200,
+            ok(
+                json!({"id": BOT_ID, "is_bot": true, "first_name": "Fake LLM", "username": BOT_USERNAME,
+                "can_join_groups": true, "can_read_all_group_messages": false,
+                "supports_inline_queries": false, "can_connect_to_business": false,
+                "has_main_web_app": false}),
+            ),
+        ),
+        "deleteWebhook" | "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
+        "sendMessage" => {
+            let Some(chat_id) = params.get("chat_id").and_then(Value::as_i64) else {
+                return (400, error(400, "Bad Request: chat not found", None));
+            };
+            let text = params.get("text").and_then(Value::as_str).unwrap_or("");
+            let html = params.get("parse_mode").and_then(Value::as_str) == Some("HTML");
+            let visible = match check_text(text, html) {
+                Ok(visible) => visible,
+                Err(description) => return (400, error(400, &description, None)),
+            };
+            inner.next_message_id += 1;
+            let id = inner.next_message_id;
+            let thread = params.get("message_thread_id").and_then(Value::as_i64);
+            let reply_to = params
+                .get("reply_parameters")
+                .and_then(|r| r.get("message_id"))
+                .and_then(Value::as_i64);
+            inner.messages.insert(
+                (chat_id, id),
+                BotMessage {
+                    id,
+                    text: text.to_string(),
+                    html,
+                    visible,
+                    thread,
+                    reply_to,
+                    edits: 0,
+                },
+            );
+            let chat = inner
+                .chats
+                .get(&chat_id)
+                .cloned()
+                .unwrap_or_else(|| private_chat(chat_id));
+            let mut message = json!({"message_id": id, "date": now(), "chat": chat, "from": bot_user(), "text": text});
+            if let Some(thread) = thread {
+                message["message_thread_id"] = json!(thread);
+                message["is_topic_message"] = json!(true);
+            }
+            (200, ok(message))
+        }
+        "editMessageText" => {
+            let chat_id = params.get("chat_id").and_then(Value::as_i64).unwrap_or(0);
+            let message_id = params
+                .get("message_id")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let text = params.get("text").and_then(Value::as_str).unwrap_or("");
+            let html = params.get("parse_mode").and_then(Value::as_str) == Some("HTML");
+            let visible = match check_text(text, html) {
+                Ok(visible) => visible,
+                Err(description) => return (400, error(400, &description, None)),
+            };
+            let chat = inner
+                .chats
+                .get(&chat_id)
+                .cloned()
+                .unwrap_or_else(|| private_chat(chat_id));
+            let Some(message) = inner.messages.get_mut(&(chat_id, message_id)) else {
+                return (
+                    400,
+                    error(400, "Bad Request: message to edit not found", None),
+                );
+            };
+            if message.text == text && message.html == html {
+                return (
+                    400,
+                    error(
+                        400,
+                        "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message",
+                        None,
+                    ),
+                );
+            }
+            message.text = text.to_string();
+            message.html = html;
+            message.visible = visible;
+            message.edits += 1;
+            (
+                200,
+                ok(
+                    json!({"message_id": message_id, "date": now(), "edit_date": now(), "chat": chat, "from": bot_user(), "text": text}),
+                ),
+            )
+        }
+        _ => (404, error(404, "Not Found: method not found", None)),
+    }
+}
+
+/// Checks a message text as Telegram would; returns what the user sees.
+fn check_text(text: &str, html: bool) -> Result<String, String> {
+    let visible = if html {
+        parse_html(text)?
+    } else {
+        text.to_string()
+    };
+    if visible.trim().is_empty() {
+        return Err("Bad Request: message text is empty".into());
+    }
+    if visible.encode_utf16().count() > 4096 {
+        return Err("Bad Request: message is too long".into());
+    }
+    Ok(visible)
+}
+
+/// Telegram's HTML subset: known tags, balanced; `&` only as an entity; `<` only as a tag.
+fn parse_html(text: &str) -> Result<String, String> {
+    const TAGS: [&str; 14] = [
+        "b",
+        "strong",
+        "i",
+        "em",
+        "u",
+        "ins",
+        "s",
+        "strike",
+        "del",
+        "a",
+        "code",
+        "pre",
+        "span",
+        "blockquote",
+    ];
+    let bad = |why: &str| Err(format!("Bad Request: can't parse entities: {why}"));
+    let mut out = String::new();
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        match c {
+            '<' => {
+                let Some(end) = rest.find('>') else {
+                    return bad("unclosed start tag");
+                };
+                let tag = &rest[1..end];
+                if let Some(name) = tag.strip_prefix('/') {
+                    if stack.pop().as_deref() != Some(name.trim()) {
+                        return bad(&format!("unmatched end tag {name}"));
+                    }
+                } else {
+                    let name = tag.split_whitespace().next().unwrap_or("");
+                    if !TAGS.contains(&name) {
+                        return bad(&format!("unsupported start tag \"{name}\""));
+                    }
+                    stack.push(name.to_string());
+                }
+                rest = &rest[end + 1..];
+            }
+            '&' => {
+                let Some(end) = rest.find(';') else {
+                    return bad("unescaped &");
+                };
+                let decoded = match &rest[1..end] {
+                    "lt" => "<",
+                    "gt" => ">",
+                    "amp" => "&",
+                    "quot" => "\"",
+                    _ => return bad("unknown entity"),
+                };
+                out.push_str(decoded);
+                rest = &rest[end + 1..];
+            }
+            '>' => return bad("unescaped >"),
+            c => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    if !stack.is_empty() {
+        return bad("unclosed tags");
+    }
+    Ok(out)
+}
