@@ -10,7 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mistral_bot::chat::{ChatMessage, ChatRequest};
 use mistral_bot::engine::EngineHandle;
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 const TOKENS: u32 = 64;
@@ -37,7 +37,7 @@ async fn generate(engine: &EngineHandle, streams: usize) -> Duration {
 fn decode_throughput(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let engine = runtime
-        .block_on(EngineHandle::start(common::bench_engine_config(128)))
+        .block_on(EngineHandle::start(common::bench_engine_config(64)))
         .expect("engine starts");
     let mut group = c.benchmark_group("decode");
     group.sample_size(10);

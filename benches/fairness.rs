@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mistral_bot::chat::{ChatMessage, ChatRequest, StreamEvent};
 use mistral_bot::engine::EngineHandle;
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 /// Largest gap between deltas of a stream, and the deltas' timestamps.
@@ -139,7 +139,7 @@ fn main() {
         });
     }
     runtime.block_on(async {
-        let engine = EngineHandle::start(common::bench_engine_config(128))
+        let engine = EngineHandle::start(common::bench_engine_config(64))
             .await
             .expect("engine starts");
         let tokens = if full { 128 } else { 16 };

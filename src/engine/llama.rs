@@ -23,17 +23,19 @@ use super::{ModelInfo, StartError};
 use crate::chat::{ChatMessage, GenerateParams};
 
 /// llama.cpp's backend is process-wide state: `llama_backend_init` may run only once at a
-/// time, so every engine of the process (tests start several) shares one.
-static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+/// time, so every engine of the process (tests start several, concurrently) shares one.
+/// `get_or_init` makes concurrent first callers wait for the one initialization.
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 fn backend(llama_log: bool) -> Result<&'static LlamaBackend, StartError> {
-    if let Some(backend) = BACKEND.get() {
-        return Ok(backend);
-    }
-    // The first engine decides whether llama.cpp's own log lines reach tracing.
-    send_logs_to_tracing(LogOptions::default().with_logs_enabled(llama_log));
-    let backend = LlamaBackend::init().map_err(|e| StartError::Backend(e.to_string()))?;
-    Ok(BACKEND.get_or_init(|| backend))
+    BACKEND
+        .get_or_init(|| {
+            // The first engine decides whether llama.cpp's own log lines reach tracing.
+            send_logs_to_tracing(LogOptions::default().with_logs_enabled(llama_log));
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| StartError::Backend(e.clone()))
 }
 
 /// A loaded model.

@@ -2,8 +2,8 @@
 //! [`Slot`]s.
 //!
 //! Each step's batch holds one token for every generating slot, then prompt tokens of
-//! slots still reading their prompt, at most `prefill_chunk` of them in all, oldest
-//! request first. The cap is what keeps a newcomer's long prompt from freezing the chats
+//! slots still reading their prompt, oldest request first: at most `prefill_chunk` of them
+//! while any slot is generating, a whole batch when none is. The cap is what keeps a newcomer's long prompt from freezing the chats
 //! that are streaming: llama-server decodes a whole prompt in one step and froze a
 //! streaming chat for 8.4 s here.
 
@@ -54,7 +54,9 @@ pub fn plan_batch(slots: &[Slot], capacity: usize, prefill_chunk: usize) -> Vec<
             used += 1;
         }
     }
-    let mut prompt_budget = prefill_chunk.min(capacity.saturating_sub(used));
+    // The chunk cap protects replies being streamed; with none, a prompt may fill the batch.
+    let cap = if used == 0 { capacity } else { prefill_chunk };
+    let mut prompt_budget = cap.min(capacity.saturating_sub(used));
     let mut prefilling: Vec<usize> = (0..slots.len())
         .filter(|&i| matches!(slots[i].state, SlotState::Prefill { .. }))
         .collect();
@@ -140,11 +142,23 @@ mod tests {
     }
 
     #[test]
+    fn without_streaming_replies_a_prompt_fills_the_batch() {
+        let mut slots = vec![Slot::new(0)];
+        slots[0].start((0..2000).collect(), 1);
+        let plan = plan_batch(&slots, 512, 64);
+        assert_eq!(plan[0].tokens.len(), 512);
+    }
+
+    #[test]
     fn a_prompt_finishing_in_this_step_asks_for_logits() {
-        let mut slots = vec![Slot::new(0), Slot::new(1)];
+        let mut slots = vec![Slot::new(0), Slot::new(1), Slot::new(2)];
+        slots[2].start(vec![9], 0);
+        slots[2].prefilled(1);
+        slots[2].sampled(9);
         slots[0].start(vec![1, 2, 3], 1);
         slots[1].start(vec![4, 5, 6, 7], 2);
         let plan = plan_batch(&slots, 512, 5);
+        let plan = &plan[1..]; // after the generating slot's token
         assert_eq!(plan.len(), 2);
         assert!(plan[0].wants_logits && plan[0].tokens.len() == 3);
         assert!(!plan[1].wants_logits && plan[1].tokens == vec![4, 5]);
