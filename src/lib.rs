@@ -14,7 +14,7 @@
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
-//! front-end (HTTP, console) → [`ChatRequest`](chat::ChatRequest) →
+//! front-end (Telegram, HTTP) → [`ChatRequest`](chat::ChatRequest) →
 //! [`Chain::reply`](providers::Chain::reply) → the first provider that answers: the local
 //! engine ([`EngineHandle::submit`](engine::EngineHandle::submit) → bounded queue → engine
 //! thread, one batch per step over all slots), else Groq, Mistral, Gemini, an
@@ -23,8 +23,8 @@
 //!
 //! # Serve mode
 //! [`run`] binds the HTTP API first (`/ready` is 503 while the model loads), loads the
-//! engine, builds the chain with [`providers::build_chain`] and serves until Ctrl-C or
-//! SIGTERM. Tests run the same server in process with [`serve_http`] on a pre-bound listener.
+//! engine, builds the chain with [`providers::build_chain`], starts the Telegram bot when a
+//! token is configured (sharing the chain), and serves until Ctrl-C or SIGTERM. Tests run the same server in process with [`serve_http`] on a pre-bound listener.
 
 pub mod chat;
 pub mod config;
