@@ -4,10 +4,9 @@
 //!
 //! `cargo bench --bench engine` (model: `MISTRAL_BOT_BENCH_MODEL`, default the test model).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mistral_bot::chat::{ChatMessage, ChatRequest};
 use mistral_bot::engine::EngineHandle;
 
 #[path = "common/mod.rs"]
@@ -16,22 +15,13 @@ mod common;
 const TOKENS: u32 = 64;
 
 async fn generate(engine: &EngineHandle, streams: usize) -> Duration {
-    let start = Instant::now();
-    let replies = (0..streams).map(|_| {
-        let request = ChatRequest::new(
-            vec![ChatMessage::user(common::ENDLESS)],
-            common::greedy(TOKENS),
-        );
-        engine.submit(request).expect("queue has room").collect()
-    });
-    for reply in futures::future::join_all(replies).await {
-        let (_, done) = reply.expect("generation succeeds");
-        assert_eq!(
-            done.usage.completion_tokens, TOKENS,
-            "the prompt must not stop early"
-        );
-    }
-    start.elapsed()
+    let (generated, elapsed) = common::generate_concurrently(engine, streams, TOKENS).await;
+    assert_eq!(
+        generated,
+        TOKENS * streams as u32,
+        "the prompt must not stop early"
+    );
+    elapsed
 }
 
 fn decode_throughput(c: &mut Criterion) {

@@ -89,20 +89,8 @@ fn cold_prompt(words: usize, run: usize) -> String {
 }
 
 async fn decode_rate(engine: &EngineHandle, streams: usize, tokens: u32) -> f64 {
-    let start = Instant::now();
-    let replies = (0..streams).map(|_| {
-        let request = ChatRequest::new(
-            vec![ChatMessage::user(common::ENDLESS)],
-            common::greedy(tokens),
-        );
-        engine.submit(request).expect("queue has room").collect()
-    });
-    let generated: u32 = futures::future::join_all(replies)
-        .await
-        .into_iter()
-        .map(|r| r.expect("generation succeeds").1.usage.completion_tokens)
-        .sum();
-    f64::from(generated) / start.elapsed().as_secs_f64()
+    let (generated, elapsed) = common::generate_concurrently(engine, streams, tokens).await;
+    f64::from(generated) / elapsed.as_secs_f64()
 }
 
 fn main() {

@@ -3,8 +3,10 @@
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 
-use mistral_bot::chat::GenerateParams;
-use mistral_bot::engine::{ChatTemplateChoice, EngineConfig};
+use std::time::{Duration, Instant};
+
+use mistral_bot::chat::{ChatMessage, ChatRequest, GenerateParams};
+use mistral_bot::engine::{ChatTemplateChoice, EngineConfig, EngineHandle};
 
 /// The model: `MISTRAL_BOT_BENCH_MODEL`, else the test model.
 pub fn bench_model() -> PathBuf {
@@ -39,3 +41,23 @@ pub fn greedy(max_tokens: u32) -> GenerateParams {
 
 /// A prompt the small test model answers at length (it counts on and on).
 pub const ENDLESS: &str = "Write the numbers from 1 to 300 in words, separated by commas.";
+
+/// Runs `streams` copies of the [`ENDLESS`] prompt at once, `tokens` each; returns the
+/// tokens generated in all and the wall time.
+pub async fn generate_concurrently(
+    engine: &EngineHandle,
+    streams: usize,
+    tokens: u32,
+) -> (u32, Duration) {
+    let start = Instant::now();
+    let replies = (0..streams).map(|_| {
+        let request = ChatRequest::new(vec![ChatMessage::user(ENDLESS)], greedy(tokens));
+        engine.submit(request).expect("queue has room").collect()
+    });
+    let generated = futures::future::join_all(replies)
+        .await
+        .into_iter()
+        .map(|r| r.expect("generation succeeds").1.usage.completion_tokens)
+        .sum();
+    (generated, start.elapsed())
+}
