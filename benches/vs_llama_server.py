@@ -196,6 +196,7 @@ def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20):
     before = [b - a for a, b in zip(ch, ch[1:]) if b <= c0]
     return {
         "max_gap_s": max(during) if during else float("nan"),
+        "median_gap_s": statistics.median(during) if during else float("nan"),
         "gap_before_s": max(before) if before else float("nan"),
         "cold_ttft_s": c1 - c0,
         "cold_prompt_tokens": cold["prompt_tokens"],
@@ -252,6 +253,7 @@ def table(args):
         ("4 concurrent: per-user tok/s", "concurrent", "per_user_tok_s", "{:.1f}"),
         ("4 concurrent: mean time to first token (s)", "concurrent", "ttft_s", "{:.3f}"),
         ("fairness: largest gap while cold prompt read (s)", "fairness", "max_gap_s", "{:.3f}"),
+        ("fairness: median gap while cold prompt read (s)", "fairness", "median_gap_s", "{:.3f}"),
         ("fairness: largest gap before it arrived (s)", "fairness", "gap_before_s", "{:.3f}"),
         ("fairness: cold prompt time to first token (s)", "fairness", "cold_ttft_s", "{:.2f}"),
         ("fairness: cold prompt tokens", "fairness", "cold_prompt_tokens", "{:.0f}"),
