@@ -20,8 +20,10 @@
 # llama-cpp-sys-2 0.1.161 vendors (same ggml compute code as mistral-bot), plus
 # tools/server, tools/ui and scripts/ui-assets.cmake from the llama-cpp-python 0.3.36
 # sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`), whose
-# vendor/llama.cpp has the tool sources the crate leaves out, and a tools/CMakeLists.txt
-# reduced to `add_subdirectory(ui)`, `(mtmd)`, `(server)`:
+# vendor/llama.cpp has the tool sources the crate leaves out, a tools/CMakeLists.txt
+# reduced to `add_subdirectory(ui)`, `(mtmd)`, `(server)`, and two one-line fixes for
+# API drift between the two trees (server-mcp.cpp: `fs_open_ifstream(...)` → a plain
+# `std::ifstream`; server-context.cpp: `mtmd_get_memory_usage(...).backend_mem_usage`):
 #   cmake -S combined -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
 #     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 #     -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
