@@ -401,6 +401,18 @@ impl Worker<'_> {
             prompt: first - job.admitted,
             generation: now - first,
         };
+        if job.usage.completion_tokens > 1 {
+            self.stats.timed_tokens.fetch_add(
+                u64::from(job.usage.completion_tokens - 1),
+                Ordering::Relaxed,
+            );
+            self.stats
+                .timed_micros
+                .fetch_add(timings.generation.as_micros() as u64, Ordering::Relaxed);
+        }
+        self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        // Figures first, then the caller: stats read after `Done` already show the free slot.
+        self.publish_busy();
         let rest = job.detok.finish();
         if reason != FinishReason::Cancelled {
             if !rest.is_empty() {
@@ -412,28 +424,20 @@ impl Worker<'_> {
                 timings,
             })));
         }
-        if job.usage.completion_tokens > 1 {
-            self.stats.timed_tokens.fetch_add(
-                u64::from(job.usage.completion_tokens - 1),
-                Ordering::Relaxed,
-            );
-            self.stats
-                .timed_micros
-                .fetch_add(timings.generation.as_micros() as u64, Ordering::Relaxed);
-        }
-        self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
-        self.publish_busy();
     }
 
     fn fail(&mut self, i: usize, error: EngineError) {
         let seq = self.slots[i].seq_id;
         self.ctx.forget(seq, 0);
         self.slots[i].clear();
-        if let Some(job) = self.jobs[i].take() {
-            let _ = job.events_tx.send(Err(error));
+        let job = self.jobs[i].take();
+        if job.is_some() {
             self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
         }
         self.publish_busy();
+        if let Some(job) = job {
+            let _ = job.events_tx.send(Err(error));
+        }
     }
 }
 
