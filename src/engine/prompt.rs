@@ -343,6 +343,15 @@ mod tests {
         }
     }
 
+    /// The characters of the toy tokens, control tokens left out.
+    fn plain_text(tokens: &[i32]) -> String {
+        tokens
+            .iter()
+            .filter(|&&t| t < 999)
+            .map(|&t| char::from_u32(t as u32).unwrap())
+            .collect()
+    }
+
     fn control_ids(tokens: &[i32]) -> Vec<i32> {
         tokens.iter().copied().filter(|&t| t >= 999).collect()
     }
@@ -455,12 +464,7 @@ mod tests {
             0,
             "turns dropped in user/assistant pairs"
         );
-        let text: String = fitted
-            .tokens
-            .iter()
-            .filter(|&&t| t < 999)
-            .map(|&t| char::from_u32(t as u32).unwrap())
-            .collect();
+        let text = plain_text(&fitted.tokens);
         assert!(text.starts_with(" S\n\n"), "system prompt kept: {text:?}");
         assert!(text.contains("last question"));
         assert!(text.contains("answer 19"), "the newest turns survive");
@@ -475,12 +479,7 @@ mod tests {
         assert!(fitted.truncated);
         assert!(fitted.tokens.len() <= 1000);
         assert!(fitted.tokens.len() > 900, "most of the window is used");
-        let text: String = fitted
-            .tokens
-            .iter()
-            .filter(|&&t| t < 999)
-            .map(|&t| char::from_u32(t as u32).unwrap())
-            .collect();
+        let text = plain_text(&fitted.tokens);
         assert!(text.contains("START") && text.contains("END"));
         assert!(text.contains("message truncated"));
     }
