@@ -6,9 +6,11 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod chaos;
 mod cli;
 mod engine;
 mod http;
 mod providers;
+mod restart;
 mod telegram;
 mod util;

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
+use super::fake_telegram::SplitMix;
+
 /// The key every fake accepts.
 pub const FAKE_KEY: &str = "test-key-123";
 
@@ -43,6 +45,34 @@ pub enum Behavior {
     Garbage,
     /// Streams these pieces, then the connection breaks (no end marker).
     CutAfter(Vec<String>),
+    /// Answers `Echo: <the last user message>`, a word a piece.
+    Echo,
+    /// Each request draws one of the faults at random from a seed, else echoes.
+    Chaos(ProviderChaos),
+}
+
+/// Odds (per thousand) of each fault of [`Behavior::Chaos`]; the rest is [`Behavior::Echo`].
+#[derive(Debug, Clone)]
+pub struct ProviderChaos {
+    /// The seed of the fault sequence.
+    pub seed: u64,
+    /// 429 with `Retry-After: 1`.
+    pub rate_limited: u64,
+    /// 500.
+    pub server_error: u64,
+    /// Never answers.
+    pub hang: u64,
+    /// Not JSON.
+    pub garbage: u64,
+    /// Half the echo, then the connection breaks.
+    pub cut: u64,
+}
+
+/// The echo answer to `question`, in pieces.
+pub fn echo_pieces(question: &str) -> Vec<String> {
+    let mut pieces = vec!["Echo:".to_string()];
+    pieces.extend(question.split_whitespace().map(|w| format!(" {w}")));
+    pieces
 }
 
 impl Behavior {
@@ -67,6 +97,10 @@ struct FakeState {
     shape: Shape,
     behavior: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
+    /// The chaos generator, seeded when a [`Behavior::Chaos`] is set.
+    rng: Mutex<SplitMix>,
+    /// Faults served by [`Behavior::Chaos`], by kind.
+    faults: Mutex<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 /// A running fake provider.
@@ -82,8 +116,13 @@ impl FakeProvider {
     pub async fn start(shape: Shape, behavior: Behavior) -> Self {
         let state = Arc::new(FakeState {
             shape,
+            rng: Mutex::new(SplitMix(match &behavior {
+                Behavior::Chaos(chaos) => chaos.seed,
+                _ => 0,
+            })),
             behavior: Mutex::new(behavior),
             requests: Mutex::default(),
+            faults: Mutex::default(),
         });
         let app = Router::new()
             .route("/v1/{*rest}", post(handle))
@@ -104,7 +143,15 @@ impl FakeProvider {
 
     /// Changes what the next requests get.
     pub fn set(&self, behavior: Behavior) {
+        if let Behavior::Chaos(chaos) = &behavior {
+            *self.state.rng.lock().unwrap() = SplitMix(chaos.seed);
+        }
         *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    /// Faults served by [`Behavior::Chaos`] so far, by kind.
+    pub fn faults(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.state.faults.lock().unwrap().clone()
     }
 
     /// What it received so far.
@@ -166,7 +213,61 @@ async fn handle(
         }
     }
     let behavior = state.behavior.lock().unwrap().clone();
+    let question = last_user_text(
+        state.shape,
+        &serde_json::from_slice(&body).unwrap_or(Value::Null),
+    );
+    let behavior = match behavior {
+        Behavior::Echo => Behavior::Answer(echo_pieces(&question)),
+        Behavior::Chaos(chaos) => {
+            let roll = state.rng.lock().unwrap().below(1000);
+            let mut bound = 0;
+            let mut pick = None;
+            for (odds, kind) in [
+                (chaos.rate_limited, "rate_limited"),
+                (chaos.server_error, "server_error"),
+                (chaos.hang, "hang"),
+                (chaos.garbage, "garbage"),
+                (chaos.cut, "cut"),
+            ] {
+                bound += odds;
+                if pick.is_none() && roll < bound {
+                    pick = Some(kind);
+                }
+            }
+            if let Some(kind) = pick {
+                *state.faults.lock().unwrap().entry(kind).or_default() += 1;
+            }
+            let echo = echo_pieces(&question);
+            match pick {
+                Some("rate_limited") => Behavior::RateLimited {
+                    retry_after_secs: 1,
+                },
+                Some("server_error") => Behavior::ServerError,
+                Some("hang") => Behavior::Hang,
+                Some("garbage") => Behavior::Garbage,
+                Some(_) => Behavior::CutAfter(echo[..echo.len().div_ceil(2)].to_vec()),
+                None => Behavior::Answer(echo),
+            }
+        }
+        other => other,
+    };
     respond(state.shape, behavior).await
+}
+
+/// The text of the last user message of a request body.
+fn last_user_text(shape: Shape, body: &Value) -> String {
+    let text = match shape {
+        Shape::OpenAi => body["messages"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str()),
+        Shape::Gemini => body["contents"]
+            .as_array()
+            .and_then(|c| c.iter().rev().find(|c| c["role"] == "user"))
+            .and_then(|c| c["parts"][0]["text"].as_str()),
+    };
+    text.unwrap_or_default().to_string()
 }
 
 fn sse(events: Vec<String>) -> String {
@@ -274,6 +375,7 @@ async fn respond(shape: Shape, behavior: Behavior) -> Response {
         Behavior::Garbage => event_stream(Body::from(
             "data: {\"choices\":[{\"delta\":{\"content\": oops\n\n",
         )),
+        Behavior::Echo | Behavior::Chaos(_) => unreachable!("resolved per request"),
         Behavior::CutAfter(texts) => {
             let head = sse(pieces(shape, &texts));
             let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
