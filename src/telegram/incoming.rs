@@ -502,6 +502,9 @@ mod tests {
             "\u{212A}elvin @LLM_BOT hi \u{2126}hm",
             "@llm_bot İstanbul \u{212A}\u{2126}",
             "ẞ ß İ @llm_bot",
+            // İ grows by a byte when lowercased and the Kelvin sign shrinks by two: the
+            // lowercased copy kept the length, but its offsets put the cut inside `…`.
+            "İİ@llm_bot…\u{212A} what is this?",
         ] {
             let stripped = strip_mention(text, "llm_bot").unwrap();
             assert!(!stripped.to_lowercase().contains("@llm_bot"), "{stripped}");
@@ -585,7 +588,7 @@ mod tests {
             /// Text without `@` never mentions anyone.
             #[test]
             fn no_at_sign_no_mention(text in text(), name in username()) {
-                prop_assume!(!text.contains('@'));
+                let text = text.replace('@', "");
                 prop_assert_eq!(strip_mention(&text, &name), None);
             }
 

@@ -386,8 +386,8 @@ impl BotCore {
         self.done(seq).await;
     }
 
-    /// Tells the user something went wrong on our side (best effort: one delivery, and
-    /// a failure here is only logged).
+    /// Tells the user something went wrong on our side (a failure to deliver it is only
+    /// logged).
     async fn apologise(&self, origin: &Origin) {
         let text = i18n::internal_error(origin.lang);
         match guard::guarded(self.say(origin, text)).await {

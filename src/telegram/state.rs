@@ -13,8 +13,8 @@
 //! After a week without updates Telegram starts the `update_id` sequence again at a new
 //! random number, and the Bot API server ignores an offset in the future: it returns the
 //! oldest pending updates instead. An id below the offset we asked for therefore means
-//! the sequence restarted: the state adopts the new sequence (offset = the batch's last id
-//! + 1). Pending updates are keyed by a local sequence number, never by `update_id`, so
+//! the sequence restarted: the state adopts the new sequence (the next offset follows the
+//! batch's last id). Pending updates are keyed by a local sequence number, never by `update_id`, so
 //! the two sequences cannot collide, and the last [`RECENT_KEYS`] messages received are
 //! remembered by chat and message id, so a message is never answered twice whatever its
 //! update id.
