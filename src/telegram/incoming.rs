@@ -504,7 +504,7 @@ mod tests {
             "ẞ ß İ @llm_bot",
             // İ grows by a byte when lowercased and the Kelvin sign shrinks by two: the
             // lowercased copy kept the length, but its offsets put the cut inside `…`.
-            "İİ@llm_bot…\u{212A} what is this?",
+            "İİ @llm_bot…\u{212A} what is this?",
         ] {
             let stripped = strip_mention(text, "llm_bot").unwrap();
             assert!(!stripped.to_lowercase().contains("@llm_bot"), "{stripped}");

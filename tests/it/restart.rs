@@ -15,7 +15,7 @@ use crate::util::fake_telegram::{BOT_USERNAME, FakeTelegram, forum_group, privat
 /// lowercased text (`İ` grows by a byte when lowercased, the Kelvin sign shrinks by two):
 /// the offset fell inside `…` and slicing the original text panicked on the poll loop.
 fn poison_text() -> String {
-    format!("İİ@{BOT_USERNAME}…\u{212A} what is this?")
+    format!("İİ @{BOT_USERNAME}…\u{212A} what is this?")
 }
 
 /// Flags that make a fake OpenAI-compatible provider answer everything (fast and
@@ -82,7 +82,7 @@ async fn a_poison_update_pending_at_start_is_answered_not_crash_looped() {
     let report = report(&fake, &stderr);
     let answer = &fake.messages(-500)[0];
     assert_eq!(
-        answer.visible, "Echo: what is this?",
+        answer.visible, "Echo: İİ …\u{212A} what is this?",
         "the mention stripped\n{report}"
     );
     assert_eq!(answer.reply_to, Some(7), "{report}");
