@@ -554,6 +554,7 @@ mod tests {
         assert_eq!(received.fresh.len() as u32, n);
         assert_eq!(state.data.recent.len(), RECENT_KEYS);
         assert_eq!(state.recent.len(), RECENT_KEYS);
+        futures::executor::block_on(state.flush().wait()).unwrap();
     }
 
     mod properties {
@@ -621,6 +622,8 @@ mod tests {
                 }
                 let expected: Vec<u32> = (1..next_message).collect();
                 prop_assert_eq!(answered, expected);
+                // Let the writer finish before the directory goes.
+                futures::executor::block_on(state.flush().wait()).unwrap();
             }
         }
     }

@@ -24,9 +24,9 @@ fn echo_flags(provider: &FakeProvider) -> Vec<String> {
     [
         "--chain",
         "openai",
-        "--openai-compat-api-key",
+        "--openai-api-key",
         FAKE_KEY,
-        "--openai-compat-base-url",
+        "--openai-base-url",
         provider.base_url.as_str(),
     ]
     .map(str::to_string)
@@ -71,7 +71,9 @@ async fn a_poison_update_pending_at_start_is_answered_not_crash_looped() {
         f.messages(-500).iter().any(|m| m.html)
     })
     .await;
-    // The process is still up and keeps answering.
+    // The process is still up and keeps answering (the fake's ids go on from the
+    // saved offset).
+    fake.restart_update_ids(1002);
     fake.send_text(&private_chat(51), &en_user(51), "still there?");
     fake.wait_for("the next message answered", LONG, |f| {
         f.messages(51).iter().any(|m| m.html)
