@@ -7,8 +7,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod corpus;
 mod engine;
 mod http;
 mod providers;
+mod refusals;
+mod secrets;
 mod telegram;
 mod util;
