@@ -734,7 +734,8 @@ mod tests {
         let refused = chain.reply(request(), Lang::En).await.err().unwrap();
         assert_eq!(refused.provider, "local");
         assert_eq!(refused.fault(), RequestFault::ContextLengthExceeded);
-        assert!(!metrics.snapshot().contains_key("canned"));
+        let canned = metrics.snapshot().get("canned").map_or(0, |c| c.requests);
+        assert_eq!(canned, 0, "no apology");
     }
 
     #[tokio::test]
