@@ -235,6 +235,29 @@ pub struct Config {
     pub telegram: Option<TelegramConfig>,
 }
 
+impl Config {
+    /// Every secret configured (the Telegram token and its secret half, each cloud key,
+    /// the HTTP API key), for the log writer to cut out of every line.
+    pub fn secrets(&self) -> Vec<String> {
+        let telegram = self.telegram.iter().flat_map(|t| {
+            let token = t.token.expose();
+            // `<bot id>:<secret>`: the bot id is public, the rest is not.
+            [Some(token), token.split_once(':').map(|(_, secret)| secret)]
+        });
+        let p = &self.providers;
+        let keys = [&p.groq, &p.mistral, &p.gemini, &p.openai]
+            .into_iter()
+            .map(|c| c.api_key.as_ref().map(Secret::expose))
+            .chain([self.http.api_key.as_ref().map(Secret::expose)]);
+        telegram
+            .chain(keys)
+            .flatten()
+            .map(str::to_string)
+            .filter(|s| !s.trim().is_empty())
+            .collect()
+    }
+}
+
 /// A flag value that cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {

@@ -35,6 +35,7 @@ pub mod http;
 pub mod i18n;
 pub mod metrics;
 pub mod providers;
+pub mod redact;
 pub mod telegram;
 
 use std::io::IsTerminal;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mistral_bot::config::{Args, Config};
+use mistral_bot::redact::RedactingMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(RedactingMakeWriter::new(std::io::stderr, config.secrets()))
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -15,7 +15,7 @@ use url::Url;
 use super::cloud;
 use super::convert::normalize;
 use super::openai::endpoint;
-use super::{EventStream, Provider, ProviderError, sse};
+use super::{EventStream, Provider, ProviderError, RequestFault, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, Secret};
 
@@ -214,8 +214,8 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
             }
             if let Some(reason) = chunk.prompt_feedback.and_then(|f| f.block_reason) {
                 return Some((
-                    Err(ProviderError::Status {
-                        status: 400,
+                    Err(ProviderError::Refused {
+                        kind: RequestFault::ContentBlocked,
                         detail: format!("prompt blocked: {reason}"),
                     }),
                     None,

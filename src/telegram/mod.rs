@@ -727,6 +727,19 @@ impl BotCore {
                 return Ok(());
             }
         };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(refused) => {
+                // The user's own message was refused (too long, blocked…): a polite,
+                // specific reply, and nothing enters the conversation.
+                lock(stop).take();
+                drop(typing);
+                tracing::info!(chat = origin.chat_id, error = %refused, "request refused");
+                self.say(origin, refused.fault().user_text(origin.lang))
+                    .await;
+                return;
+            }
+        };
         let provider = reply.provider;
         let delivered = stream::deliver(
             &self.api,

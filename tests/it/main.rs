@@ -8,9 +8,12 @@
 
 mod chaos;
 mod cli;
+mod corpus;
 mod engine;
 mod http;
 mod providers;
 mod restart;
+mod refusals;
+mod secrets;
 mod telegram;
 mod util;

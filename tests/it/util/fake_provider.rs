@@ -45,6 +45,19 @@ pub enum Behavior {
     Garbage,
     /// Streams these pieces, then the connection breaks (no end marker).
     CutAfter(Vec<String>),
+    /// This status with this JSON body (an API's error for a bad request, say).
+    Reject {
+        /// The status code.
+        status: u16,
+        /// The body.
+        body: Value,
+    },
+    /// The safety filter blocks the prompt: Gemini answers 200 with
+    /// `promptFeedback.blockReason`; OpenAI-compatible APIs 400 `content_filter`.
+    Blocked,
+    /// This status with an error message quoting the key header as received (some
+    /// services do).
+    EchoKey(u16),
     /// Answers `Echo: <the last user message>`, a word a piece.
     Echo,
     /// Each request draws one of the faults at random from a seed, else echoes.
@@ -95,6 +108,7 @@ pub struct Recorded {
 
 struct FakeState {
     shape: Shape,
+    key: String,
     behavior: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
     /// The chaos generator, seeded when a [`Behavior::Chaos`] is set.
@@ -112,14 +126,20 @@ pub struct FakeProvider {
 }
 
 impl FakeProvider {
-    /// Starts a fake of `shape` doing `behavior`.
+    /// Starts a fake of `shape` doing `behavior`, accepting [`FAKE_KEY`].
     pub async fn start(shape: Shape, behavior: Behavior) -> Self {
+        Self::start_with_key(shape, behavior, FAKE_KEY).await
+    }
+
+    /// Starts a fake of `shape` doing `behavior`, accepting only `key`.
+    pub async fn start_with_key(shape: Shape, behavior: Behavior, key: &str) -> Self {
         let state = Arc::new(FakeState {
             shape,
             rng: Mutex::new(SplitMix(match &behavior {
                 Behavior::Chaos(chaos) => chaos.seed,
                 _ => 0,
             })),
+            key: key.to_string(),
             behavior: Mutex::new(behavior),
             requests: Mutex::default(),
             faults: Mutex::default(),
@@ -188,7 +208,7 @@ async fn handle(
             if rest != "chat/completions" {
                 return StatusCode::NOT_FOUND.into_response();
             }
-            if key_header.as_deref() != Some(&format!("Bearer {FAKE_KEY}")) {
+            if key_header.as_deref() != Some(&format!("Bearer {}", state.key)) {
                 return (
                     StatusCode::UNAUTHORIZED,
                     axum::Json(json!({"error": {"message": "Invalid API Key",
@@ -201,7 +221,7 @@ async fn handle(
             if !rest.ends_with(":streamGenerateContent") || query.as_deref() != Some("alt=sse") {
                 return StatusCode::NOT_FOUND.into_response();
             }
-            if key_header.as_deref() != Some(FAKE_KEY) {
+            if key_header.as_deref() != Some(state.key.as_str()) {
                 return (
                     StatusCode::BAD_REQUEST,
                     axum::Json(json!({"error": {"code": 400,
@@ -252,6 +272,17 @@ async fn handle(
         }
         other => other,
     };
+    if let Behavior::EchoKey(status) = behavior {
+        let message = format!(
+            "internal error while checking key {}",
+            key_header.unwrap_or_default()
+        );
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            axum::Json(json!({"error": {"message": message, "type": "server_error"}})),
+        )
+            .into_response();
+    }
     respond(state.shape, behavior).await
 }
 
@@ -368,6 +399,26 @@ async fn respond(shape: Shape, behavior: Behavior) -> Response {
             };
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
         }
+        Behavior::Reject { status, body } => {
+            (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+        }
+        Behavior::Blocked => match shape {
+            Shape::Gemini => event_stream(Body::from(sse(vec![
+                json!({"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [
+                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}]},
+                    "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+                    "modelVersion": "fake"})
+                .to_string(),
+            ]))),
+            Shape::OpenAi => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "The response was filtered due to the prompt triggering content management policy.",
+                    "type": null, "param": "prompt", "code": "content_filter"}})),
+            )
+                .into_response(),
+        },
+        // Answered in `handle`, which knows the key.
+        Behavior::EchoKey(status) => StatusCode::from_u16(status).unwrap().into_response(),
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
