@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod cloud_apis;
+mod doctor;
 mod engine;
 mod http;
 mod providers;
