@@ -122,10 +122,10 @@ pub async fn run(args: Args) -> Report {
     let mut checks = Vec::new();
     // What `Config` refuses and no check below covers (e.g. --slots 0).
     let config = Config::try_from(args.clone());
-    if let Err(e) = &config {
-        if !matches!(e, ConfigError::OpenWithoutKey { .. }) {
-            checks.push(Check::new(Status::Fail, "flags", e.to_string()));
-        }
+    if let Err(e) = &config
+        && !matches!(e, ConfigError::OpenWithoutKey { .. })
+    {
+        checks.push(Check::new(Status::Fail, "flags", e.to_string()));
     }
     let model = {
         let args = args.clone();

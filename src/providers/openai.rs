@@ -325,10 +325,10 @@ fn content_text(content: &serde_json::Value) -> Result<String, ProviderError> {
                     // Some servers put plain strings in the array.
                     Value::String(piece) => text.push_str(piece),
                     Value::Object(fields) => {
-                        if fields.get("type").and_then(Value::as_str) == Some("text") {
-                            if let Some(piece) = fields.get("text").and_then(Value::as_str) {
-                                text.push_str(piece);
-                            }
+                        if fields.get("type").and_then(Value::as_str) == Some("text")
+                            && let Some(piece) = fields.get("text").and_then(Value::as_str)
+                        {
+                            text.push_str(piece);
                         }
                     }
                     _ => {

@@ -255,7 +255,7 @@ async fn probe_openai(client: &reqwest::Client, cloud: &CloudConfig) -> ProbeOut
     let found = list
         .data
         .iter()
-        .any(|m| m.id == cloud.model || m.aliases.iter().any(|a| *a == cloud.model));
+        .any(|m| m.id == cloud.model || m.aliases.contains(&cloud.model));
     if found {
         return ProbeOutcome::Ready;
     }

@@ -162,26 +162,31 @@ fn key_of(shape: Shape, headers: &HeaderMap) -> Option<String> {
     .map(str::to_string)
 }
 
-/// The real services' answer to a wrong key: OpenAI-style 401, Gemini's 400.
-fn check_key(shape: Shape, key: Option<&str>) -> Result<(), Response> {
+/// The real services' answer to a wrong key (OpenAI-style 401, Gemini's 400); `None` for
+/// the right key.
+fn refusal(shape: Shape, key: Option<&str>) -> Option<Response> {
     match shape {
-        Shape::OpenAi if key == Some(&format!("Bearer {FAKE_KEY}")) => Ok(()),
-        Shape::Gemini if key == Some(FAKE_KEY) => Ok(()),
-        Shape::OpenAi => Err((
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({"error": {"message": "Invalid API Key",
+        Shape::OpenAi if key == Some(&format!("Bearer {FAKE_KEY}")) => None,
+        Shape::Gemini if key == Some(FAKE_KEY) => None,
+        Shape::OpenAi => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": {"message": "Invalid API Key",
                 "type": "invalid_request_error", "code": "invalid_api_key"}})),
-        )
-            .into_response()),
-        Shape::Gemini => Err((
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": {"code": 400,
+            )
+                .into_response(),
+        ),
+        Shape::Gemini => Some(
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"code": 400,
                 "message": "API key not valid. Please pass a valid API key.",
                 "status": "INVALID_ARGUMENT", "details": [{
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                     "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})),
-        )
-            .into_response()),
+            )
+                .into_response(),
+        ),
     }
 }
 
@@ -200,7 +205,7 @@ fn model_not_found(shape: Shape, model: &str) -> Response {
 
 /// `GET /v1/models` (OpenAI's list) or `GET /v1beta/models` (Gemini's).
 async fn list_models(State(state): State<Arc<FakeState>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = check_key(state.shape, key_of(state.shape, &headers).as_deref()) {
+    if let Some(refused) = refusal(state.shape, key_of(state.shape, &headers).as_deref()) {
         return refused;
     }
     let models = state.models.lock().unwrap().clone();
@@ -221,7 +226,7 @@ async fn get_model(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = check_key(state.shape, key_of(state.shape, &headers).as_deref()) {
+    if let Some(refused) = refusal(state.shape, key_of(state.shape, &headers).as_deref()) {
         return refused;
     }
     if !state.models.lock().unwrap().contains(&model) {
@@ -266,7 +271,7 @@ async fn handle(
             model.to_string()
         }
     };
-    if let Err(refused) = check_key(state.shape, key_header.as_deref()) {
+    if let Some(refused) = refusal(state.shape, key_header.as_deref()) {
         return refused;
     }
     if !state.models.lock().unwrap().contains(&model) {
