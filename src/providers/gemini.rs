@@ -416,4 +416,46 @@ mod tests {
         let cut = run(&[r#"{"candidates":[{"content":{"parts":[{"text":"Par"}]}}]}"#]).await;
         assert!(matches!(cut.last(), Some(Err(ProviderError::Cut(_)))));
     }
+
+    #[test]
+    fn each_model_family_gets_its_thinking_field() {
+        assert_eq!(
+            thinking("gemini-3.5-flash-lite"),
+            Thinking::Level("minimal")
+        );
+        assert_eq!(thinking("gemini-3.8-flash"), Thinking::Level("minimal"));
+        assert_eq!(thinking("gemini-3.1-pro-preview"), Thinking::Level("low"));
+        assert_eq!(thinking("models/gemini-4-argon"), Thinking::Level("low"));
+        assert_eq!(thinking("gemini-2.5-flash"), Thinking::Budget(0));
+        assert_eq!(thinking("gemini-2.5-flash-lite"), Thinking::Budget(0));
+        assert_eq!(thinking("gemini-2.5-pro"), Thinking::Budget(128));
+        assert_eq!(thinking("gemini-2.0-flash"), Thinking::None);
+        assert_eq!(thinking("gemma-3-27b-it"), Thinking::None);
+        assert_eq!(thinking("gemini-x"), Thinking::None);
+    }
+
+    #[tokio::test]
+    async fn filter_stops_end_as_content_filter_and_thoughts_are_skipped() {
+        for reason in [
+            "SAFETY",
+            "RECITATION",
+            "PROHIBITED_CONTENT",
+            "BLOCKLIST",
+            "SPII",
+        ] {
+            let payload = format!(r#"{{"candidates":[{{"finishReason":"{reason}","index":0}}]}}"#);
+            let events = run(&[
+                r#"{"candidates":[{"content":{"parts":[{"text":"thinking…","thought":true},{"text":"Par"}]}}]}"#,
+                &payload,
+            ])
+            .await;
+            assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())), "{reason}");
+            let Ok(StreamEvent::Done(done)) = &events[1] else {
+                panic!("{events:?}")
+            };
+            assert_eq!(done.finish_reason, FinishReason::ContentFilter, "{reason}");
+        }
+        assert_eq!(finish_reason("MAX_TOKENS"), FinishReason::Length);
+        assert_eq!(finish_reason("STOP"), FinishReason::Stop);
+    }
 }

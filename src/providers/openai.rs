@@ -610,4 +610,110 @@ mod tests {
         ));
         assert!(whole_completion(b"<html>").is_err());
     }
+
+    #[test]
+    fn reasoning_models_are_told_apart_by_name() {
+        for model in [
+            "o1",
+            "o3-mini",
+            "o4-mini-2025-04-16",
+            "gpt-5",
+            "gpt-5.6-luna",
+            "gpt-6-luna",
+            "openai/gpt-oss-120b",
+            "GPT-5-mini",
+        ] {
+            assert!(is_reasoning_model(model), "{model}");
+        }
+        for model in [
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "omni-x",
+            "o",
+            "mistral-small-latest",
+            "llama-3.1-8b-instant",
+            "ö1",
+            "",
+        ] {
+            assert!(!is_reasoning_model(model), "{model}");
+        }
+    }
+
+    #[test]
+    fn the_token_field_follows_the_api() {
+        let url = |u: &str| Url::parse(u).unwrap();
+        let openai = url("https://api.openai.com/v1");
+        let fleet = url("http://10.0.0.5:8080/v1");
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &openai, "gpt-4o-mini"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &fleet, "mistral-7b"),
+            TokenField::MaxTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &fleet, "o3-mini"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Groq, &fleet, "x"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Mistral, &openai, "x"),
+            TokenField::MaxTokens
+        );
+    }
+
+    #[tokio::test]
+    async fn mistral_chunk_arrays_stream_only_their_text() {
+        let events = run(&[
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"thinking","thinking":[{"type":"text","text":"hmm"}]}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"text","text":"Par"},{"type":"reference","reference_ids":[1]}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"is."},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ])
+        .await;
+        assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())));
+        assert_eq!(events[1], Ok(StreamEvent::Delta("is.".into())));
+        let whole = whole_completion(
+            br#"{"choices":[{"message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"x"}]},{"type":"text","text":"Hi"}]},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(whole[0], Ok(StreamEvent::Delta("Hi".into())));
+        let bad = run(&[r#"{"choices":[{"delta":{"content":42}}]}"#]).await;
+        assert!(
+            matches!(bad[0], Err(ProviderError::Malformed(_))),
+            "{bad:?}"
+        );
+    }
+
+    fn chunk_strategy() -> impl proptest::strategy::Strategy<Value = (bool, String)> {
+        use proptest::prelude::*;
+        (any::<bool>(), "\\PC{0,12}")
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of text and thinking chunks, the text is the text chunks in
+        /// order, and no thought leaks.
+        #[test]
+        fn chunk_arrays_give_exactly_their_text(chunks in proptest::collection::vec(chunk_strategy(), 0..12)) {
+            let value = serde_json::Value::Array(chunks.iter().map(|(is_text, s)| if *is_text {
+                json!({"type": "text", "text": s})
+            } else {
+                json!({"type": "thinking", "thinking": [{"type": "text", "text": format!("THOUGHT{s}")}]})
+            }).collect());
+            let expected: String = chunks.iter().filter(|(t, _)| *t).map(|(_, s)| s.as_str()).collect();
+            proptest::prop_assert_eq!(content_text(&value).unwrap(), expected);
+        }
+
+        /// Any JSON value is text or a clean error, never a panic.
+        #[test]
+        fn any_content_value_is_text_or_an_error(raw in "\\PC{0,64}") {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&raw) {
+                let _ = content_text(&value);
+            }
+        }
+    }
 }

@@ -165,7 +165,7 @@ async fn doctor_names_every_problem_with_its_fix_and_fails() {
     println!("{report}");
     assert_eq!(output.status.code(), Some(1), "{report}");
     let expect = [
-        ("model", "is not a GGUF"),
+        ("model", "not a GGUF file"),
         ("data", "pass --data-dir DIR"),
         ("http", "pass --http-addr"),
         ("telegram", "set TELEGRAM_BOT_TOKEN"),
