@@ -17,11 +17,14 @@ use crate::chat::GenerateParams;
 use crate::engine::{ChatTemplateChoice, EngineConfig};
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MISTRAL_BOT_GIT_COMMIT"), ")"),
     about,
-    long_about = None
+    long_about = None,
+    after_help = "Commands:\n  doctor  Check the set-up (model, build, data dir, HTTP address, Telegram, cloud \
+                  providers) and exit: `mistral-bot doctor [OPTIONS]`, with the same options, \
+                  environment and .env"
 )]
 pub struct Args {
     /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf).
@@ -154,6 +157,38 @@ pub struct Args {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
+}
+
+/// What the command line asks for: the bot (serve, `--prompt`, `--console`) or a subcommand.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Run the bot as the flags say.
+    Run(Args),
+    /// `mistral-bot doctor [OPTIONS]`: check the set-up the same options describe.
+    Doctor(Args),
+}
+
+impl Command {
+    /// The name of the doctor subcommand.
+    pub const DOCTOR: &'static str = "doctor";
+
+    /// Parses `argv` (program name first); prints help or the error and exits on bad
+    /// input, as clap does. `doctor` as the first argument selects the subcommand; every
+    /// other option is shared, so it is parsed by the same [`Args`] (its help lists the
+    /// command), and `mistral-bot --model x` works as it always did.
+    pub fn parse_from<I, T>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+        if argv.get(1).is_some_and(|a| a == Self::DOCTOR) {
+            argv.remove(1);
+            Command::Doctor(Args::parse_from(argv))
+        } else {
+            Command::Run(Args::parse_from(argv))
+        }
+    }
 }
 
 fn parse_secret(value: &str) -> Result<Secret, std::convert::Infallible> {
@@ -501,7 +536,7 @@ fn secret(value: Option<Secret>) -> Option<Secret> {
 }
 
 /// Flags of the fallback chain and the cloud providers.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProviderArgs {
     /// Providers to try, in order, before the canned apology: `local`, `groq`, `mistral`,
     /// `gemini`, `openai` (comma-separated). Unconfigured providers are skipped.
@@ -521,7 +556,12 @@ pub struct ProviderArgs {
     #[arg(long, env = "GROQ_API_KEY", hide_env_values = true)]
     pub groq_api_key: Option<Secret>,
     /// Groq model.
-    #[arg(long, env = "GROQ_MODEL", default_value = "llama-3.3-70b-versatile")]
+    // Groq shut `llama-3.3-70b-versatile` down on 2026-08-16 (404 model_not_found since) and
+    // names `openai/gpt-oss-120b` as its replacement:
+    // https://console.groq.com/docs/deprecations ,
+    // https://github.com/codedaily04/commit-craft/issues/1 ,
+    // https://github.com/rvong65/ethical-decision-simulator/releases/tag/v1.0.1
+    #[arg(long, env = "GROQ_MODEL", default_value = "openai/gpt-oss-120b")]
     pub groq_model: String,
     /// Groq OpenAI-compatible base URL.
     #[arg(
@@ -538,6 +578,9 @@ pub struct ProviderArgs {
     #[arg(long, env = "MISTRAL_API_KEY", hide_env_values = true)]
     pub mistral_api_key: Option<Secret>,
     /// Mistral model.
+    // An alias Mistral keeps pointing at its current small model; reasoning versions may
+    // stream `content` as chunks (text + thinking), which the client parses:
+    // https://docs.mistral.ai/capabilities/reasoning/ , https://github.com/symfony/ai/issues/2422
     #[arg(long, env = "MISTRAL_MODEL", default_value = "mistral-small-latest")]
     pub mistral_model: String,
     /// Mistral base URL.
@@ -555,7 +598,12 @@ pub struct ProviderArgs {
     #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
     pub gemini_api_key: Option<Secret>,
     /// Gemini model.
-    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-2.5-flash")]
+    // `gemini-2.5-flash` shuts down on 2026-12-01; Google's recommended replacement is
+    // `gemini-3.5-flash-lite` (GA since 2026-07-21, thinking level `minimal` by default):
+    // https://ai.google.dev/gemini-api/docs/deprecations ,
+    // https://dev.to/aideprecations/what-to-do-before-gemini-25-pro-and-25-flash-are-retired-on-december-1-2026-5gg9 ,
+    // https://ai.google.dev/gemini-api/docs/changelog (2026-07-21)
+    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-3.5-flash-lite")]
     pub gemini_model: String,
     /// Gemini API base URL.
     #[arg(
@@ -573,7 +621,11 @@ pub struct ProviderArgs {
     #[arg(long, env = "OPENAI_COMPAT_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<Secret>,
     /// Model of the generic OpenAI-compatible provider.
-    #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-4o-mini")]
+    // OpenAI shuts `gpt-4o-mini` down on 2027-01-14 and names `gpt-6-luna` (a reasoning
+    // model: `max_completion_tokens`, default sampling only) as its replacement:
+    // https://developers.openai.com/api/docs/deprecations ,
+    // https://dev.to/max_bob/openai-api-deprecations-2026-2027-every-shutdown-date-and-recommended-replacement-gpt-4o-2ffm
+    #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-6-luna")]
     pub openai_model: String,
     /// Base URL of the generic OpenAI-compatible provider [default: https://api.openai.com/v1].
     #[arg(long, env = "OPENAI_COMPAT_BASE_URL")]
@@ -614,6 +666,39 @@ impl ProviderKind {
             ProviderKind::Mistral => "mistral",
             ProviderKind::Gemini => "gemini",
             ProviderKind::OpenAi => "openai",
+        }
+    }
+
+    /// The flag and environment variable naming this provider's model.
+    pub fn model_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "--model (MISTRAL_BOT_MODEL)",
+            ProviderKind::Groq => "--groq-model (GROQ_MODEL)",
+            ProviderKind::Mistral => "--mistral-model (MISTRAL_MODEL)",
+            ProviderKind::Gemini => "--gemini-model (GEMINI_MODEL)",
+            ProviderKind::OpenAi => "--openai-model (OPENAI_COMPAT_MODEL)",
+        }
+    }
+
+    /// The flag and environment variable holding this provider's API key.
+    pub fn key_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "nothing",
+            ProviderKind::Groq => "--groq-api-key (GROQ_API_KEY)",
+            ProviderKind::Mistral => "--mistral-api-key (MISTRAL_API_KEY)",
+            ProviderKind::Gemini => "--gemini-api-key (GEMINI_API_KEY)",
+            ProviderKind::OpenAi => "--openai-api-key (OPENAI_COMPAT_API_KEY)",
+        }
+    }
+
+    /// The flag and environment variable holding this provider's base URL.
+    pub fn base_url_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "nothing",
+            ProviderKind::Groq => "--groq-base-url (GROQ_BASE_URL)",
+            ProviderKind::Mistral => "--mistral-base-url (MISTRAL_BASE_URL)",
+            ProviderKind::Gemini => "--gemini-base-url (GEMINI_BASE_URL)",
+            ProviderKind::OpenAi => "--openai-base-url (OPENAI_COMPAT_BASE_URL)",
         }
     }
 
@@ -760,7 +845,7 @@ impl TryFrom<ProviderArgs> for ProvidersConfig {
 }
 
 /// Flags of the HTTP API.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {
     /// Address of the HTTP API (OpenAI-compatible chat, metrics, health).
     #[arg(long, env = "MISTRAL_BOT_HTTP_ADDR", default_value = "127.0.0.1:8000")]

@@ -47,6 +47,16 @@ pub fn interrupted_notice(lang: Lang) -> &'static str {
     }
 }
 
+/// Appended when the provider's safety or copyright filter stopped a reply (Gemini
+/// `SAFETY`/`RECITATION`/`PROHIBITED_CONTENT`…, OpenAI `content_filter`), so the user does
+/// not take a cut answer for a whole one.
+pub fn content_filtered_notice(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "\n\n[The answer was stopped by the model provider's content filter.]",
+        Lang::Ru => "\n\n[Ответ остановлен фильтром содержимого поставщика модели.]",
+    }
+}
+
 /// `/start`: who the bot is.
 pub fn greeting(lang: Lang, model: &str) -> String {
     match lang {

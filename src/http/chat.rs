@@ -37,6 +37,7 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::ContentFilter => "content_filter",
     }
 }
 
@@ -213,5 +214,6 @@ mod tests {
     fn finish_reasons_are_openai_names() {
         assert_eq!(finish_reason(FinishReason::Length), "length");
         assert_eq!(finish_reason(FinishReason::Cancelled), "stop");
+        assert_eq!(finish_reason(FinishReason::ContentFilter), "content_filter");
     }
 }

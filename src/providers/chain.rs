@@ -188,11 +188,10 @@ impl Chain {
                         idle: entry.timeout,
                         lang,
                     };
+                    let head = (!text.is_empty()).then_some(StreamEvent::Delta(text));
                     return Ok(Reply {
                         provider: name,
-                        events: stream::iter([StreamEvent::Delta(text)])
-                            .chain(tail.into_stream())
-                            .boxed(),
+                        events: stream::iter(head).chain(tail.into_stream()).boxed(),
                     });
                 }
                 Err(e) => {
@@ -248,6 +247,14 @@ async fn first_text(
             Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => return Ok((text, events)),
             Some(Ok(StreamEvent::Prompt(_))) => *started = true,
             Some(Ok(StreamEvent::Delta(_))) => {}
+            // Stopped by the provider's filter before any text: that is its answer (the
+            // notice), not a failure to hand to the next provider.
+            Some(Ok(
+                done @ StreamEvent::Done(Completion {
+                    finish_reason: FinishReason::ContentFilter,
+                    ..
+                }),
+            )) => return Ok((String::new(), stream::iter([Ok(done)]).boxed())),
             Some(Ok(StreamEvent::Done(_))) => return Err(ProviderError::Empty),
             None => return Err(ProviderError::Cut("ended before any text".into())),
             Some(Err(e)) => return Err(e),
@@ -329,7 +336,19 @@ impl Tail {
             let failure = match timeout(tail.idle, tail.events.next()).await {
                 Ok(Some(Ok(StreamEvent::Done(completion)))) => {
                     tail.attempt.succeeded();
-                    return Some((vec![StreamEvent::Done(completion)], None));
+                    let mut events = Vec::with_capacity(2);
+                    if completion.finish_reason == FinishReason::ContentFilter {
+                        let notice = i18n::content_filtered_notice(tail.lang);
+                        // Alone, the notice needs no blank line before it.
+                        let notice = if tail.delivered == 0 {
+                            notice.trim_start()
+                        } else {
+                            notice
+                        };
+                        events.push(StreamEvent::Delta(notice.to_string()));
+                    }
+                    events.push(StreamEvent::Done(completion));
+                    return Some((events, None));
                 }
                 Ok(Some(Ok(StreamEvent::Delta(text))))
                     if tail.delivered + text.len() <= MAX_REPLY_BYTES =>

@@ -13,6 +13,8 @@
 //! - `openai`, `gemini`: the cloud clients (Groq, Mistral and the generic provider are
 //!   [`OpenAiProvider`]s); `convert`: chat history → each API's messages; `sse`: the
 //!   server-sent-events decoder; `cloud`: what the HTTP clients share (errors, Retry-After).
+//! - [`probe`]: is each cloud provider's key accepted and its model there (the start-up
+//!   check and `mistral-bot doctor`).
 //!
 //! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
@@ -24,6 +26,7 @@ mod gemini;
 mod health;
 mod local;
 mod openai;
+pub mod probe;
 mod sse;
 
 use std::sync::Arc;
@@ -103,6 +106,18 @@ pub enum ProviderError {
     /// The provider needs an API key and has none.
     #[error("no API key configured")]
     MissingKey,
+    /// The configured model does not exist (or no longer exists, or this key may not use
+    /// it): HTTP 404 `model_not_found`, or 400 `model_decommissioned`. Only the operator can
+    /// fix it, so the message names the setting to change.
+    #[error(
+        "the model `{model}` does not exist or this key may not use it: set {flag} to a current model"
+    )]
+    ModelNotFound {
+        /// The model asked for.
+        model: String,
+        /// The flag and environment variable that choose it.
+        flag: &'static str,
+    },
     /// The local engine failed (other than being overloaded).
     #[error("local engine: {0}")]
     Engine(EngineError),
@@ -202,6 +217,7 @@ impl ProviderError {
             ProviderError::Empty => "empty",
             ProviderError::Cut(_) => "cut",
             ProviderError::MissingKey => "missing_key",
+            ProviderError::ModelNotFound { .. } => "model_not_found",
             ProviderError::Engine(e) => e.kind(),
             ProviderError::Failed(_) => "error",
         }
@@ -242,6 +258,31 @@ pub enum BuildError {
 /// How long a cloud client may take to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The HTTP client the cloud providers (and their checks) share.
+pub fn http_client() -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("mistral-bot/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError::Client(e.to_string()))
+}
+
+/// The start-up check: checks every cloud provider of the chain at once (each within
+/// [`probe::PROBE_TIMEOUT`]) and logs, per provider, whether its key works and its model
+/// exists, naming the flag to change. Meant to run beside the engine's loading.
+pub async fn startup_check(config: ProvidersConfig) {
+    let client = match http_client() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "start-up check of the cloud providers skipped");
+            return;
+        }
+    };
+    let reports = probe::probe_chain(&client, &config).await;
+    probe::log_startup_check(&reports);
+}
+
 /// The chain `config` describes, over `engine`, recording into `metrics`. Providers named
 /// in the chain but not configured (no API key) are left out with one log line each.
 pub fn build_chain(
@@ -249,12 +290,7 @@ pub fn build_chain(
     engine: EngineHandle,
     metrics: Arc<Metrics>,
 ) -> Result<Chain, BuildError> {
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("mistral-bot/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| BuildError::Client(e.to_string()))?;
+    let client = http_client()?;
     let mut builder = Chain::builder(metrics).breaker(BreakerPolicy {
         failures: config.breaker_failures.get(),
         cooldown: config.breaker_cooldown,

@@ -9,6 +9,8 @@
 mod chaos;
 mod cli;
 mod corpus;
+mod cloud_apis;
+mod doctor;
 mod engine;
 mod http;
 mod providers;

@@ -153,6 +153,8 @@ struct Inner {
     messages: BTreeMap<(i64, i64), BotMessage>,
     /// Chats seen in injected updates, by id.
     chats: BTreeMap<i64, Value>,
+    /// The webhook URL `getWebhookInfo` reports (empty: none); `deleteWebhook` clears it.
+    webhook: String,
 }
 
 struct Shared {
@@ -195,6 +197,11 @@ impl FakeTelegram {
             token: token.to_string(),
             shared,
         }
+    }
+
+    /// Sets a webhook, as another deployment of the same bot would.
+    pub fn set_webhook(&self, url: &str) {
+        self.inner().webhook = url.to_string();
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -546,9 +553,10 @@ async fn inject_fault(
 
 /// The documented spelling of a method name.
 fn canonical(method: &str) -> String {
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 8] = [
         "getUpdates",
         "getMe",
+        "getWebhookInfo",
         "sendMessage",
         "editMessageText",
         "sendChatAction",
@@ -631,7 +639,18 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
                 "has_main_web_app": false}),
             ),
         ),
-        "deleteWebhook" | "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
+        "getWebhookInfo" => (
+            200,
+            ok(
+                json!({"url": inner.webhook, "has_custom_certificate": false,
+                "pending_update_count": 0}),
+            ),
+        ),
+        "deleteWebhook" => {
+            inner.webhook.clear();
+            (200, ok(json!(true)))
+        }
+        "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
         "sendMessage" => {
             let Some(chat_id) = params.get("chat_id").and_then(Value::as_i64) else {
                 return (400, error(400, "Bad Request: chat not found", None));
