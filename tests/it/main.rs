@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod dashboard;
 mod engine;
 mod http;
 mod providers;
