@@ -196,6 +196,16 @@ pub struct EngineStats {
     pub max_prompt_tokens_per_step: usize,
     /// Generated tokens per second of generation time, averaged over finished requests.
     pub avg_tokens_per_second: f64,
+    /// Parked KV states restored from RAM, since start (filled by KV parking).
+    pub kv_park_hits_ram: u64,
+    /// Parked KV states restored from disk, since start (filled by KV parking).
+    pub kv_park_hits_disk: u64,
+    /// Requests that found no parked KV state to restore, since start (filled by KV parking).
+    pub kv_park_misses: u64,
+    /// Bytes of parked KV state held in RAM now (filled by KV parking).
+    pub kv_park_ram_bytes: u64,
+    /// Bytes of parked KV state on disk now (filled by KV parking).
+    pub kv_park_disk_bytes: u64,
 }
 
 /// Counters shared between the engine thread and handles.
@@ -331,6 +341,11 @@ impl EngineHandle {
             } else {
                 timed_tokens as f64 / (timed_micros as f64 / 1e6)
             },
+            kv_park_hits_ram: 0,
+            kv_park_hits_disk: 0,
+            kv_park_misses: 0,
+            kv_park_ram_bytes: 0,
+            kv_park_disk_bytes: 0,
         }
     }
 }

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio::time::{Instant, timeout};
 
-use super::health::{Admission, BreakerPolicy, Health};
+use super::health::{Admission, BreakerPolicy, Health, HealthStatus};
 use super::{CannedProvider, EventStream, Fault, Provider, ProviderError, RequestFault};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::i18n::{self, Lang};
@@ -142,6 +142,15 @@ impl Chain {
     /// The providers' names, in order (the canned apology not included).
     pub fn provider_names(&self) -> Vec<&'static str> {
         self.entries.iter().map(|e| e.provider.name()).collect()
+    }
+
+    /// Each provider's health now (breaker, Retry-After), in chain order.
+    pub fn health(&self) -> Vec<(&'static str, HealthStatus)> {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .map(|e| (e.provider.name(), lock(&e.health).status(now)))
+            .collect()
     }
 
     /// The metrics the chain records into.

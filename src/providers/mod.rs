@@ -39,7 +39,7 @@ pub use canned::CannedProvider;
 pub use chain::Refused;
 pub use chain::{Chain, ChainBuilder, Reply};
 pub use gemini::GeminiProvider;
-pub use health::BreakerPolicy;
+pub use health::{BreakerPolicy, BreakerState, HealthStatus};
 pub use local::LocalProvider;
 pub use openai::{OpenAiFlavor, OpenAiProvider};
 

@@ -11,6 +11,7 @@ mod cli;
 mod corpus;
 mod cloud_apis;
 mod doctor;
+mod dashboard;
 mod engine;
 mod http;
 mod providers;
