@@ -35,9 +35,9 @@ impl Provider for LocalProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
-        let submitted = self.engine.submit(request);
         Box::pin(async move {
-            let stream = submitted?;
+            // Prepared here (a large request on the blocking pool), never on the engine thread.
+            let stream = self.engine.submit_async(request, false).await?;
             Ok(stream
                 .filter(|event| {
                     futures::future::ready(!matches!(event, Ok(StreamEvent::Prompt(_))))
