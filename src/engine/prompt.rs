@@ -662,4 +662,180 @@ mod tests {
             Err(PromptError::Empty)
         );
     }
+
+    #[test]
+    fn a_huge_message_beside_a_system_prompt_is_truncated_not_refused() {
+        // Regression (issue 9): with a system message this failed as "too long".
+        let huge = format!("START {} END", "x".repeat(100_000));
+        let messages = [ChatMessage::system("Be brief."), ChatMessage::user(huge)];
+        let fitted = fit_prompt(&CharVocab, &MistralFormat, &messages, 1000).unwrap();
+        assert!(fitted.truncated);
+        assert!(fitted.tokens.len() <= 1000);
+        let text = plain_text(&fitted.tokens);
+        assert!(text.starts_with(" Be brief.\n\nSTART"), "{text:?}");
+        assert!(text.contains("END"));
+    }
+
+    #[test]
+    fn a_growing_chat_is_cut_in_blocks_and_keeps_its_prefix_between_cuts() {
+        let budget = 600;
+        let mut messages = vec![ChatMessage::system("You are terse.")];
+        let mut cuts = Vec::new();
+        for i in 0..80 {
+            messages.push(ChatMessage::user(format!("question number {i}?")));
+            let fitted = fit_prompt(&CharVocab, &MistralFormat, &messages, budget).unwrap();
+            assert!(fitted.tokens.len() <= budget);
+            cuts.push(fitted.dropped_messages);
+            messages.push(ChatMessage::assistant(format!("answer number {i}.")));
+        }
+        let changes = cuts.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(cuts.windows(2).all(|w| w[0] <= w[1]), "{cuts:?}");
+        // 80 turns of ~45 tokens are ~3600 tokens: about one cut per ~300 tokens of chat.
+        assert!((5..=15).contains(&changes), "{changes} cuts: {cuts:?}");
+    }
+
+    /// ChatML, written out: each message in its own `<|im_start|>role … <|im_end|>`.
+    struct ChatMlFormat;
+
+    impl ChatFormat for ChatMlFormat {
+        fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError> {
+            if messages.is_empty() {
+                return Err(PromptError::Empty);
+            }
+            let mut out = vec![Segment::Bos];
+            for m in messages {
+                out.push(Segment::Special(format!("<|im_start|>{}\n", m.role)));
+                out.push(Segment::Text(m.content.clone()));
+                out.push(Segment::Special("<|im_end|>\n".into()));
+            }
+            out.push(Segment::Special("<|im_start|>assistant\n".into()));
+            Ok(merge(out))
+        }
+
+        fn stop_strings(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    fn contains_run(haystack: &[i32], needle: &[i32]) -> bool {
+        needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn conversation() -> impl Strategy<Value = Vec<ChatMessage>> {
+            (
+                proptest::option::of("[a-z ]{0,300}"),
+                proptest::collection::vec(("[a-z ]{0,120}", "[a-z ]{0,200}"), 0..30),
+                "[a-z ?]{0,1500}",
+            )
+                .prop_map(|(system, turns, last)| {
+                    let mut messages: Vec<ChatMessage> =
+                        system.into_iter().map(ChatMessage::system).collect();
+                    for (user, assistant) in turns {
+                        messages.push(ChatMessage::user(user));
+                        messages.push(ChatMessage::assistant(assistant));
+                    }
+                    messages.push(ChatMessage::user(last));
+                    messages
+                })
+        }
+
+        fn format(chatml: bool) -> &'static dyn ChatFormat {
+            if chatml { &ChatMlFormat } else { &MistralFormat }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Never over budget; the system prompt and the last message are kept (cut
+            /// in the middle with the marker when they cannot be kept whole); an error only
+            /// when not even the empty scaffolding fits.
+            #[test]
+            fn fitting_stays_within_budget_and_keeps_system_and_last(
+                messages in conversation(),
+                budget in 8usize..2500,
+                chatml in any::<bool>(),
+            ) {
+                let format = format(chatml);
+                let marker = CharVocab.tokenize(TRUNCATION_MARKER, false);
+                match fit_prompt(&CharVocab, format, &messages, budget) {
+                    Ok(fitted) => {
+                        prop_assert!(fitted.tokens.len() <= budget);
+                        let last = messages.last().unwrap();
+                        let mut must_keep: Vec<&ChatMessage> =
+                            messages.iter().take_while(|m| m.role == Role::System).collect();
+                        must_keep.push(last);
+                        for message in must_keep {
+                            let content = CharVocab.tokenize(&message.content, false);
+                            prop_assert!(
+                                contains_run(&fitted.tokens, &content)
+                                    || (fitted.truncated
+                                        && (contains_run(&fitted.tokens, &marker)
+                                            || budget < 2 * marker.len() + 40)),
+                                "lost {:?}", message
+                            );
+                        }
+                    }
+                    Err(PromptError::TooLong { .. }) => {
+                        let scaffolding: Vec<ChatMessage> = messages
+                            .iter()
+                            .take_while(|m| m.role == Role::System)
+                            .chain(messages.last())
+                            .map(|m| ChatMessage::new(m.role, ""))
+                            .collect();
+                        let needed = tokenize_segments(&CharVocab, &format.render(&scaffolding).unwrap()).len();
+                        prop_assert!(needed > budget, "refused though {needed} ≤ {budget}");
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error {e:?}"),
+                }
+            }
+
+            /// The cut is a function of the conversation: one more turn keeps the same cut
+            /// unless the old cut no longer fits (a new block is due), and never moves it
+            /// back, so a stateless client resending its history keeps the cached prefix.
+            #[test]
+            fn appending_a_turn_keeps_the_cut_until_a_block_is_due(
+                messages in conversation(),
+                reply in "[a-z ]{0,200}",
+                next in "[a-z ?]{0,200}",
+                budget in 200usize..2500,
+                chatml in any::<bool>(),
+            ) {
+                let format = format(chatml);
+                let Ok(before) = fit_prompt(&CharVocab, format, &messages, budget) else {
+                    return Ok(());
+                };
+                let system_count = messages.iter().take_while(|m| m.role == Role::System).count();
+                let (system, turns) = messages.split_at(system_count);
+                let grid = cut_grid(&CharVocab, format, system, turns, budget).unwrap();
+                // Only cuts on the grid are stable (the fine fallback serves huge messages).
+                prop_assume!(
+                    !before.truncated
+                        && (before.dropped_messages == 0 || grid.contains(&before.dropped_messages))
+                );
+                let mut longer = messages.clone();
+                longer.push(ChatMessage::assistant(reply));
+                longer.push(ChatMessage::user(next));
+                let Ok(after) = fit_prompt(&CharVocab, format, &longer, budget) else {
+                    return Ok(());
+                };
+                prop_assert!(after.dropped_messages >= before.dropped_messages);
+                let old_cut_fits = {
+                    let kept: Vec<ChatMessage> = system
+                        .iter()
+                        .chain(&longer[system_count + before.dropped_messages..])
+                        .cloned()
+                        .collect();
+                    tokenize_segments(&CharVocab, &format.render(&kept).unwrap()).len() <= budget
+                };
+                if old_cut_fits {
+                    prop_assert_eq!(after.dropped_messages, before.dropped_messages);
+                }
+            }
+        }
+    }
 }
