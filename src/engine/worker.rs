@@ -68,9 +68,13 @@ pub(super) fn run(
     let slots = config.slots.get();
     let threads = i32::try_from(config.threads.get()).unwrap_or(i32::MAX);
     let n_ctx = config.ctx_size.get().saturating_mul(slots as u32);
+    // llama.cpp reserves an output row per sequence in every decode and aborts the process
+    // (GGML_ASSERT in output_reserve) when the batch is smaller than the sequence count: the
+    // context's batch holds at least one token per slot, whatever a step is planned to use.
+    let n_batch = config.batch_size.get().max(slots as u32);
     let ctx = match model.new_context(&ContextOptions {
         n_ctx,
-        n_batch: config.batch_size.get(),
+        n_batch,
         n_seq_max: slots as u32,
         threads,
     }) {
