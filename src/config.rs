@@ -323,6 +323,18 @@ pub enum ConfigError {
         /// --batch-size.
         batch: u32,
     },
+    /// More slots than one batch holds: each step decodes a token for every generating
+    /// slot, so some would wait every other step.
+    #[error(
+        "--slots {slots} is larger than --batch-size {batch}: every step decodes one token per \
+         generating slot; raise --batch-size to at least {slots} or lower --slots"
+    )]
+    SlotsOverBatch {
+        /// --slots.
+        slots: usize,
+        /// --batch-size.
+        batch: u32,
+    },
     /// A sampling parameter out of range.
     #[error("--{flag} {value} is out of range ({range})")]
     OutOfRange {
@@ -405,6 +417,12 @@ impl TryFrom<Args> for Config {
         if prefill_chunk > batch_size {
             return Err(ConfigError::ChunkOverBatch {
                 chunk: prefill_chunk.get(),
+                batch: batch_size.get(),
+            });
+        }
+        if slots.get() > batch_size.get() as usize {
+            return Err(ConfigError::SlotsOverBatch {
+                slots: slots.get(),
                 batch: batch_size.get(),
             });
         }
@@ -942,6 +960,16 @@ mod tests {
         assert!(parse(&["--top-p", "1.5"]).is_err());
         assert!(parse(&["--temperature", "-1"]).is_err());
         assert!(parse(&["--temperature", "0"]).is_ok());
+    }
+
+    #[test]
+    fn slots_must_fit_a_batch() {
+        // Regression (issue 7, item 7): more slots than a batch holds made every batch fail.
+        let err = parse(&["--slots", "8", "--batch-size", "4", "--prefill-chunk", "4"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--slots 8 is larger than --batch-size 4"), "{err}");
+        assert!(parse(&["--slots", "4", "--batch-size", "4", "--prefill-chunk", "4"]).is_ok());
     }
 
     #[test]

@@ -95,9 +95,20 @@ impl AppState {
         let _ = self.inner.backend.set(Backend { chain, engine });
     }
 
-    /// Whether the model is loaded.
+    /// Whether the model is loaded and its engine thread still runs.
     pub fn is_ready(&self) -> bool {
-        self.inner.backend.get().is_some()
+        self.inner
+            .backend
+            .get()
+            .is_some_and(|backend| backend.engine.is_alive())
+    }
+
+    /// Whether the model was loaded and its engine thread has died since.
+    pub fn engine_stopped(&self) -> bool {
+        self.inner
+            .backend
+            .get()
+            .is_some_and(|backend| !backend.engine.is_alive())
     }
 
     pub(super) fn chain(&self) -> Option<&Arc<Chain>> {

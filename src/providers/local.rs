@@ -39,12 +39,12 @@ impl Provider for LocalProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
-        // The engine sends the prompt when the request leaves the queue for a slot: that
-        // event tells the chain a timeout before it was a wait in the queue (busy), not a
-        // failure. Rendering the pieces costs about a microsecond per prompt token.
-        let submitted = self.engine.submit_showing_prompt(request);
         Box::pin(async move {
-            let stream = submitted?;
+            // Prepared here (a large request on the blocking pool), never on the engine thread.
+            // The engine sends the prompt when the request leaves the queue for a slot: that
+            // event tells the chain a timeout before it was a wait in the queue (busy), not a
+            // failure. Rendering the pieces costs about a microsecond per prompt token.
+            let stream = self.engine.submit_async(request, true).await?;
             Ok(stream
                 .map(|event| {
                     event
