@@ -12,6 +12,7 @@
 
 mod detok;
 mod llama;
+pub mod park;
 pub mod prompt;
 mod scheduler;
 mod slot;
@@ -24,12 +25,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
 pub use detok::{DetokOutput, Detokenizer};
+pub use park::ParkConfig;
 
 use crate::chat::{ChatRequest, Completion, StreamEvent};
 
@@ -59,6 +61,8 @@ pub struct EngineConfig {
     pub llama_log: bool,
     /// Draw a progress bar on stderr while loading.
     pub progress_bar: bool,
+    /// KV parking (RAM and disk budgets); `None` disables it.
+    pub park: Option<ParkConfig>,
 }
 
 /// Which chat format the engine uses.
@@ -132,6 +136,15 @@ pub enum StartError {
     /// The chat template cannot be used.
     #[error("chat template unusable: {0}")]
     ChatTemplate(String),
+    /// The KV park directory cannot be used.
+    #[error("cannot use the KV park directory {}", path.display())]
+    ParkDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The engine thread could not be started or died while starting.
     #[error("the engine thread failed to start")]
     Thread,
@@ -196,11 +209,22 @@ pub struct EngineStats {
     pub max_prompt_tokens_per_step: usize,
     /// Generated tokens per second of generation time, averaged over finished requests.
     pub avg_tokens_per_second: f64,
+    /// Requests whose prompt continued a KV state parked in RAM (restored into a slot).
+    pub kv_park_hits_ram: u64,
+    /// Requests whose prompt continued a KV state read back from a park file.
+    pub kv_park_hits_disk: u64,
+    /// Requests (with parking on) that found less than half of their prompt in a slot or
+    /// a parked state: new chats, and chats whose state was evicted or unusable.
+    pub kv_park_misses: u64,
+    /// Bytes of parked states in RAM now (at most `--kv-park-ram`).
+    pub kv_park_ram_bytes: u64,
+    /// Bytes of park files on disk now (at most `--kv-park-disk`).
+    pub kv_park_disk_bytes: u64,
 }
 
 /// Counters shared between the engine thread and handles.
 #[derive(Debug, Default)]
-struct SharedStats {
+pub(crate) struct SharedStats {
     slots_busy: AtomicUsize,
     requests_started: AtomicU64,
     requests_finished: AtomicU64,
@@ -214,6 +238,11 @@ struct SharedStats {
     timed_tokens: AtomicU64,
     /// Microseconds of generation, over finished requests (for tokens/s).
     timed_micros: AtomicU64,
+    kv_park_hits_ram: AtomicU64,
+    kv_park_hits_disk: AtomicU64,
+    kv_park_misses: AtomicU64,
+    kv_park_ram_bytes: AtomicU64,
+    kv_park_disk_bytes: AtomicU64,
 }
 
 /// A request on its way to the engine thread.
@@ -233,6 +262,7 @@ pub struct EngineHandle {
 
 struct HandleInner {
     submit_tx: mpsc::Sender<Job>,
+    control_tx: mpsc::UnboundedSender<park::Control>,
     stats: Arc<SharedStats>,
     info: ModelInfo,
     slots: usize,
@@ -246,18 +276,28 @@ impl EngineHandle {
         check_model_file(&config.model_path)?;
         let (submit_tx, submit_rx) = mpsc::channel(config.queue_size.get());
         let (ready_tx, ready_rx) = oneshot::channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let worker_control_tx = control_tx.clone();
         let stats = Arc::new(SharedStats::default());
         let slots = config.slots.get();
         let ctx_size = config.ctx_size.get();
         let worker_stats = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("mistral-bot-engine".into())
-            .spawn(move || worker::run(config, submit_rx, worker_stats, ready_tx))
+            .spawn(move || {
+                let channels = worker::Channels {
+                    submit_rx,
+                    control_rx,
+                    control_tx: worker_control_tx,
+                };
+                worker::run(config, channels, worker_stats, ready_tx);
+            })
             .map_err(|_| StartError::Thread)?;
         let info = ready_rx.await.map_err(|_| StartError::Thread)??;
         Ok(Self {
             inner: Arc::new(HandleInner {
                 submit_tx,
+                control_tx,
                 stats,
                 info,
                 slots,
@@ -309,6 +349,32 @@ impl EngineHandle {
         self.inner.ctx_size
     }
 
+    /// Writes every slot's KV cache and every state parked in RAM to park files, for the
+    /// next start (the shutdown path awaits this). Returns false if that took longer than
+    /// `timeout` (what was written by then is kept; the rest is lost). Without parking to
+    /// disk it returns at once.
+    pub async fn park_all(&self, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self
+            .inner
+            .control_tx
+            .send(park::Control::ParkAll(done_tx))
+            .is_err()
+        {
+            return true; // the engine has stopped: nothing left in memory
+        }
+        match tokio::time::timeout(timeout, done_rx).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(
+                    seconds = timeout.as_secs(),
+                    "writing the KV caches to disk took too long; the rest is lost"
+                );
+                false
+            }
+        }
+    }
+
     /// The engine's figures now.
     pub fn stats(&self) -> EngineStats {
         let s = &self.inner.stats;
@@ -331,6 +397,11 @@ impl EngineHandle {
             } else {
                 timed_tokens as f64 / (timed_micros as f64 / 1e6)
             },
+            kv_park_hits_ram: s.kv_park_hits_ram.load(Ordering::Relaxed),
+            kv_park_hits_disk: s.kv_park_hits_disk.load(Ordering::Relaxed),
+            kv_park_misses: s.kv_park_misses.load(Ordering::Relaxed),
+            kv_park_ram_bytes: s.kv_park_ram_bytes.load(Ordering::Relaxed),
+            kv_park_disk_bytes: s.kv_park_disk_bytes.load(Ordering::Relaxed),
         }
     }
 }

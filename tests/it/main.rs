@@ -9,6 +9,7 @@
 mod cli;
 mod engine;
 mod http;
+mod park;
 mod providers;
 mod telegram;
 mod util;
