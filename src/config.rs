@@ -849,6 +849,44 @@ mod tests {
     }
 
     #[test]
+    fn kv_parking_is_on_by_default_in_serve_mode_under_the_data_dir() {
+        let park = parse(&["--data-dir", "/var/lib/bot"])
+            .unwrap()
+            .engine
+            .park
+            .unwrap();
+        assert_eq!(park.dir, PathBuf::from("/var/lib/bot/kv"));
+        assert_eq!(park.ram_bytes, 4096 << 20);
+        assert_eq!(park.disk_bytes, 20480 << 20);
+        let park = parse(&["--kv-park-ram", "0", "--kv-park-disk", "10"])
+            .unwrap()
+            .engine
+            .park
+            .unwrap();
+        assert_eq!((park.ram_bytes, park.disk_bytes), (0, 10 << 20));
+    }
+
+    #[test]
+    fn kv_parking_is_off_when_both_budgets_are_zero_and_outside_serve_mode() {
+        let off = parse(&["--kv-park-ram", "0", "--kv-park-disk", "0"]).unwrap();
+        assert_eq!(off.engine.park, None);
+        assert_eq!(parse(&["--console"]).unwrap().engine.park, None);
+        assert_eq!(parse(&["--prompt", "hi"]).unwrap().engine.park, None);
+    }
+
+    #[test]
+    fn an_absurd_parking_budget_is_refused() {
+        let err = parse(&["--kv-park-disk", "18446744073709551615"]).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::ParkBudget {
+                flag: "kv-park-disk",
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn defaults_match_the_design() {
         let config = parse(&[]).unwrap();
         assert_eq!(config.engine.slots.get(), 4);

@@ -322,3 +322,48 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_writes_the_kv_caches_to_disk_and_the_next_start_finds_them() {
+    use crate::util::bot_process::BotProcess;
+    use crate::util::fake_telegram::{FakeTelegram, private_chat, user};
+
+    let fake = FakeTelegram::start("4242424242:AAE-park-test-token").await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let kv = data_dir.path().join("kv");
+    let mut bot = BotProcess::start(&fake, data_dir.path(), &[], "info").await;
+    fake.send_text(&private_chat(71), &user(71, "user71", "en"), &opening(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !bot.stderr().contains("answer delivered") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer\n{}\n{}",
+            fake.dump(),
+            bot.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        park_files(&kv).is_empty(),
+        "nothing on disk before the exit"
+    );
+    assert!(bot.terminate().await, "a clean exit\n{}", bot.stderr());
+    assert!(
+        bot.stderr().contains("KV caches written to disk"),
+        "{}",
+        bot.stderr()
+    );
+    assert_eq!(park_files(&kv).len(), 1, "the chat's slot is on disk");
+    drop(bot);
+
+    let bot = BotProcess::start(&fake, data_dir.path(), &[], "info").await;
+    let rebuilt = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("KV park index rebuilt") && l.contains("files=1"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !rebuilt(&bot.stderr()) {
+        assert!(std::time::Instant::now() < deadline, "{}", bot.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
