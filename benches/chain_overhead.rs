@@ -44,6 +44,7 @@ fn engine_config() -> EngineConfig {
         chat_template: ChatTemplateChoice::Auto,
         llama_log: false,
         progress_bar: false,
+        park: None,
     }
 }
 

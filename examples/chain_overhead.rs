@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         chat_template: ChatTemplateChoice::Auto,
         llama_log: false,
         progress_bar: false,
+        park: None,
     })
     .await
     .with_context(|| format!("loading {}", model.display()))?;

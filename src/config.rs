@@ -14,7 +14,7 @@ use clap::Parser;
 use url::Url;
 
 use crate::chat::GenerateParams;
-use crate::engine::{ChatTemplateChoice, EngineConfig};
+use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
 #[derive(Debug, Clone, Parser)]
@@ -157,6 +157,26 @@ pub struct Args {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
+
+    /// RAM for parked KV caches of conversations that lost their slot, in MiB (0: none).
+    /// Mistral 7B at f16 takes 128 KiB per token: a 1500-token chat ≈ 190 MiB.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_KV_PARK_RAM",
+        default_value_t = 4096,
+        value_name = "MIB"
+    )]
+    pub kv_park_ram: u64,
+
+    /// Disk for parked KV caches under --data-dir/kv, in MiB (0: none; then nothing
+    /// survives a restart). Least recently used files are deleted first.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_KV_PARK_DISK",
+        default_value_t = 20480,
+        value_name = "MIB"
+    )]
+    pub kv_park_disk: u64,
 }
 
 /// What the command line asks for: the bot (serve, `--prompt`, `--console`) or a subcommand.
@@ -382,6 +402,14 @@ pub enum ConfigError {
         /// The entry.
         entry: String,
     },
+    /// A parking budget too large to be meant.
+    #[error("--{flag} {mib} MiB is more than 1 PiB; give the budget in MiB")]
+    ParkBudget {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        mib: u64,
+    },
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
     BadApiUrl {
@@ -396,6 +424,17 @@ fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, Conf
 
 fn non_zero_u32(value: u32, flag: &'static str) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(value).ok_or(ConfigError::Zero { flag })
+}
+
+/// The largest parking budget accepted, in MiB (1 PiB).
+const MAX_PARK_MIB: u64 = 1 << 30;
+
+/// `--kv-park-ram` / `--kv-park-disk` in bytes.
+fn park_budget(mib: u64, flag: &'static str) -> Result<u64, ConfigError> {
+    if mib > MAX_PARK_MIB {
+        return Err(ConfigError::ParkBudget { flag, mib });
+    }
+    Ok(mib << 20)
 }
 
 /// The largest reply budget a window allows: a quarter of it stays for the prompt.
@@ -454,6 +493,15 @@ impl TryFrom<Args> for Config {
             "mistral" => ChatTemplateChoice::Mistral,
             name => ChatTemplateChoice::Named(name.to_string()),
         };
+        let park_ram = park_budget(args.kv_park_ram, "kv-park-ram")?;
+        let park_disk = park_budget(args.kv_park_disk, "kv-park-disk")?;
+        // Only serve mode has many conversations; --prompt and --console hold one.
+        let serving = args.prompt.is_none() && !args.console;
+        let park = (serving && (park_ram > 0 || park_disk > 0)).then(|| ParkConfig {
+            dir: args.data_dir.join("kv"),
+            ram_bytes: park_ram,
+            disk_bytes: park_disk,
+        });
         let mode = match (args.prompt, args.console) {
             (Some(prompt), _) => Mode::Prompt(prompt),
             (None, true) => Mode::Console,
@@ -494,6 +542,7 @@ impl TryFrom<Args> for Config {
                 chat_template,
                 llama_log: args.llama_log,
                 progress_bar: false,
+                park,
             },
             generate: GenerateParams {
                 max_tokens,
@@ -923,6 +972,44 @@ mod tests {
         let mut argv = vec!["mistral-bot", "--model", "m.gguf"];
         argv.extend_from_slice(extra);
         Config::try_from(Args::try_parse_from(argv).expect("clap accepts the flags"))
+    }
+
+    #[test]
+    fn kv_parking_is_on_by_default_in_serve_mode_under_the_data_dir() {
+        let park = parse(&["--data-dir", "/var/lib/bot"])
+            .unwrap()
+            .engine
+            .park
+            .unwrap();
+        assert_eq!(park.dir, PathBuf::from("/var/lib/bot/kv"));
+        assert_eq!(park.ram_bytes, 4096 << 20);
+        assert_eq!(park.disk_bytes, 20480 << 20);
+        let park = parse(&["--kv-park-ram", "0", "--kv-park-disk", "10"])
+            .unwrap()
+            .engine
+            .park
+            .unwrap();
+        assert_eq!((park.ram_bytes, park.disk_bytes), (0, 10 << 20));
+    }
+
+    #[test]
+    fn kv_parking_is_off_when_both_budgets_are_zero_and_outside_serve_mode() {
+        let off = parse(&["--kv-park-ram", "0", "--kv-park-disk", "0"]).unwrap();
+        assert_eq!(off.engine.park, None);
+        assert_eq!(parse(&["--console"]).unwrap().engine.park, None);
+        assert_eq!(parse(&["--prompt", "hi"]).unwrap().engine.park, None);
+    }
+
+    #[test]
+    fn an_absurd_parking_budget_is_refused() {
+        let err = parse(&["--kv-park-disk", "18446744073709551615"]).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::ParkBudget {
+                flag: "kv-park-disk",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -144,6 +144,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     state.set_ready(Arc::clone(&chain), engine.clone());
     tracing::info!(model = %config.engine.model_path.display(), "ready");
 
+    let result = serve_front_ends(&config, chain, engine.clone(), server, stop_rx).await;
+    // Whatever stopped us, the KV caches in memory go to disk for the next start.
+    let started = std::time::Instant::now();
+    if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {
+        tracing::info!(
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "KV caches written to disk"
+        );
+    }
+    result
+}
+
+/// How long shutdown waits for the KV caches to be written to disk.
+const PARK_ON_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves the HTTP API and, when configured, the Telegram bot until they stop.
+async fn serve_front_ends(
+    config: &Config,
+    chain: Arc<providers::Chain>,
+    engine: EngineHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let Some(telegram) = config.telegram.clone() else {
         return server
             .await

@@ -55,6 +55,16 @@ pub const ENGINE_PROMPT_TOKENS_CACHED: &str = "mistral_bot_engine_prompt_tokens_
 pub const ENGINE_REQUESTS_FINISHED: &str = "mistral_bot_engine_requests_finished";
 /// Average generation speed of the engine.
 pub const ENGINE_TOKENS_PER_SECOND: &str = "mistral_bot_engine_tokens_per_second";
+/// Requests that continued a KV state parked in RAM (exposed with `_total`).
+pub const ENGINE_KV_PARK_HITS_RAM: &str = "mistral_bot_engine_kv_park_hits_ram";
+/// Requests that continued a KV state read from a park file (exposed with `_total`).
+pub const ENGINE_KV_PARK_HITS_DISK: &str = "mistral_bot_engine_kv_park_hits_disk";
+/// Requests that found less than half their prompt cached (exposed with `_total`).
+pub const ENGINE_KV_PARK_MISSES: &str = "mistral_bot_engine_kv_park_misses";
+/// Bytes of KV states parked in RAM now.
+pub const ENGINE_KV_PARK_RAM_BYTES: &str = "mistral_bot_engine_kv_park_ram_bytes";
+/// Bytes of KV park files on disk now.
+pub const ENGINE_KV_PARK_DISK_BYTES: &str = "mistral_bot_engine_kv_park_disk_bytes";
 
 /// Providers listed in every snapshot, even before their first request.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["local", "groq", "mistral", "gemini", "openai", "canned"];
@@ -104,6 +114,16 @@ pub struct EngineFigures {
     pub tokens_generated: u64,
     /// Average generation speed, tokens per second.
     pub tokens_per_second: f64,
+    /// Requests that continued a KV state parked in RAM, since start.
+    pub kv_park_hits_ram: u64,
+    /// Requests that continued a KV state read from a park file, since start.
+    pub kv_park_hits_disk: u64,
+    /// Requests that found less than half their prompt cached, since start.
+    pub kv_park_misses: u64,
+    /// Bytes of KV states parked in RAM now.
+    pub kv_park_ram_bytes: u64,
+    /// Bytes of KV park files on disk now.
+    pub kv_park_disk_bytes: u64,
 }
 
 /// Where the engine figures come from (set once the engine is loaded).
@@ -442,7 +462,7 @@ impl Collector for EngineCollector {
             return Ok(());
         };
         let figures = source();
-        let gauges: [(&str, &str, i64); 3] = [
+        let gauges: [(&str, &str, i64); 5] = [
             (ENGINE_SLOTS, "Engine slots", figures.slots as i64),
             (
                 ENGINE_SLOTS_BUSY,
@@ -453,6 +473,16 @@ impl Collector for EngineCollector {
                 ENGINE_QUEUE_LENGTH,
                 "Requests waiting for a slot",
                 figures.queue_len as i64,
+            ),
+            (
+                ENGINE_KV_PARK_RAM_BYTES,
+                "Bytes of KV states parked in RAM",
+                i64::try_from(figures.kv_park_ram_bytes).unwrap_or(i64::MAX),
+            ),
+            (
+                ENGINE_KV_PARK_DISK_BYTES,
+                "Bytes of KV park files on disk",
+                i64::try_from(figures.kv_park_disk_bytes).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {
@@ -466,7 +496,7 @@ impl Collector for EngineCollector {
             None,
             speed.metric_type(),
         )?)?;
-        let counters: [(&str, &str, u64); 4] = [
+        let counters: [(&str, &str, u64); 7] = [
             (
                 ENGINE_TOKENS_GENERATED,
                 "Tokens generated",
@@ -486,6 +516,21 @@ impl Collector for EngineCollector {
                 ENGINE_REQUESTS_FINISHED,
                 "Engine requests finished",
                 figures.requests_finished,
+            ),
+            (
+                ENGINE_KV_PARK_HITS_RAM,
+                "Requests that continued a KV state parked in RAM",
+                figures.kv_park_hits_ram,
+            ),
+            (
+                ENGINE_KV_PARK_HITS_DISK,
+                "Requests that continued a KV state read from a park file",
+                figures.kv_park_hits_disk,
+            ),
+            (
+                ENGINE_KV_PARK_MISSES,
+                "Requests that found less than half their prompt cached",
+                figures.kv_park_misses,
             ),
         ];
         for (name, help, value) in counters {

@@ -31,6 +31,7 @@ pub fn bench_engine_config(prefill_chunk: u32) -> EngineConfig {
         chat_template: ChatTemplateChoice::Auto,
         llama_log: false,
         progress_bar: false,
+        park: None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -282,6 +283,42 @@ impl Context<'_> {
         let _ = self
             .ctx
             .clear_kv_cache_seq(Some(seq_id as u32), Some(from), None);
+    }
+
+    /// Copies sequence `seq_id`'s KV state out (llama.cpp's serialized cells: a memcpy of
+    /// the sequence's keys and values). `None` if llama.cpp failed to write it.
+    #[allow(unsafe_code)]
+    pub fn seq_state(&self, seq_id: i32) -> Option<Vec<u8>> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq_id, flags);
+        let mut state = vec![0u8; size];
+        // SAFETY: `state` holds the `size` bytes llama.cpp just reported for this sequence,
+        // and nothing runs on this context between the two calls (it lives on this thread
+        // only), so the copy cannot write past the buffer.
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(state.as_mut_ptr(), seq_id, flags)
+        };
+        (written == size && size > 0).then_some(state)
+    }
+
+    /// Replaces sequence `seq_id`'s KV cells with a state from [`seq_state`](Self::seq_state).
+    /// Returns false if llama.cpp refused it (then the sequence is left empty).
+    #[allow(unsafe_code)]
+    pub fn set_seq_state(&mut self, seq_id: i32, state: &[u8]) -> bool {
+        // SAFETY: llama.cpp reads at most `state.len()` bytes (its reader bounds-checks and
+        // reports a short buffer as a failure), checks the stream count, cell count, tensor
+        // types and row sizes against this context, and clears the sequence on any
+        // mismatch. The bytes come from `seq_state` of an engine with the same model
+        // identity and context settings, verified by checksum when read from disk.
+        let ok = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(state, seq_id, LlamaStateSeqFlags::empty())
+        };
+        if !ok {
+            self.forget(seq_id, 0);
+        }
+        ok
     }
 
     /// Samples a token from the logits row `row` of the last decode.

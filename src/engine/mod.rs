@@ -14,6 +14,7 @@
 
 mod detok;
 mod llama;
+pub mod park;
 mod prepare;
 pub mod prompt;
 mod scheduler;
@@ -28,13 +29,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
 pub use detok::{DetokOutput, Detokenizer};
 pub use llama::DecodeError;
+pub use park::ParkConfig;
 
 use crate::chat::{ChatRequest, Completion, GenerateParams, StreamEvent};
 use prepare::{Prepared, Preparer};
@@ -65,6 +67,8 @@ pub struct EngineConfig {
     pub llama_log: bool,
     /// Draw a progress bar on stderr while loading.
     pub progress_bar: bool,
+    /// KV parking (RAM and disk budgets); `None` disables it.
+    pub park: Option<ParkConfig>,
 }
 
 /// Which chat format the engine uses.
@@ -138,6 +142,15 @@ pub enum StartError {
     /// The chat template cannot be used.
     #[error("chat template unusable: {0}")]
     ChatTemplate(String),
+    /// The KV park directory cannot be used.
+    #[error("cannot use the KV park directory {}", path.display())]
+    ParkDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The engine thread could not be started or died while starting.
     #[error("the engine thread failed to start")]
     Thread,
@@ -203,21 +216,22 @@ pub struct EngineStats {
     pub max_prompt_tokens_per_step: usize,
     /// Generated tokens per second of generation time, averaged over finished requests.
     pub avg_tokens_per_second: f64,
-    /// Parked KV states restored from RAM, since start (filled by KV parking).
+    /// Requests whose prompt continued a KV state parked in RAM (restored into a slot).
     pub kv_park_hits_ram: u64,
-    /// Parked KV states restored from disk, since start (filled by KV parking).
+    /// Requests whose prompt continued a KV state read back from a park file.
     pub kv_park_hits_disk: u64,
-    /// Requests that found no parked KV state to restore, since start (filled by KV parking).
+    /// Requests (with parking on) that found less than half of their prompt in a slot or
+    /// a parked state: new chats, and chats whose state was evicted or unusable.
     pub kv_park_misses: u64,
-    /// Bytes of parked KV state held in RAM now (filled by KV parking).
+    /// Bytes of parked states in RAM now (at most `--kv-park-ram`).
     pub kv_park_ram_bytes: u64,
-    /// Bytes of parked KV state on disk now (filled by KV parking).
+    /// Bytes of park files on disk now (at most `--kv-park-disk`).
     pub kv_park_disk_bytes: u64,
 }
 
 /// Counters shared between the engine thread and handles.
 #[derive(Debug, Default)]
-struct SharedStats {
+pub(crate) struct SharedStats {
     slots_busy: AtomicUsize,
     requests_started: AtomicU64,
     requests_finished: AtomicU64,
@@ -231,6 +245,11 @@ struct SharedStats {
     timed_tokens: AtomicU64,
     /// Microseconds of generation, over finished requests (for tokens/s).
     timed_micros: AtomicU64,
+    kv_park_hits_ram: AtomicU64,
+    kv_park_hits_disk: AtomicU64,
+    kv_park_misses: AtomicU64,
+    kv_park_ram_bytes: AtomicU64,
+    kv_park_disk_bytes: AtomicU64,
 }
 
 /// A request on its way to the engine thread, prepared: token ids only.
@@ -243,6 +262,9 @@ struct Job {
     max_tokens: u32,
     /// Strings that end the reply: the chat format's, then the request's.
     stops: Vec<String>,
+    /// The prompt's tokens to show the caller when the request gets a slot (`--verbose-prompt`,
+    /// and the chain's sign that the engine started on it).
+    shown: Option<Vec<crate::chat::PromptToken>>,
     events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
     submitted: Instant,
 }
@@ -264,6 +286,7 @@ pub struct EngineHandle {
 
 struct HandleInner {
     submit_tx: mpsc::Sender<Command>,
+    control_tx: mpsc::UnboundedSender<park::Control>,
     stats: Arc<SharedStats>,
     info: ModelInfo,
     slots: usize,
@@ -282,6 +305,8 @@ impl EngineHandle {
         check_model_file(&config.model_path)?;
         let (submit_tx, submit_rx) = mpsc::channel(config.queue_size.get());
         let (ready_tx, ready_rx) = oneshot::channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let worker_control_tx = control_tx.clone();
         let stats = Arc::new(SharedStats::default());
         let slots = config.slots.get();
         let ctx_size = config.ctx_size.get();
@@ -290,7 +315,12 @@ impl EngineHandle {
             .name("mistral-bot-engine".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    worker::run(config, submit_rx, worker_stats, ready_tx);
+                    let channels = worker::Channels {
+                        submit_rx,
+                        control_rx,
+                        control_tx: worker_control_tx,
+                    };
+                    worker::run(config, channels, worker_stats, ready_tx);
                 });
                 // Unwinding dropped every request's channel (callers see `Stopped`) and the
                 // queue (new requests are refused); the handle sees the thread finished.
@@ -306,6 +336,7 @@ impl EngineHandle {
         Ok(Self {
             inner: Arc::new(HandleInner {
                 submit_tx,
+                control_tx,
                 stats,
                 info,
                 slots,
@@ -375,14 +406,12 @@ impl EngineHandle {
 
     fn enqueue(&self, prepared: Prepared) -> Result<ReplyStream, EngineError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        if let Some(tokens) = prepared.shown {
-            let _ = events_tx.send(Ok(StreamEvent::Prompt(tokens)));
-        }
         let job = Job {
             prompt: prepared.prompt,
             params: prepared.params,
             max_tokens: prepared.max_tokens,
             stops: prepared.stops,
+            shown: prepared.shown,
             events_tx,
             submitted: Instant::now(),
         };
@@ -428,6 +457,32 @@ impl EngineHandle {
         self.inner.ctx_size
     }
 
+    /// Writes every slot's KV cache and every state parked in RAM to park files, for the
+    /// next start (the shutdown path awaits this). Returns false if that took longer than
+    /// `timeout` (what was written by then is kept; the rest is lost). Without parking to
+    /// disk it returns at once.
+    pub async fn park_all(&self, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self
+            .inner
+            .control_tx
+            .send(park::Control::ParkAll(done_tx))
+            .is_err()
+        {
+            return true; // the engine has stopped: nothing left in memory
+        }
+        match tokio::time::timeout(timeout, done_rx).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(
+                    seconds = timeout.as_secs(),
+                    "writing the KV caches to disk took too long; the rest is lost"
+                );
+                false
+            }
+        }
+    }
+
     /// The engine's figures now.
     pub fn stats(&self) -> EngineStats {
         let s = &self.inner.stats;
@@ -450,11 +505,11 @@ impl EngineHandle {
             } else {
                 timed_tokens as f64 / (timed_micros as f64 / 1e6)
             },
-            kv_park_hits_ram: 0,
-            kv_park_hits_disk: 0,
-            kv_park_misses: 0,
-            kv_park_ram_bytes: 0,
-            kv_park_disk_bytes: 0,
+            kv_park_hits_ram: s.kv_park_hits_ram.load(Ordering::Relaxed),
+            kv_park_hits_disk: s.kv_park_hits_disk.load(Ordering::Relaxed),
+            kv_park_misses: s.kv_park_misses.load(Ordering::Relaxed),
+            kv_park_ram_bytes: s.kv_park_ram_bytes.load(Ordering::Relaxed),
+            kv_park_disk_bytes: s.kv_park_disk_bytes.load(Ordering::Relaxed),
         }
     }
 }

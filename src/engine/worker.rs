@@ -5,6 +5,7 @@
 //! `Sync`); async code reaches it only through the submit channel and per-request event
 //! channels.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::detok::Detokenizer;
 use super::llama::{Context, ContextOptions, DecodeError, LoadOptions, Model, Sampler};
+use super::park::{self, Control, Parking, Preload, Prepared};
 use super::prepare::Preparer;
 use super::prompt::{ChatFormat, MistralFormat};
 use super::scheduler::{self, BatchEntry};
@@ -23,10 +25,20 @@ use super::{
 };
 use crate::chat::{Completion, FinishReason, StreamEvent, Timings, Usage};
 
+/// The engine thread's inboxes.
+pub(super) struct Channels {
+    /// Requests (and test commands).
+    pub submit_rx: mpsc::Receiver<Command>,
+    /// Parking messages (states read from disk, park-all at shutdown).
+    pub control_rx: mpsc::UnboundedReceiver<Control>,
+    /// For the disk thread's replies.
+    pub control_tx: mpsc::UnboundedSender<Control>,
+}
+
 /// Runs the engine thread to completion.
 pub(super) fn run(
     config: EngineConfig,
-    submit_rx: mpsc::Receiver<Command>,
+    channels: Channels,
     stats: Arc<SharedStats>,
     ready_tx: oneshot::Sender<Result<(ModelInfo, Arc<Preparer>), StartError>>,
 ) {
@@ -84,6 +96,41 @@ pub(super) fn run(
             return;
         }
     };
+    let parking = match &config.park {
+        None => None,
+        Some(park_config) => {
+            let started = Instant::now();
+            let key = park::model_identity(&config.model_path).map(|model| park::file::ParkKey {
+                model,
+                context: park::context_key(config.ctx_size.get(), slots),
+            });
+            let parking = key.and_then(|key| {
+                Parking::start(
+                    park_config,
+                    key,
+                    Arc::clone(&stats),
+                    channels.control_tx.clone(),
+                )
+            });
+            match parking {
+                Ok(parking) => {
+                    tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "KV parking ready"
+                    );
+                    Some(parking)
+                }
+                Err(source) => {
+                    let _ = ready_tx.send(Err(StartError::ParkDir {
+                        path: park_config.dir.clone(),
+                        source,
+                    }));
+                    return;
+                }
+            }
+        }
+    };
+    drop(channels.control_tx);
     tracing::info!(
         model = %info.name,
         chat_format = %format_name,
@@ -105,8 +152,11 @@ pub(super) fn run(
         config: &config,
         stats: &stats,
         tick: 0,
+        parking,
+        waiting_for_disk: Vec::new(),
+        ready: VecDeque::new(),
     };
-    worker.run(submit_rx);
+    worker.run(channels.submit_rx, channels.control_rx);
 }
 
 /// The progress callback: a bar on a terminal, otherwise a log line at each quarter.
@@ -181,24 +231,56 @@ struct Worker<'m> {
     stats: &'m SharedStats,
     /// Counts admissions, for least-recently-used slot choice and FIFO prefill.
     tick: u64,
+    /// KV parking, when enabled.
+    parking: Option<Parking>,
+    /// Requests waiting for a park file to be read, with its fingerprint.
+    waiting_for_disk: Vec<(u64, Job)>,
+    /// Requests whose park file was read (or failed), admitted before new ones.
+    ready: VecDeque<(Job, Preload)>,
+}
+
+/// What woke the idle engine thread.
+enum Wake {
+    Command(Command),
+    Control(Control),
+    /// Every handle is gone.
+    Closed,
 }
 
 impl Worker<'_> {
-    fn run(&mut self, mut submit_rx: mpsc::Receiver<Command>) {
+    fn run(
+        &mut self,
+        mut submit_rx: mpsc::Receiver<Command>,
+        mut control_rx: mpsc::UnboundedReceiver<Control>,
+    ) {
         loop {
-            // Take waiting requests while slots are free.
+            while let Ok(control) = control_rx.try_recv() {
+                self.on_control(control);
+            }
+            // Take waiting requests while slots are free: those whose park file was read
+            // first, then the queue.
             while self.has_free_slot() {
+                if let Some((job, preload)) = self.ready.pop_front() {
+                    self.admit(job, preload);
+                    continue;
+                }
                 match submit_rx.try_recv() {
                     Ok(command) => self.obey(command),
                     Err(_) => break,
                 }
             }
             self.drop_cancelled();
-            if self.active_count() == 0 {
-                // Nothing to do: sleep until a request comes or every handle is gone.
-                match submit_rx.blocking_recv() {
-                    Some(command) => self.obey(command),
-                    None => return,
+            if self.active_count() == 0 && self.ready.is_empty() {
+                // Nothing to do: sleep until a request or a park file comes, or every
+                // handle is gone (and no request waits for the disk).
+                match wait_for_work(&mut submit_rx, &mut control_rx) {
+                    Wake::Command(command) => self.obey(command),
+                    Wake::Control(control) => self.on_control(control),
+                    Wake::Closed if self.waiting_for_disk.is_empty() => return,
+                    Wake::Closed => match control_rx.blocking_recv() {
+                        Some(control) => self.on_control(control),
+                        None => return,
+                    },
                 }
                 continue;
             }
@@ -208,8 +290,35 @@ impl Worker<'_> {
 
     fn obey(&mut self, command: Command) {
         match command {
-            Command::Run(job) => self.admit(job),
+            Command::Run(job) => self.admit(job, Preload::None),
             Command::Panic => panic!("engine thread crash requested (EngineHandle::crash_for_tests)"),
+        }
+    }
+
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Loaded {
+                fingerprint,
+                parked,
+            } => {
+                let mut preload = Some(parked.map_or(Preload::Failed, Preload::Loaded));
+                let waiting = std::mem::take(&mut self.waiting_for_disk);
+                for (waited, job) in waiting {
+                    if waited != fingerprint {
+                        self.waiting_for_disk.push((waited, job));
+                        continue;
+                    }
+                    // The first request waiting for this file gets it; any other one looks again.
+                    let preload = preload.take().unwrap_or(Preload::None);
+                    self.ready.push_back((job, preload));
+                }
+            }
+            Control::ParkAll(done_tx) => match self.parking.as_mut() {
+                Some(parking) => parking.park_all(&self.ctx, &self.slots, done_tx),
+                None => {
+                    let _ = done_tx.send(());
+                }
+            },
         }
     }
 
@@ -227,7 +336,7 @@ impl Worker<'_> {
             .store(self.active_count(), Ordering::Relaxed);
     }
 
-    fn admit(&mut self, job: Job) {
+    fn admit(&mut self, mut job: Job, preload: Preload) {
         if job.events_tx.is_closed() {
             return; // cancelled while it waited
         }
@@ -239,6 +348,29 @@ impl Worker<'_> {
                 .send(Err(EngineError::Overloaded { waiting: 0 }));
             return;
         };
+        let index = match self.parking.as_mut() {
+            None => index,
+            Some(parking) => {
+                match parking.prepare(
+                    &mut self.ctx,
+                    &mut self.slots,
+                    index,
+                    &job.prompt,
+                    preload,
+                ) {
+                    Prepared::Slot(index) => index,
+                    Prepared::Wait(fingerprint) => {
+                        self.waiting_for_disk.push((fingerprint, job));
+                        return;
+                    }
+                }
+            }
+        };
+        // Shown now that the request leaves the queue for a slot: the chain reads this
+        // event as "the engine started on it" (a wait before it was queueing, not a fault).
+        if let Some(tokens) = job.shown.take() {
+            let _ = job.events_tx.send(Ok(StreamEvent::Prompt(tokens)));
+        }
         self.tick += 1;
         let prompt_len = job.prompt.len();
         let slot = &mut self.slots[index];
@@ -265,6 +397,9 @@ impl Worker<'_> {
         self.stats
             .prompt_tokens_cached
             .fetch_add(reused as u64, Ordering::Relaxed);
+        if self.parking.is_some() && reused < prompt_len / 2 {
+            self.stats.kv_park_misses.fetch_add(1, Ordering::Relaxed);
+        }
         self.publish_busy();
     }
 
@@ -424,6 +559,20 @@ impl scheduler::BatchDecoder for Worker<'_> {
         tracing::error!(error = %error, slot, "decode failed; failing the request in this slot");
         self.fail(slot, EngineError::Decode(Arc::clone(error)));
     }
+}
+
+/// Blocks until a request or a control message arrives.
+fn wait_for_work(
+    submit_rx: &mut mpsc::Receiver<Command>,
+    control_rx: &mut mpsc::UnboundedReceiver<Control>,
+) -> Wake {
+    futures::executor::block_on(async {
+        tokio::select! {
+            command = submit_rx.recv() => command.map_or(Wake::Closed, Wake::Command),
+            Some(control) = control_rx.recv() => Wake::Control(control),
+            else => Wake::Closed,
+        }
+    })
 }
 
 /// A seed for a request that did not ask for one.

@@ -90,6 +90,11 @@ impl AppState {
                 prompt_tokens_cached: stats.prompt_tokens_cached,
                 tokens_generated: stats.tokens_generated,
                 tokens_per_second: stats.avg_tokens_per_second,
+                kv_park_hits_ram: stats.kv_park_hits_ram,
+                kv_park_hits_disk: stats.kv_park_hits_disk,
+                kv_park_misses: stats.kv_park_misses,
+                kv_park_ram_bytes: stats.kv_park_ram_bytes,
+                kv_park_disk_bytes: stats.kv_park_disk_bytes,
             }
         });
         let _ = self.inner.backend.set(Backend { chain, engine });

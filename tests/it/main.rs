@@ -14,6 +14,7 @@ mod doctor;
 mod dashboard;
 mod engine;
 mod http;
+mod park;
 mod providers;
 mod restart;
 mod refusals;
