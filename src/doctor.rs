@@ -769,7 +769,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::gguf::write::{Value, header};
+    use crate::gguf::write::header;
 
     fn args(extra: &[&str]) -> Args {
         let mut argv = vec!["mistral-bot", "--model", "m.gguf"];
@@ -778,18 +778,7 @@ mod tests {
     }
 
     fn seven_b() -> GgufHeader {
-        let bytes = header(
-            &[
-                ("general.architecture", Value::Str("llama".into())),
-                ("general.file_type", Value::U32(15)),
-                ("llama.context_length", Value::U32(32768)),
-                ("llama.block_count", Value::U32(32)),
-                ("llama.embedding_length", Value::U32(4096)),
-                ("llama.attention.head_count", Value::U32(32)),
-                ("llama.attention.head_count_kv", Value::U32(8)),
-            ],
-            &[],
-        );
+        let bytes = header(&gguf::write::mistral_7b_metadata(), &[]);
         gguf::read_header(&mut std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap()
     }
 

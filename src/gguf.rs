@@ -379,6 +379,20 @@ pub mod write {
         Strings(Vec<String>),
     }
 
+    /// The shape metadata of Mistral 7B (llama architecture, Q4_K_M, 32 layers, width
+    /// 4096, 32 heads, 8 KV heads, trained context 32768): 128 KiB of KV cache per token.
+    pub fn mistral_7b_metadata() -> Vec<(&'static str, Value)> {
+        vec![
+            ("general.architecture", Value::Str("llama".into())),
+            ("general.file_type", Value::U32(15)),
+            ("llama.context_length", Value::U32(32768)),
+            ("llama.block_count", Value::U32(32)),
+            ("llama.embedding_length", Value::U32(4096)),
+            ("llama.attention.head_count", Value::U32(32)),
+            ("llama.attention.head_count_kv", Value::U32(8)),
+        ]
+    }
+
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
@@ -454,21 +468,14 @@ mod tests {
     }
 
     fn mistral_7b_like() -> Vec<u8> {
+        let mut metadata = super::write::mistral_7b_metadata();
+        metadata.push((
+            "tokenizer.ggml.tokens",
+            Value::Strings(vec!["<s>".into(), "a".into()]),
+        ));
+        metadata.push(("general.name", Value::Str("Mistral".into())));
         header(
-            &[
-                ("general.architecture", Value::Str("llama".into())),
-                ("general.file_type", Value::U32(15)),
-                ("llama.context_length", Value::U32(32768)),
-                ("llama.block_count", Value::U32(32)),
-                ("llama.embedding_length", Value::U32(4096)),
-                ("llama.attention.head_count", Value::U32(32)),
-                ("llama.attention.head_count_kv", Value::U32(8)),
-                (
-                    "tokenizer.ggml.tokens",
-                    Value::Strings(vec!["<s>".into(), "a".into()]),
-                ),
-                ("general.name", Value::Str("Mistral".into())),
-            ],
+            &metadata,
             &[
                 ("token_embd.weight", vec![4096, 32768], 12),
                 ("output_norm.weight", vec![4096], 0),

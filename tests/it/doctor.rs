@@ -293,3 +293,37 @@ async fn the_startup_check_logs_each_provider_while_the_engine_loads() {
     );
     assert!(!log.contains(FAKE_KEY) && !log.contains("wrong-mistral-key") && !log.contains(TOKEN));
 }
+
+#[tokio::test]
+async fn a_hanging_provider_does_not_hold_up_the_start() {
+    let telegram = FakeTelegram::start(TOKEN).await;
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::Hang).await;
+    let data = tempfile::tempdir().unwrap();
+    // `start` returns once the bot polls Telegram, i.e. once the engine is ready.
+    let bot = crate::util::bot_process::BotProcess::start_with_env(
+        &telegram,
+        data.path(),
+        &[
+            "--chain",
+            "local,groq",
+            "--groq-base-url",
+            groq.base_url.as_str(),
+        ],
+        "info",
+        &[("GROQ_API_KEY", FAKE_KEY)],
+    )
+    .await;
+    crate::util::wait_until(
+        "the check of the hanging provider gives up",
+        std::time::Duration::from_secs(30),
+        || bot.stderr().contains("start-up check"),
+    )
+    .await;
+    let log = bot.stderr();
+    let line = log.lines().find(|l| l.contains("start-up check")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("no answer within 5 s"),
+        "{line}"
+    );
+    assert!(line.contains("--groq-base-url (GROQ_BASE_URL)"), "{line}");
+}

@@ -270,8 +270,12 @@ fn model_not_found(shape: Shape, model: &str) -> Response {
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
-/// `GET /v1/models` (OpenAI's list) or `GET /v1beta/models` (Gemini's).
+/// `GET /v1/models` (OpenAI's list) or `GET /v1beta/models` (Gemini's). A hanging fake
+/// hangs here too.
 async fn list_models(State(state): State<Arc<FakeState>>, headers: HeaderMap) -> Response {
+    if matches!(*state.behavior.lock().unwrap(), Behavior::Hang) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     if let Some(refused) = refusal(state.shape, key_of(state.shape, &headers).as_deref(), &state.key) {
         return refused;
     }
