@@ -12,6 +12,8 @@
     "#4ade80", "#e879f9", "#fca5a5", "#fde68a", "#93c5fd", "#cbd5e1"];
   const BREAKER_COLORS = ["#22543d", "#b7791f", "#2b6cb0", "#c53030"];
   const BREAKER_NAMES = ["closed", "Retry-After", "half-open", "open"];
+  // Tick steps for counts: whole numbers only.
+  const COUNT_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
   const AXIS = { stroke: "#8b9bb4", grid: { stroke: "#1f2b40", width: 1 }, ticks: { stroke: "#1f2b40", width: 1 } };
 
   let cols = null;      // the samples held, column by column
@@ -94,7 +96,7 @@
 
   // ---- charts -------------------------------------------------------------------------
   function size(el) {
-    const width = Math.max(240, el.clientWidth);
+    const width = Math.max(200, el.clientWidth);
     return { width, height: width < 420 ? 180 : 220 };
   }
 
@@ -102,7 +104,7 @@
 
   // Draws `series` (uPlot series options after x) over `data` (x first) in the element
   // `id`; rebuilds the chart when the set of series (`key`) changes.
-  function draw(id, key, series, data, yFormat, extra) {
+  function draw(id, key, series, data, yFormat, extra, counts) {
     const el = $(id);
     const points = data[0].length;
     el.dataset.points = String(points);
@@ -119,7 +121,8 @@
         legend: { live: true },
         scales: { x: { time: true }, y: { range: zeroBased } },
         axes: [Object.assign({}, AXIS),
-          Object.assign({}, AXIS, { size: 56, values: (u, vals) => vals.map(yFormat) })],
+          Object.assign({}, AXIS, { size: 56, values: (u, vals) => vals.map(yFormat) },
+            counts ? { incrs: COUNT_INCRS } : {})],
         series: [{ value: (u, v) => v == null ? "–" : new Date(v * 1000).toLocaleTimeString() }]
           .concat(series),
       }, extra || {});
@@ -153,12 +156,12 @@
       line("queue", "#fbbf24", { paths: uPlot.paths.stepped({ align: 1 }) }),
       line("slots", "#475569", { dash: [4, 4], points: { show: false } }),
     ], [t, c.slots_busy, c.queue_len, c.slots], (v) => num(v, 0),
-    { scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1) + 0.5] } } });
+    { scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1) + 0.5] } } }, true);
 
     draw("c-cache", "cache", [
       area("reused from cache", "#34d399"),
       area("processed", "#f472b6"),
-    ], [t, c.prompt_cached, c.prompt_processed], (v) => num(v, 0));
+    ], [t, c.prompt_cached, c.prompt_processed], (v) => num(v, 0), null, true);
 
     draw("c-park", "park", [
       line("hits RAM", "#4ade80"),
@@ -168,8 +171,13 @@
       line("disk held", "#38bdf8", { scale: "bytes", dash: [5, 3], points: { show: false }, value: (u, v) => bytes(v) }),
     ], [t, c.park_hits_ram, c.park_hits_disk, c.park_misses, c.park_ram_bytes, c.park_disk_bytes],
     (v) => num(v, 0), {
-      scales: { x: { time: true }, y: { range: zeroBased }, bytes: { range: zeroBased } },
-      axes: [Object.assign({}, AXIS), Object.assign({}, AXIS, { size: 48, values: (u, vals) => vals.map((v) => num(v, 0)) }),
+      scales: {
+        x: { time: true },
+        y: { range: (u, min, max) => [0, Math.max(max * 1.1, 4)] },
+        bytes: { range: (u, min, max) => [0, Math.max(max * 1.1, 1 << 20)] },
+      },
+      axes: [Object.assign({}, AXIS),
+        Object.assign({}, AXIS, { size: 48, incrs: COUNT_INCRS, values: (u, vals) => vals.map((v) => num(v, 0)) }),
         Object.assign({}, AXIS, { scale: "bytes", side: 1, size: 64, grid: { show: false }, values: (u, vals) => vals.map(bytes) })],
     });
 
@@ -203,13 +211,13 @@
       paths: uPlot.paths.stepped({ align: 1 }),
       value: (u, v, si, idx) => idx == null || !rawRequests[i] ? "–" : num(rawRequests[i][idx], 0),
     })).reverse();
-    draw("c-requests", "req:" + shown.join(), reqSeries, [t].concat(stacked.slice().reverse()), (v) => num(v, 0));
+    draw("c-requests", "req:" + shown.join(), reqSeries, [t].concat(stacked.slice().reverse()), (v) => num(v, 0), null, true);
 
     const kinds = Object.keys(c.errors).sort();
     if (kinds.length) {
       draw("c-errors", "err:" + kinds.join(), kinds.map((kind, i) =>
         line(kind, KIND_COLORS[i % KIND_COLORS.length], { paths: uPlot.paths.stepped({ align: 1 }), points: { show: false } })),
-      [t].concat(kinds.map((k) => c.errors[k])), (v) => num(v, 0));
+      [t].concat(kinds.map((k) => c.errors[k])), (v) => num(v, 0), null, true);
     } else {
       empty("c-errors", "no errors in the last hour");
     }
@@ -358,14 +366,17 @@
     }
   }
 
-  let resizeTimer = null;
-  window.addEventListener("resize", () => {
-    clearTimeout(resizeTimer);
-    resizeTimer = setTimeout(() => {
-      for (const id of Object.keys(charts)) charts[id].plot.setSize(size($(id)));
-      if (now) drawBreakers(now);
-    }, 100);
+  // Charts follow their card's width (a phone turned, a window resized).
+  const resized = new ResizeObserver((entries) => {
+    for (const entry of entries) {
+      const chart = charts[entry.target.id];
+      if (chart && Math.abs(chart.plot.width - size(entry.target).width) > 1) {
+        chart.plot.setSize(size(entry.target));
+      }
+    }
+    if (now) drawBreakers(now);
   });
+  for (const el of document.querySelectorAll(".chart")) resized.observe(el);
 
   poll();
 })();
