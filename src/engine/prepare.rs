@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
+use super::EngineError;
 use super::llama::Model;
 use super::prompt::{self, ChatFormat, Vocab};
-use super::EngineError;
 use crate::chat::{ChatRequest, GenerateParams, PromptToken};
 
 /// Requests whose messages hold more bytes than this are prepared on tokio's blocking
@@ -76,10 +76,7 @@ impl Preparer {
     ) -> Result<Prepared, EngineError> {
         let ctx_size = self.ctx_size;
         // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
-        let max_tokens = request
-            .params
-            .max_tokens
-            .clamp(1, ctx_size - ctx_size / 4);
+        let max_tokens = request.params.max_tokens.clamp(1, ctx_size - ctx_size / 4);
         let budget = (ctx_size - max_tokens) as usize;
         let fitted = prompt::fit_prompt(
             self.model.as_ref(),

@@ -18,8 +18,7 @@ use super::prompt::{ChatFormat, MistralFormat};
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::{
-    ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats,
-    StartError,
+    ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
 use crate::chat::{Completion, FinishReason, StreamEvent, Timings, Usage};
 
@@ -209,7 +208,9 @@ impl Worker<'_> {
     fn obey(&mut self, command: Command) {
         match command {
             Command::Run(job) => self.admit(job),
-            Command::Panic => panic!("engine thread crash requested (EngineHandle::crash_for_tests)"),
+            Command::Panic => {
+                panic!("engine thread crash requested (EngineHandle::crash_for_tests)")
+            }
         }
     }
 
