@@ -1055,7 +1055,10 @@ mod tests {
         let err = parse(&["--slots", "8", "--batch-size", "4", "--prefill-chunk", "4"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--slots 8 is larger than --batch-size 4"), "{err}");
+        assert!(
+            err.contains("--slots 8 is larger than --batch-size 4"),
+            "{err}"
+        );
         assert!(parse(&["--slots", "4", "--batch-size", "4", "--prefill-chunk", "4"]).is_ok());
     }
 

@@ -374,10 +374,9 @@ impl EngineHandle {
         }
         self.check_accepting()?;
         let preparer = Arc::clone(&self.inner.preparer);
-        let prepared =
-            tokio::task::spawn_blocking(move || preparer.prepare(request, show_prompt))
-                .await
-                .map_err(|_| EngineError::Stopped)??;
+        let prepared = tokio::task::spawn_blocking(move || preparer.prepare(request, show_prompt))
+            .await
+            .map_err(|_| EngineError::Stopped)??;
         self.enqueue(prepared)
     }
 

@@ -10,16 +10,19 @@
 
 use std::sync::Arc;
 
+use super::EngineError;
 use super::llama::Model;
 use super::prompt::{self, ChatFormat, Vocab};
-use super::EngineError;
 use crate::chat::{ChatRequest, GenerateParams, PromptToken};
 
 /// Requests whose messages hold more bytes than this are prepared on tokio's blocking
-/// pool by `submit_async`; smaller ones inline, where a thread hand-off would cost more
-/// than the work. Measured on SmolLM2's tokenizer: about 20 µs per KiB to fit (render,
-/// tokenize, binary search), so this bounds the inline cost near 0.3 ms.
-pub(super) const INLINE_PREPARE_MAX_BYTES: usize = 16 * 1024;
+/// pool by `submit_async`; smaller ones inline, where the hand-off to another thread
+/// would cost about as much as the work. Measured with SmolLM2's tokenizer on a loaded
+/// 2-core machine (debug test build, llama.cpp at -O3): tokenizing costs 0.5-2 ms per KiB
+/// (0.04 ms for a one-line message); preparing a 1 KiB message 0.5 ms, a 16 KiB one
+/// 170 ms, a 100 KiB one (tokenized about four times: fit, measure, truncate, rebuild)
+/// 0.9 s. So anything past a short message leaves the runtime.
+pub(super) const INLINE_PREPARE_MAX_BYTES: usize = 1024;
 
 /// Turns requests into prompts for one model, chat format and window.
 pub(super) struct Preparer {
@@ -73,10 +76,7 @@ impl Preparer {
     ) -> Result<Prepared, EngineError> {
         let ctx_size = self.ctx_size;
         // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
-        let max_tokens = request
-            .params
-            .max_tokens
-            .clamp(1, ctx_size - ctx_size / 4);
+        let max_tokens = request.params.max_tokens.clamp(1, ctx_size - ctx_size / 4);
         let budget = (ctx_size - max_tokens) as usize;
         let fitted = prompt::fit_prompt(
             self.model.as_ref(),

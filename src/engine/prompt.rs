@@ -319,7 +319,10 @@ struct Fitter<'a> {
 
 impl Fitter<'_> {
     fn build(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, PromptError> {
-        Ok(tokenize_segments(self.vocab, &self.format.render(messages)?))
+        Ok(tokenize_segments(
+            self.vocab,
+            &self.format.render(messages)?,
+        ))
     }
 
     /// The system messages plus `turns[cut..]`, if that fits.
@@ -387,7 +390,11 @@ impl Fitter<'_> {
             .map(|m| self.vocab.tokenize(&m.content, false).len())
             .collect();
         let system_size: usize = sizes[..system.len()].iter().sum();
-        let last_size = if last.is_some() { sizes[system.len()] } else { 0 };
+        let last_size = if last.is_some() {
+            sizes[system.len()]
+        } else {
+            0
+        };
         let (mut system_room, mut last_room) = if system_size + last_size <= room {
             (system_size, last_size)
         } else if last_size <= room / 2 {
@@ -745,7 +752,11 @@ mod tests {
         }
 
         fn format(chatml: bool) -> &'static dyn ChatFormat {
-            if chatml { &ChatMlFormat } else { &MistralFormat }
+            if chatml {
+                &ChatMlFormat
+            } else {
+                &MistralFormat
+            }
         }
 
         proptest! {

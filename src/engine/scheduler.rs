@@ -352,7 +352,12 @@ mod tests {
     fn a_full_kv_cache_fails_only_the_slot_that_does_not_fit() {
         // Regression (issue 7, item 7): one failed decode failed every request in it.
         let mut decoder = FakeDecoder::new(vec![100, 100, 3, 100]);
-        let batch = vec![entry(0, 1, 10), entry(1, 1, 20), entry(2, 8, 0), entry(3, 1, 5)];
+        let batch = vec![
+            entry(0, 1, 10),
+            entry(1, 1, 20),
+            entry(2, 8, 0),
+            entry(3, 1, 5),
+        ];
         run_batch(&mut decoder, batch);
         assert_eq!(decoder.failed, vec![2]);
         for slot in [0, 1, 3] {
@@ -380,8 +385,14 @@ mod tests {
         let mut decoder = FakeDecoder::new(vec![100]);
         decoder.room = vec![100];
         let (a, b) = halve(&[entry(0, 9, 3)]).unwrap();
-        assert_eq!((a[0].first_pos, a[0].tokens.len(), a[0].wants_logits), (3, 4, false));
-        assert_eq!((b[0].first_pos, b[0].tokens.len(), b[0].wants_logits), (7, 5, true));
+        assert_eq!(
+            (a[0].first_pos, a[0].tokens.len(), a[0].wants_logits),
+            (3, 4, false)
+        );
+        assert_eq!(
+            (b[0].first_pos, b[0].tokens.len(), b[0].wants_logits),
+            (7, 5, true)
+        );
         run_batch(&mut decoder, vec![entry(0, 9, 3)]);
         assert_eq!(decoder.calls, 1, "no split without an error");
     }

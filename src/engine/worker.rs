@@ -20,8 +20,7 @@ use super::prompt::{ChatFormat, MistralFormat};
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::{
-    ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats,
-    StartError,
+    ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
 use crate::chat::{Completion, FinishReason, StreamEvent, Timings, Usage};
 

@@ -363,7 +363,10 @@ async fn a_100_kb_message_with_a_system_message_is_truncated_and_answered() {
         panic!("expected the prompt first");
     };
     let prompt: String = tokens.iter().map(|t| t.piece.as_str()).collect();
-    assert!(prompt.contains("You are a helpful assistant."), "{prompt:.200}");
+    assert!(
+        prompt.contains("You are a helpful assistant."),
+        "{prompt:.200}"
+    );
     assert!(prompt.contains("message truncated"));
     assert!(prompt.contains("capital of France"));
     assert!(tokens.len() as u32 + 16 <= engine.ctx_size());

@@ -350,7 +350,10 @@ async fn ready_is_503_when_the_engine_thread_died_and_chats_fall_over() {
     })
     .await;
     let (status, body) = app.get_json("/ready").await;
-    assert_eq!((status, body["status"].as_str()), (503, Some("engine stopped")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("engine stopped"))
+    );
     let (status, _, body) = app.ask("hi").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(content(&body), "from groq");
