@@ -248,6 +248,24 @@ async fn chaos_every_message_gets_exactly_one_complete_answer_in_order() {
     let cut = kinds.get("cloud, cut midway").copied().unwrap_or(0) as u64;
     assert_eq!(successes + cut, total as u64, "{metrics}");
 
+    let by_provider: BTreeMap<&String, String> = providers
+        .iter()
+        .map(|(name, f)| {
+            (
+                name,
+                format!(
+                    "requests {} success {} errors {} timeouts {} skipped {} {}",
+                    f["requests"],
+                    f["success"],
+                    f["errors"],
+                    f["timeouts"],
+                    f["skipped"],
+                    f["errors_by_kind"]
+                ),
+            )
+        })
+        .collect();
+    println!("chaos: provider counters {by_provider:#?}");
     let telegram_faults = fake.injected();
     let provider_faults = (first.faults(), second.faults());
     println!(

@@ -214,3 +214,72 @@ async fn kill_9_mid_reply_then_restart_answers_that_message_once_in_full() {
     );
     assert_eq!(stderr.matches("answer delivered").count(), 2, "{report}");
 }
+
+/// The pending updates in the state file of `data_dir`.
+fn pending(data_dir: &std::path::Path) -> Value {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("telegram-state.json")).unwrap())
+            .unwrap();
+    state["pending"].clone()
+}
+
+/// Issue 7, found item 3: an update was marked done whatever happened to its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_for_a_while_is_delivered_and_a_blocked_chat_is_dropped() {
+    let _permit = BOTS.acquire().await.unwrap();
+    let fake = FakeTelegram::start(TOKEN).await;
+    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let flags = echo_flags(&provider);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut bot = BotProcess::start(&fake, data_dir.path(), &flags, "info").await;
+
+    // More flood-control refusals than one call's retries: still delivered.
+    fake.fail_next(
+        "sendMessage",
+        8,
+        429,
+        "Too Many Requests: retry after 1",
+        Some(1),
+        false,
+    );
+    fake.send_text(&private_chat(90), &en_user(90), "are you there");
+    fake.wait_for("the answer despite flood control", LONG, |f| {
+        f.messages(90).iter().any(|m| m.html)
+    })
+    .await;
+
+    // The user blocked the bot: one attempt, logged, dropped.
+    fake.fail_next(
+        "sendMessage",
+        1,
+        403,
+        "Forbidden: bot was blocked by the user",
+        None,
+        false,
+    );
+    fake.send_text(&private_chat(91), &en_user(91), "bye");
+    fake.wait_for("the refusal seen", LONG, |f| {
+        f.calls_in(91, "sendMessage")
+            .iter()
+            .any(|c| c.status == 403)
+    })
+    .await;
+    assert!(bot.terminate().await, "a clean exit\n{}", bot.stderr());
+    let stderr = bot.stderr();
+    let report = report(&fake, &stderr);
+    assert_eq!(fake.texts(90), ["Echo: are you there"], "{report}");
+    let refused = fake.calls_in(90, "sendMessage");
+    assert!(
+        refused.iter().filter(|c| c.status == 429).count() == 8,
+        "{report}"
+    );
+    assert_eq!(
+        fake.calls_in(91, "sendMessage").len(),
+        1,
+        "a blocked chat is not retried\n{report}"
+    );
+    assert!(fake.messages(91).is_empty(), "{report}");
+    assert!(stderr.contains("can never be delivered"), "{report}");
+    assert_eq!(pending(data_dir.path()), json!({}), "{report}");
+}
