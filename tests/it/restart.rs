@@ -73,6 +73,8 @@ async fn a_poison_update_pending_at_start_is_answered_not_crash_looped() {
     .await;
     // The process is still up and keeps answering (the fake's ids go on from the
     // saved offset).
+    fake.wait_for("every update confirmed", LONG, |f| f.unconfirmed() == 0)
+        .await;
     fake.restart_update_ids(1002);
     fake.send_text(&private_chat(51), &en_user(51), "still there?");
     fake.wait_for("the next message answered", LONG, |f| {
@@ -117,6 +119,8 @@ async fn update_ids_restarting_lower_are_still_answered_once() {
 
     // A week without updates: Telegram restarts the ids far lower; our offset is now
     // in the future, which the server ignores.
+    fake.wait_for("every update confirmed", LONG, |f| f.unconfirmed() == 0)
+        .await;
     fake.restart_update_ids(17);
     fake.send_text(&private_chat(70), &en_user(70), "after the quiet week");
     fake.send_text(&private_chat(71), &en_user(71), "another chat");
