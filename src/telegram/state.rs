@@ -295,6 +295,15 @@ impl PollState {
             fresh.push((next_seq, update));
             next_seq += 1;
         }
+        if fresh.is_empty() && keys.is_empty() && offset == self.data.offset {
+            // An empty poll (or only duplicates at the same offset): nothing to write.
+            return Received {
+                fresh,
+                duplicates,
+                restarted,
+                saved: self.send(None),
+            };
+        }
         let change = Change::Received {
             offset,
             added: fresh.clone(),

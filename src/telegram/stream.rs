@@ -138,6 +138,8 @@ pub async fn deliver(
     let mut next_edit = Instant::now();
     // When the first message may be tried again after a failed send.
     let mut send_after = Instant::now();
+    // Until when flood control asked this chat to wait (the final text waits too).
+    let mut flood_until = Instant::now();
     loop {
         let due = current.id.is_some() && visible(&text[current.start..]) != current.shown;
         tokio::select! {
@@ -153,6 +155,7 @@ pub async fn deliver(
                     while telegram_len(&text[current.start..]) > pacing.message_limit {
                         let cut = current.start + split_point(&text[current.start..], pacing.message_limit);
                         let start = current.start;
+                        tokio::time::sleep_until(flood_until).await;
                         finish_persistently(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
                         typing = None;
                         let rest = &text[cut..];
@@ -174,7 +177,10 @@ pub async fn deliver(
                             }
                             Err(e) if e.is_permanent() => return Err(e.into()),
                             // Tried again with a later piece of text, or at the end.
-                            Err(ApiCallError::RetryAfter(wait)) => send_after = Instant::now() + wait,
+                            Err(ApiCallError::RetryAfter(wait)) => {
+                                send_after = Instant::now() + wait;
+                                flood_until = send_after;
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "first send failed; trying again later");
                                 send_after = Instant::now() + pacing.edit_interval;
@@ -197,6 +203,7 @@ pub async fn deliver(
                         Err(ApiCallError::RetryAfter(wait)) => {
                             tracing::info!(chat = target.chat.0, wait_s = wait.as_secs(), "flood control; next edit later");
                             next_edit = Instant::now() + wait;
+                            flood_until = next_edit;
                             continue;
                         }
                         // The next edit carries the text anyway.
@@ -211,6 +218,7 @@ pub async fn deliver(
     drop(typing);
     let tail = text[current.start..].to_string();
     if !visible(&tail).is_empty() || current.id.is_some() {
+        tokio::time::sleep_until(flood_until).await;
         finish_persistently(
             api,
             target,

@@ -178,9 +178,30 @@ async fn chaos_every_message_gets_exactly_one_complete_answer_in_order() {
     let stderr = bot.stderr();
     let report = format!("{}\n--- bot stderr ---\n{stderr}", fake.dump());
 
+    // Who answered each message, in order per chat (a chat's answers are sequential).
+    let mut providers_by_chat: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for line in stderr.lines().filter(|l| l.contains("answer delivered")) {
+        let field = |name: &str| {
+            line.split(&format!(" {name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        if let (Some(chat), Some(provider)) = (field("chat"), field("provider")) {
+            providers_by_chat
+                .entry(chat.parse().unwrap())
+                .or_default()
+                .push(provider);
+        }
+    }
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     for chat in &chats {
         let messages = fake.messages(chat.id());
+        let answered_by = providers_by_chat
+            .get(&chat.id())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(answered_by.len(), PER_CHAT, "{report}");
         assert_eq!(
             messages.len(),
             PER_CHAT,
@@ -195,19 +216,21 @@ async fn chaos_every_message_gets_exactly_one_complete_answer_in_order() {
             let text = message.visible.as_str();
             let full = format!("Echo: {}", chat.question(n));
             let cut = format!("Echo: q{}-{n}\n\n[The answer was interrupted.]", chat.index);
-            let kind = if text == full {
-                "cloud echo"
-            } else if text == cut {
-                "cloud, cut midway"
-            } else if text.starts_with("Echo:") {
-                panic!(
-                    "chat {} answer {n} is out of order or incomplete: {text:?}\n{report}",
+            let kind = match answered_by[n].as_str() {
+                "local" => "local model",
+                "canned" => {
+                    assert!(
+                        text.starts_with("Sorry, I can't answer right now"),
+                        "{report}"
+                    );
+                    "canned apology"
+                }
+                _ if text == full => "cloud echo",
+                _ if text == cut => "cloud, cut midway",
+                other => panic!(
+                    "chat {} answer {n} from {other} is out of order or incomplete: {text:?}\n{report}",
                     chat.id()
-                );
-            } else if text.starts_with("Sorry, I can't answer right now") {
-                "canned apology"
-            } else {
-                "local model"
+                ),
             };
             *kinds.entry(kind).or_default() += 1;
         }
@@ -248,6 +271,24 @@ async fn chaos_every_message_gets_exactly_one_complete_answer_in_order() {
     let cut = kinds.get("cloud, cut midway").copied().unwrap_or(0) as u64;
     assert_eq!(successes + cut, total as u64, "{metrics}");
 
+    let by_provider: BTreeMap<&String, String> = providers
+        .iter()
+        .map(|(name, f)| {
+            (
+                name,
+                format!(
+                    "requests {} success {} errors {} timeouts {} skipped {} {}",
+                    f["requests"],
+                    f["success"],
+                    f["errors"],
+                    f["timeouts"],
+                    f["skipped"],
+                    f["errors_by_kind"]
+                ),
+            )
+        })
+        .collect();
+    println!("chaos: provider counters {by_provider:#?}");
     let telegram_faults = fake.injected();
     let provider_faults = (first.faults(), second.faults());
     println!(

@@ -73,6 +73,8 @@ async fn a_poison_update_pending_at_start_is_answered_not_crash_looped() {
     .await;
     // The process is still up and keeps answering (the fake's ids go on from the
     // saved offset).
+    fake.wait_for("every update confirmed", LONG, |f| f.unconfirmed() == 0)
+        .await;
     fake.restart_update_ids(1002);
     fake.send_text(&private_chat(51), &en_user(51), "still there?");
     fake.wait_for("the next message answered", LONG, |f| {
@@ -117,6 +119,8 @@ async fn update_ids_restarting_lower_are_still_answered_once() {
 
     // A week without updates: Telegram restarts the ids far lower; our offset is now
     // in the future, which the server ignores.
+    fake.wait_for("every update confirmed", LONG, |f| f.unconfirmed() == 0)
+        .await;
     fake.restart_update_ids(17);
     fake.send_text(&private_chat(70), &en_user(70), "after the quiet week");
     fake.send_text(&private_chat(71), &en_user(71), "another chat");
@@ -213,4 +217,73 @@ async fn kill_9_mid_reply_then_restart_answers_that_message_once_in_full() {
         "the finished answer is not repeated\n{report}"
     );
     assert_eq!(stderr.matches("answer delivered").count(), 2, "{report}");
+}
+
+/// The pending updates in the state file of `data_dir`.
+fn pending(data_dir: &std::path::Path) -> Value {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("telegram-state.json")).unwrap())
+            .unwrap();
+    state["pending"].clone()
+}
+
+/// Issue 7, found item 3: an update was marked done whatever happened to its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_for_a_while_is_delivered_and_a_blocked_chat_is_dropped() {
+    let _permit = BOTS.acquire().await.unwrap();
+    let fake = FakeTelegram::start(TOKEN).await;
+    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let flags = echo_flags(&provider);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut bot = BotProcess::start(&fake, data_dir.path(), &flags, "info").await;
+
+    // More flood-control refusals than one call's retries: still delivered.
+    fake.fail_next(
+        "sendMessage",
+        8,
+        429,
+        "Too Many Requests: retry after 1",
+        Some(1),
+        false,
+    );
+    fake.send_text(&private_chat(90), &en_user(90), "are you there");
+    fake.wait_for("the answer despite flood control", LONG, |f| {
+        f.messages(90).iter().any(|m| m.html)
+    })
+    .await;
+
+    // The user blocked the bot: one attempt, logged, dropped.
+    fake.fail_next(
+        "sendMessage",
+        1,
+        403,
+        "Forbidden: bot was blocked by the user",
+        None,
+        false,
+    );
+    fake.send_text(&private_chat(91), &en_user(91), "bye");
+    fake.wait_for("the refusal seen", LONG, |f| {
+        f.calls_in(91, "sendMessage")
+            .iter()
+            .any(|c| c.status == 403)
+    })
+    .await;
+    assert!(bot.terminate().await, "a clean exit\n{}", bot.stderr());
+    let stderr = bot.stderr();
+    let report = report(&fake, &stderr);
+    assert_eq!(fake.texts(90), ["Echo: are you there"], "{report}");
+    let refused = fake.calls_in(90, "sendMessage");
+    assert!(
+        refused.iter().filter(|c| c.status == 429).count() == 8,
+        "{report}"
+    );
+    assert_eq!(
+        fake.calls_in(91, "sendMessage").len(),
+        1,
+        "a blocked chat is not retried\n{report}"
+    );
+    assert!(fake.messages(91).is_empty(), "{report}");
+    assert!(stderr.contains("can never be delivered"), "{report}");
+    assert_eq!(pending(data_dir.path()), json!({}), "{report}");
 }

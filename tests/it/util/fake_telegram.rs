@@ -272,7 +272,12 @@ impl FakeTelegram {
     /// Restarts the `update_id` sequence: the next update gets `next` (Telegram does this
     /// after a week without updates, at a random number that may be lower).
     pub fn restart_update_ids(&self, next: i64) {
-        self.inner().next_update_id = next - 1;
+        let mut inner = self.inner();
+        assert!(
+            inner.updates.is_empty(),
+            "Telegram restarts its ids only after a week without updates: confirm them first"
+        );
+        inner.next_update_id = next - 1;
     }
 
     /// Starts injecting random faults.
