@@ -20,7 +20,7 @@ use mistral_bot::chat::{ChatMessage, ChatRequest, StreamEvent};
 use mistral_bot::config::ProviderKind::Local;
 use serde_json::{Value, json};
 
-use crate::util::app::{Fakes, http_settings, providers_config, shared_engine, start_app};
+use crate::util::app::{Fakes, TestApp, http_settings, providers_config, shared_engine, start_app};
 use crate::util::bot_process::BotProcess;
 use crate::util::fake_telegram::{BOT_USERNAME, FakeTelegram, forum_group, private_chat, user};
 use crate::util::greedy;
@@ -140,6 +140,37 @@ async fn corpus_inputs_never_put_a_control_token_in_the_prompt() {
     eprintln!("corpus through the engine: {:?}", started.elapsed());
 }
 
+/// Posts `input` (the `i`-th: streamed or not, 1 to 4 tokens); a problem, if any.
+async fn check_over_http(app: &TestApp, i: usize, input: &Input) -> Option<String> {
+    let stream = i % 2 == 1;
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":{}}}],"max_tokens":{},"temperature":0,"stream":{stream}}}"#,
+        input.literal,
+        1 + i % 4
+    );
+    let response = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let ok = match status {
+        200 if stream => text.trim_end().ends_with("data: [DONE]"),
+        200 => serde_json::from_str::<Value>(&text)
+            .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string()),
+        400..=499 => serde_json::from_str::<Value>(&text)
+            .is_ok_and(|v| v["error"]["message"].is_string() && v["error"]["code"].is_string()),
+        _ => false,
+    };
+    // Lone surrogates are not valid JSON text.
+    let ok = ok && (input.text.is_some() || status == 400);
+    (!ok).then(|| format!("{} ({status}): {text}", input.name))
+}
+
 #[tokio::test]
 async fn corpus_over_http_gets_a_completion_or_a_clean_4xx() {
     let started = Instant::now();
@@ -149,43 +180,14 @@ async fn corpus_over_http_gets_a_completion_or_a_clean_4xx() {
         http_settings(),
     )
     .await;
-    let mut problems = Vec::new();
-    for (i, input) in corpus().iter().enumerate() {
-        let stream = i % 2 == 1;
-        let body = format!(
-            r#"{{"model":"m","messages":[{{"role":"user","content":{}}}],"max_tokens":{},"temperature":0,"stream":{stream}}}"#,
-            input.literal,
-            1 + i % 4
-        );
-        let response = app
-            .client
-            .post(format!("{}/v1/chat/completions", app.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        let ok = match status {
-            200 if stream => text.trim_end().ends_with("data: [DONE]"),
-            200 => serde_json::from_str::<Value>(&text)
-                .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string()),
-            400..=499 => serde_json::from_str::<Value>(&text)
-                .is_ok_and(|v| v["error"]["message"].is_string() && v["error"]["code"].is_string()),
-            _ => false,
-        };
-        if !ok {
-            problems.push(format!("{} ({status}): {text}", input.name));
-        }
-        if input.text.is_none() {
-            assert_eq!(
-                status, 400,
-                "{}: lone surrogates are invalid JSON text",
-                input.name
-            );
-        }
-    }
+    // Four at a time, as many as the engine has slots: the long inputs batch together.
+    let inputs = corpus();
+    let problems: Vec<String> = futures::stream::iter(inputs.iter().enumerate())
+        .map(|(i, input)| check_over_http(&app, i, input))
+        .buffer_unordered(4)
+        .filter_map(|problem| async move { problem })
+        .collect()
+        .await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     let (status, _) = app.get_json("/health").await;
     assert_eq!(status, 200);
@@ -201,7 +203,7 @@ enum Place {
 }
 
 /// Sends every corpus input to a fresh chat of its own (per `places`) through the real
-/// binary, then checks: a reply in every chat the input was meant for, every update
+/// binary, then checks: a reply to every input meant for the bot, every update
 /// confirmed, no panic, a clean exit.
 async fn through_telegram(places: &[Place]) {
     let started = Instant::now();
@@ -224,6 +226,7 @@ async fn through_telegram(places: &[Place]) {
     )
     .await;
     let mut expected = Vec::new();
+    let mut chats = Vec::new();
     let inputs = corpus();
     for (i, input) in inputs.iter().enumerate() {
         let Some(text) = &input.text else { continue };
@@ -238,35 +241,29 @@ async fn through_telegram(places: &[Place]) {
                 Place::Topic => (forum_group(-1_003_000_000 - i), addressed(text)),
             };
             let chat_id = chat["id"].as_i64().unwrap();
-            let from = user(
-                30_000 + i,
-                "corpus_user",
-                if i % 2 == 0 { "en" } else { "ru" },
-            );
+            let lang = if i % 2 == 0 { "en" } else { "ru" };
+            let from = user(30_000 + i, "corpus_user", lang);
             let mut message = json!({"chat": chat, "from": from, "text": addressed});
             if place == Place::Topic {
                 message["message_thread_id"] = json!(7);
                 message["is_topic_message"] = json!(true);
             }
             telegram.inject("message", message);
+            chats.push((chat_id, !input.name.contains("unaddressed")));
             if !input.name.contains("unaddressed") {
                 expected.push((chat_id, input.name.clone()));
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        let missing: Vec<&(i64, String)> = expected
-            .iter()
-            .filter(|(chat, _)| telegram.texts(*chat).is_empty())
-            .collect();
-        if missing.is_empty() && telegram.unconfirmed() == 0 {
-            break;
-        }
+    // Wait for a reply in every chat the input was meant for.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let answered = |(chat, meant): &(i64, bool)| !*meant || !telegram.texts(*chat).is_empty();
+    while !chats.iter().all(answered) || telegram.unconfirmed() > 0 {
         let log = bot.stderr();
+        let missing: Vec<&(i64, bool)> = chats.iter().filter(|c| !answered(c)).collect();
         assert!(
             !log.contains("panicked") && Instant::now() < deadline,
-            "no reply for {} inputs, e.g. {:?}; {} updates unconfirmed\n{}\n--- bot stderr ---\n{}",
+            "no reply in {} chats, e.g. {:?}; {} updates unconfirmed\n{}\n--- bot stderr ---\n{}",
             missing.len(),
             missing.iter().take(5).collect::<Vec<_>>(),
             telegram.unconfirmed(),
