@@ -12,7 +12,7 @@ use crate::chat::GenerateParams;
 use crate::config::Secret;
 use crate::engine::EngineHandle;
 use crate::metrics::{EngineFigures, Metrics};
-use crate::providers::Chain;
+use crate::responder::Responder;
 
 /// The HTTP API's settings.
 #[derive(Debug, Clone)]
@@ -27,13 +27,11 @@ pub struct HttpSettings {
     pub model_id: String,
     /// Generation defaults; `max_tokens` is also the most a request may ask for.
     pub generate: GenerateParams,
-    /// Put first when a request brings no system message of its own.
-    pub system_prompt: Option<String>,
 }
 
 /// What answers once the model is loaded.
 struct Backend {
-    chain: Arc<Chain>,
+    responder: Arc<Responder>,
     engine: EngineHandle,
 }
 
@@ -70,9 +68,9 @@ impl AppState {
         }
     }
 
-    /// The model is loaded: serve chats through `chain`, show `engine`'s gauges.
+    /// The model is loaded: serve chats through `responder`, show `engine`'s gauges.
     /// Only the first call counts.
-    pub fn set_ready(&self, chain: Arc<Chain>, engine: EngineHandle) {
+    pub fn set_ready(&self, responder: Arc<Responder>, engine: EngineHandle) {
         let gauges = engine.clone();
         self.inner.metrics.set_engine_source(move || {
             let stats = gauges.stats();
@@ -88,7 +86,7 @@ impl AppState {
                 tokens_per_second: stats.avg_tokens_per_second,
             }
         });
-        let _ = self.inner.backend.set(Backend { chain, engine });
+        let _ = self.inner.backend.set(Backend { responder, engine });
     }
 
     /// Whether the model is loaded.
@@ -96,8 +94,8 @@ impl AppState {
         self.inner.backend.get().is_some()
     }
 
-    pub(super) fn chain(&self) -> Option<&Arc<Chain>> {
-        self.inner.backend.get().map(|b| &b.chain)
+    pub(super) fn responder(&self) -> Option<&Arc<Responder>> {
+        self.inner.backend.get().map(|b| &b.responder)
     }
 
     pub(super) fn engine(&self) -> Option<&EngineHandle> {

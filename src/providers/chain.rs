@@ -141,7 +141,7 @@ impl Chain {
             .await
             .unwrap_or(Err(ProviderError::Timeout));
             match first {
-                Ok((text, rest)) => {
+                Ok((prompts, text, rest)) => {
                     let tail = Tail {
                         delivered: text.len(),
                         events: rest,
@@ -151,7 +151,8 @@ impl Chain {
                     };
                     return Reply {
                         provider: name,
-                        events: stream::iter([StreamEvent::Delta(text)])
+                        events: stream::iter(prompts)
+                            .chain(stream::iter([StreamEvent::Delta(text)]))
                             .chain(tail.into_stream())
                             .boxed(),
                     };
@@ -173,16 +174,21 @@ impl Chain {
     }
 }
 
-/// Starts `provider` and waits for its first non-empty text.
+/// Starts `provider` and waits for its first non-empty text; returns the prompt events
+/// seen before it (a provider asked to show its prompt sends one), the text and the rest.
 async fn first_text(
     provider: &dyn Provider,
     request: ChatRequest,
-) -> Result<(String, EventStream), ProviderError> {
+) -> Result<(Vec<StreamEvent>, String, EventStream), ProviderError> {
     let mut events = provider.stream(request).await?;
+    let mut prompts = Vec::new();
     loop {
         match events.next().await {
-            Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => return Ok((text, events)),
-            Some(Ok(StreamEvent::Delta(_) | StreamEvent::Prompt(_))) => {}
+            Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
+                return Ok((prompts, text, events));
+            }
+            Some(Ok(prompt @ StreamEvent::Prompt(_))) => prompts.push(prompt),
+            Some(Ok(StreamEvent::Delta(_))) => {}
             Some(Ok(StreamEvent::Done(_))) => return Err(ProviderError::Empty),
             None => return Err(ProviderError::Cut("ended before any text".into())),
             Some(Err(e)) => return Err(e),
@@ -275,7 +281,9 @@ impl Tail {
                 Ok(Some(Ok(StreamEvent::Delta(_)))) => {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
-                Ok(Some(Ok(StreamEvent::Prompt(_)))) => return Some((Vec::new(), Some(tail))),
+                Ok(Some(Ok(prompt @ StreamEvent::Prompt(_)))) => {
+                    return Some((vec![prompt], Some(tail)));
+                }
                 Ok(Some(Err(e))) => e,
                 Ok(None) => ProviderError::Cut("ended without its end marker".into()),
                 Err(_) => ProviderError::Timeout,

@@ -11,12 +11,26 @@ use crate::engine::{EngineError, EngineHandle};
 #[derive(Clone)]
 pub struct LocalProvider {
     engine: EngineHandle,
+    /// Whether replies start with a [`StreamEvent::Prompt`] (`--verbose-prompt` in the
+    /// console); the chain passes it on.
+    show_prompt: bool,
 }
 
 impl LocalProvider {
     /// A provider over `engine`.
     pub fn new(engine: EngineHandle) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            show_prompt: false,
+        }
+    }
+
+    /// The same provider, its replies starting with the exact prompt tokens.
+    pub fn showing_prompt(self) -> Self {
+        Self {
+            show_prompt: true,
+            ..self
+        }
     }
 }
 
@@ -35,12 +49,19 @@ impl Provider for LocalProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
-        let submitted = self.engine.submit(request);
+        let show_prompt = self.show_prompt;
+        let submitted = if show_prompt {
+            self.engine.submit_showing_prompt(request)
+        } else {
+            self.engine.submit(request)
+        };
         Box::pin(async move {
             let stream = submitted?;
             Ok(stream
-                .filter(|event| {
-                    futures::future::ready(!matches!(event, Ok(StreamEvent::Prompt(_))))
+                .filter(move |event| {
+                    futures::future::ready(
+                        show_prompt || !matches!(event, Ok(StreamEvent::Prompt(_))),
+                    )
                 })
                 .map(|event| event.map_err(ProviderError::from))
                 .boxed())

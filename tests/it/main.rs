@@ -8,6 +8,7 @@
 
 mod cli;
 mod engine;
+mod history;
 mod http;
 mod providers;
 mod telegram;
