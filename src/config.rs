@@ -1067,9 +1067,22 @@ mod tests {
             ConfigError::HistoryTurns
         ));
         assert!(parse(&["--history-max-turns", "100001"]).is_err());
-        for bad in ["", "30", "d", "-1d", "1.5h", "30 days", "59s", "40000000d", "1w"] {
+        for bad in [
+            "",
+            "30",
+            "d",
+            "-1d",
+            "1.5h",
+            "30 days",
+            "59s",
+            "40000000d",
+            "1w",
+        ] {
             let err = parse(&["--history-max-age", bad]).unwrap_err();
-            assert!(err.to_string().contains("--history-max-age"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("--history-max-age"),
+                "{bad}: {err}"
+            );
         }
         assert_eq!(
             parse_history_age(" 90 m ").unwrap(),

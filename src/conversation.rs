@@ -696,7 +696,11 @@ mod tests {
     }
 
     fn users(db: &Db, key: ConversationKey) -> Vec<String> {
-        db.history(key).unwrap().into_iter().map(|t| t.user).collect()
+        db.history(key)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.user)
+            .collect()
     }
 
     #[test]
@@ -767,7 +771,12 @@ mod tests {
         }
         // Day 9: "day 0" is older than 8 days (not strictly): nothing yet at day 8...
         // committing day 9 made day 0 9 days old, so every turn older than 6 days went.
-        assert_eq!(users(&db, key(1)), ["day 3", "day 4", "day 5", "day 6", "day 7", "day 8", "day 9"]);
+        assert_eq!(
+            users(&db, key(1)),
+            [
+                "day 3", "day 4", "day 5", "day 6", "day 7", "day 8", "day 9"
+            ]
+        );
         // The timer prunes idle conversations the same way.
         db.commit(key(2), "idle", "a", None, 0).unwrap();
         db.commit(key(3), "recent", "a", None, 9 * DAY).unwrap();
@@ -801,8 +810,14 @@ mod tests {
         {
             let mut db = Db::open_file(dir.path(), HistoryLimits::default()).unwrap();
             for i in 0..200 {
-                db.commit(key(i), &"question ".repeat(50), &"answer ".repeat(50), None, 0)
-                    .unwrap();
+                db.commit(
+                    key(i),
+                    &"question ".repeat(50),
+                    &"answer ".repeat(50),
+                    None,
+                    0,
+                )
+                .unwrap();
             }
             db.conn
                 .pragma_update(None, "wal_checkpoint", "TRUNCATE")
@@ -818,11 +833,12 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let db = Db::open_file(dir.path(), HistoryLimits::default()).unwrap();
         assert_eq!(db.conversations().unwrap(), 0, "a fresh store");
-        assert!(
-            fs::read_dir(dir.path())
-                .unwrap()
-                .any(|e| e.unwrap().file_name().to_string_lossy().contains(".corrupt-"))
-        );
+        assert!(fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".corrupt-")
+        }));
     }
 
     #[test]
@@ -872,7 +888,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_chats_keep_their_own_order() {
-        let store = ConversationStore::in_memory(limits(1000, 30)).await.unwrap();
+        let store = ConversationStore::in_memory(limits(1000, 30))
+            .await
+            .unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for chat in 0..16 {
             let store = store.clone();

@@ -16,8 +16,8 @@
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
-//! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt
-//! + stored history + message → [`ChatRequest`](chat::ChatRequest)) →
+//! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt,
+//! stored history and message → [`ChatRequest`](chat::ChatRequest)) →
 //! [`Chain::reply`](providers::Chain::reply) → the first provider that answers: the local
 //! engine ([`EngineHandle::submit`](engine::EngineHandle::submit) → bounded queue → engine
 //! thread, one batch per step over all slots), else Groq, Mistral, Gemini, an

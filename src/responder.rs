@@ -268,7 +268,9 @@ mod tests {
         }
     }
 
-    async fn responder(system_prompt: Option<&str>) -> (Responder, Arc<Mutex<Vec<Vec<ChatMessage>>>>) {
+    async fn responder(
+        system_prompt: Option<&str>,
+    ) -> (Responder, Arc<Mutex<Vec<Vec<ChatMessage>>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let providers: Vec<Box<dyn Provider>> = vec![Box::new(Recorder {
             seen: Arc::clone(&seen),

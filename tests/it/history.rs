@@ -105,7 +105,11 @@ async fn history_survives_sigterm_and_kill_9_and_reset_survives_a_restart() {
     assert_eq!(turns[0], ("user".into(), "My name is Bob.".into()));
     assert_eq!(turns[1].0, "assistant");
     // The fake shows the text as rendered (markup gone): compare letters and digits.
-    let plain = |s: &str| s.chars().filter(|c| c.is_alphanumeric()).collect::<String>();
+    let plain = |s: &str| {
+        s.chars()
+            .filter(|c| c.is_alphanumeric())
+            .collect::<String>()
+    };
     assert!(
         !turns[1].1.is_empty() && plain(&first_answer).contains(&plain(&turns[1].1)),
         "the stored answer is the delivered one: {turns:?} vs {first_answer:?}"
@@ -170,7 +174,12 @@ fn an_unwritable_data_dir_stops_the_bot_at_start_with_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_mistral-bot"))
         .arg("--model")
         .arg(test_model())
-        .args(["--telegram-api-url", "http://127.0.0.1:9", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--telegram-api-url",
+            "http://127.0.0.1:9",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(file.join("data"))
         .env("TELEGRAM_BOT_TOKEN", TOKEN)
