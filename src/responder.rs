@@ -394,6 +394,16 @@ mod tests {
             .await;
         assert_eq!(text(reply).await, "answer to 2 messages");
         assert_eq!(seen.lock().unwrap().last().unwrap(), &explicit);
+        let bare = vec![ChatMessage::user("hi")];
+        let reply = responder
+            .reply(bare, GenerateParams::default(), Lang::En)
+            .await;
+        drop(reply);
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap(),
+            &[ChatMessage::system("Be kind."), ChatMessage::user("hi")],
+            "a request without its own system message gets the configured one"
+        );
         assert_eq!(responder.store().conversations().await.unwrap(), 0);
     }
 
