@@ -1067,16 +1067,7 @@ mod tests {
             ConfigError::HistoryTurns
         ));
         assert!(parse(&["--history-max-turns", "100001"]).is_err());
-        for bad in [
-            "",
-            "30",
-            "d",
-            "1.5h",
-            "30 days",
-            "59s",
-            "40000000d",
-            "1w",
-        ] {
+        for bad in ["", "30", "d", "1.5h", "30 days", "59s", "40000000d", "1w"] {
             let err = parse(&["--history-max-age", bad]).unwrap_err();
             assert!(
                 err.to_string().contains("--history-max-age"),

@@ -89,7 +89,9 @@ pub async fn chat(responder: &Responder, model: &str) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        let asked = responder.ask(CONSOLE, line.to_string(), Lang::En).await?;
+        let asked = responder
+            .ask(CONSOLE, line.to_string(), None, Lang::En)
+            .await?;
         let reply = stream_reply(asked.reply, &mut std::io::stdout()).await?;
         println!();
         asked.turn.delivered(&reply).await?;

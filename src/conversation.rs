@@ -108,6 +108,23 @@ pub struct Turn {
     pub user: String,
     /// The answer as delivered.
     pub assistant: String,
+    /// The front end's id of the user's message (a Telegram message id), if it has one.
+    pub source: Option<i64>,
+}
+
+/// A turn to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTurn {
+    /// What the user wrote.
+    pub user: String,
+    /// The answer as delivered.
+    pub assistant: String,
+    /// The front end's id of the user's message, if it has one: a message answered again
+    /// (after a crash between commit and acknowledgement) is then recognised.
+    pub source: Option<i64>,
+    /// The turn this one replaces, if it is still there: `/retry`, or the same message
+    /// answered again.
+    pub replaces: Option<TurnId>,
 }
 
 /// Why the store failed.
@@ -193,9 +210,7 @@ enum Op {
     },
     Commit {
         key: ConversationKey,
-        user: String,
-        assistant: String,
-        replaces: Option<TurnId>,
+        turn: NewTurn,
         answer: Answer<TurnId>,
     },
     Reset {
@@ -297,24 +312,10 @@ impl ConversationStore {
         self.ask(|answer| Op::History { key, answer }).await
     }
 
-    /// Appends a delivered turn (replacing the turn `replaces`, for `/retry`, if it is
-    /// still there), then prunes the conversation. Durable once this returns.
-    pub async fn commit(
-        &self,
-        key: ConversationKey,
-        user: &str,
-        assistant: &str,
-        replaces: Option<TurnId>,
-    ) -> Result<TurnId, StoreError> {
-        let (user, assistant) = (user.to_string(), assistant.to_string());
-        self.ask(|answer| Op::Commit {
-            key,
-            user,
-            assistant,
-            replaces,
-            answer,
-        })
-        .await
+    /// Appends a delivered turn (removing the turn it replaces, if that is still there),
+    /// then prunes the conversation. Durable once this returns.
+    pub async fn commit(&self, key: ConversationKey, turn: NewTurn) -> Result<TurnId, StoreError> {
+        self.ask(|answer| Op::Commit { key, turn, answer }).await
     }
 
     /// Forgets a conversation (`/reset`); returns how many turns were deleted.
@@ -450,6 +451,7 @@ impl Db {
                  topic     INTEGER NOT NULL,
                  user      TEXT NOT NULL,
                  assistant TEXT NOT NULL,
+                 source    INTEGER,
                  created   INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (chat, topic, id);
@@ -469,14 +471,8 @@ impl Db {
                 Op::History { key, answer } => {
                     let _ = answer.send(self.history(key));
                 }
-                Op::Commit {
-                    key,
-                    user,
-                    assistant,
-                    replaces,
-                    answer,
-                } => {
-                    let result = self.commit(key, &user, &assistant, replaces, now);
+                Op::Commit { key, turn, answer } => {
+                    let result = self.commit(key, &turn, now);
                     if let Err(e) = &result {
                         tracing::error!(chat = key.chat, error = %e, "cannot save a turn");
                     }
@@ -509,7 +505,8 @@ impl Db {
 
     fn history(&self, key: ConversationKey) -> Result<Vec<Turn>, StoreError> {
         let mut statement = self.conn.prepare_cached(
-            "SELECT id, user, assistant FROM turns WHERE chat = ?1 AND topic = ?2 ORDER BY id",
+            "SELECT id, user, assistant, source FROM turns WHERE chat = ?1 AND topic = ?2
+             ORDER BY id",
         )?;
         let turns = statement
             .query_map(params![key.chat, key.topic_column()], |row| {
@@ -517,6 +514,7 @@ impl Db {
                     id: TurnId(row.get(0)?),
                     user: row.get(1)?,
                     assistant: row.get(2)?,
+                    source: row.get(3)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -526,22 +524,21 @@ impl Db {
     fn commit(
         &mut self,
         key: ConversationKey,
-        user: &str,
-        assistant: &str,
-        replaces: Option<TurnId>,
+        turn: &NewTurn,
         now: i64,
     ) -> Result<TurnId, StoreError> {
         let (chat, topic) = (key.chat, key.topic_column());
         let transaction = self.conn.transaction()?;
-        if let Some(TurnId(old)) = replaces {
+        if let Some(TurnId(old)) = turn.replaces {
             transaction.execute(
                 "DELETE FROM turns WHERE id = ?1 AND chat = ?2 AND topic = ?3",
                 params![old, chat, topic],
             )?;
         }
         transaction.execute(
-            "INSERT INTO turns (chat, topic, user, assistant, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![chat, topic, user, assistant, now],
+            "INSERT INTO turns (chat, topic, user, assistant, source, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![chat, topic, turn.user, turn.assistant, turn.source, now],
         )?;
         let id = TurnId(transaction.last_insert_rowid());
         prune_conversation(&transaction, key, self.limits, now)?;
@@ -695,6 +692,24 @@ mod tests {
         .unwrap()
     }
 
+    /// Commits a turn without a source.
+    fn commit(
+        db: &mut Db,
+        key: ConversationKey,
+        user: &str,
+        assistant: &str,
+        replaces: Option<TurnId>,
+        now: i64,
+    ) -> Result<TurnId, StoreError> {
+        let turn = NewTurn {
+            user: user.into(),
+            assistant: assistant.into(),
+            source: None,
+            replaces,
+        };
+        db.commit(key, &turn, now)
+    }
+
     fn users(db: &Db, key: ConversationKey) -> Vec<String> {
         db.history(key)
             .unwrap()
@@ -710,10 +725,10 @@ mod tests {
             chat: 1,
             topic: Some(7),
         };
-        db.commit(key(1), "one", "1", None, 0).unwrap();
-        db.commit(topic, "in a topic", "t", None, 0).unwrap();
-        db.commit(key(1), "two", "2", None, 0).unwrap();
-        db.commit(key(-100), "group", "g", None, 0).unwrap();
+        commit(&mut db, key(1), "one", "1", None, 0).unwrap();
+        commit(&mut db, topic, "in a topic", "t", None, 0).unwrap();
+        commit(&mut db, key(1), "two", "2", None, 0).unwrap();
+        commit(&mut db, key(-100), "group", "g", None, 0).unwrap();
         assert_eq!(users(&db, key(1)), ["one", "two"]);
         assert_eq!(users(&db, topic), ["in a topic"]);
         assert_eq!(db.history(key(1)).unwrap()[1].assistant, "2");
@@ -724,8 +739,8 @@ mod tests {
     #[test]
     fn reset_forgets_one_conversation_only() {
         let mut db = memory_db(HistoryLimits::default());
-        db.commit(key(1), "a", "b", None, 0).unwrap();
-        db.commit(key(2), "c", "d", None, 0).unwrap();
+        commit(&mut db, key(1), "a", "b", None, 0).unwrap();
+        commit(&mut db, key(2), "c", "d", None, 0).unwrap();
         assert_eq!(db.reset(key(1)).unwrap(), 1);
         assert!(db.history(key(1)).unwrap().is_empty());
         assert_eq!(users(&db, key(2)), ["c"]);
@@ -735,14 +750,14 @@ mod tests {
     #[test]
     fn a_retried_turn_replaces_the_old_one_at_the_end() {
         let mut db = memory_db(HistoryLimits::default());
-        db.commit(key(1), "one", "1", None, 0).unwrap();
-        let last = db.commit(key(1), "two", "2", None, 0).unwrap();
-        db.commit(key(1), "two", "2 again", Some(last), 0).unwrap();
+        commit(&mut db, key(1), "one", "1", None, 0).unwrap();
+        let last = commit(&mut db, key(1), "two", "2", None, 0).unwrap();
+        commit(&mut db, key(1), "two", "2 again", Some(last), 0).unwrap();
         let history = db.history(key(1)).unwrap();
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].assistant, "2 again");
         // Another conversation's id is never deleted by mistake.
-        db.commit(key(2), "x", "y", Some(history[0].id), 0).unwrap();
+        commit(&mut db, key(2), "x", "y", Some(history[0].id), 0).unwrap();
         assert_eq!(db.history(key(1)).unwrap().len(), 2);
     }
 
@@ -750,14 +765,14 @@ mod tests {
     fn too_many_turns_are_pruned_in_blocks_down_to_three_quarters() {
         let mut db = memory_db(limits(8, 30));
         for i in 0..8 {
-            db.commit(key(1), &format!("q{i}"), "a", None, 0).unwrap();
+            commit(&mut db, key(1), &format!("q{i}"), "a", None, 0).unwrap();
         }
         assert_eq!(db.history(key(1)).unwrap().len(), 8, "at the limit: kept");
-        db.commit(key(1), "q8", "a", None, 0).unwrap();
+        commit(&mut db, key(1), "q8", "a", None, 0).unwrap();
         assert_eq!(users(&db, key(1)), ["q3", "q4", "q5", "q6", "q7", "q8"]);
         // The start then stays put for the next two turns.
-        db.commit(key(1), "q9", "a", None, 0).unwrap();
-        db.commit(key(1), "q10", "a", None, 0).unwrap();
+        commit(&mut db, key(1), "q9", "a", None, 0).unwrap();
+        commit(&mut db, key(1), "q10", "a", None, 0).unwrap();
         assert_eq!(users(&db, key(1))[0], "q3");
         assert_eq!(db.history(key(1)).unwrap().len(), 8);
     }
@@ -766,8 +781,7 @@ mod tests {
     fn old_turns_are_pruned_in_blocks_by_age() {
         let mut db = memory_db(limits(100, 8));
         for day in 0..10 {
-            db.commit(key(1), &format!("day {day}"), "a", None, day * DAY)
-                .unwrap();
+            commit(&mut db, key(1), &format!("day {day}"), "a", None, day * DAY).unwrap();
         }
         // Day 9: "day 0" is older than 8 days (not strictly): nothing yet at day 8...
         // committing day 9 made day 0 9 days old, so every turn older than 6 days went.
@@ -778,8 +792,8 @@ mod tests {
             ]
         );
         // The timer prunes idle conversations the same way.
-        db.commit(key(2), "idle", "a", None, 0).unwrap();
-        db.commit(key(3), "recent", "a", None, 9 * DAY).unwrap();
+        commit(&mut db, key(2), "idle", "a", None, 0).unwrap();
+        commit(&mut db, key(3), "recent", "a", None, 9 * DAY).unwrap();
         assert_eq!(db.prune_all(9 * DAY).unwrap(), Pruned { turns: 1 });
         assert!(db.history(key(2)).unwrap().is_empty());
         assert_eq!(users(&db, key(3)), ["recent"]);
@@ -793,7 +807,7 @@ mod tests {
         fs::write(&path, &garbage).unwrap();
         fs::write(dir.path().join(format!("{DB_FILE}-wal")), b"stale wal").unwrap();
         let mut db = Db::open_file(dir.path(), HistoryLimits::default()).unwrap();
-        db.commit(key(1), "works", "yes", None, 0).unwrap();
+        commit(&mut db, key(1), "works", "yes", None, 0).unwrap();
         let moved: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -813,7 +827,8 @@ mod tests {
         {
             let mut db = Db::open_file(dir.path(), HistoryLimits::default()).unwrap();
             for i in 0..200 {
-                db.commit(
+                commit(
+                    &mut db,
                     key(i),
                     &"question ".repeat(50),
                     &"answer ".repeat(50),
@@ -870,14 +885,26 @@ mod tests {
         assert!(matches!(e, StoreError::Schema { found: 99, .. }), "{e:?}");
     }
 
+    fn new_turn(user: &str, source: Option<i64>) -> NewTurn {
+        NewTurn {
+            user: user.into(),
+            assistant: "a".into(),
+            source,
+            replaces: None,
+        }
+    }
+
     #[tokio::test]
     async fn turns_survive_reopening_and_reset_stays_done() {
         let dir = tempfile::tempdir().unwrap();
         let store = ConversationStore::open(dir.path(), HistoryLimits::default())
             .await
             .unwrap();
-        store.commit(key(1), "kept", "yes", None).await.unwrap();
-        store.commit(key(2), "reset", "no", None).await.unwrap();
+        store
+            .commit(key(1), new_turn("kept", Some(41)))
+            .await
+            .unwrap();
+        store.commit(key(2), new_turn("reset", None)).await.unwrap();
         store.reset(key(2)).await.unwrap();
         drop(store);
         let store = ConversationStore::open(dir.path(), HistoryLimits::default())
@@ -886,6 +913,7 @@ mod tests {
         let history = store.history(key(1)).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].user, "kept");
+        assert_eq!(history[0].source, Some(41));
         assert!(store.history(key(2)).await.unwrap().is_empty());
     }
 
@@ -902,7 +930,7 @@ mod tests {
                     let history = store.history(key(chat)).await.unwrap();
                     assert_eq!(history.len(), i, "chat {chat} sees its own earlier turns");
                     store
-                        .commit(key(chat), &format!("{chat}:{i}"), "a", None)
+                        .commit(key(chat), new_turn(&format!("{chat}:{i}"), None))
                         .await
                         .unwrap();
                 }
@@ -957,7 +985,7 @@ mod tests {
                     Action::Commit { chat, advance_hours } => {
                         now += advance_hours * 3600;
                         let text = format!("m{n}");
-                        db.commit(key(chat), &text, "a", None, now).unwrap();
+                        commit(&mut db, key(chat), &text, "a", None, now).unwrap();
                         model[chat as usize].push((text, now));
                         vec![chat]
                     }

@@ -13,14 +13,18 @@
 //! # When a turn counts
 //! A turn is committed after delivery, with the text as delivered (a `/stop`ped answer is
 //! kept as far as it went). Nothing is committed when delivery failed, when the answer is
-//! empty, or when it is the canned apology (so `/retry` can ask again).
+//! empty, or when it is the canned apology (so `/retry` can ask again). A message the front
+//! end identifies (its `source`, the Telegram message id) that is answered again — the
+//! process died after committing the turn but before marking the message answered — is
+//! answered as a retry: its earlier turn is left out of the prompt and replaced, so a
+//! message never has two turns.
 //!
 //! May use: `conversation`, `providers`, `chat`, `i18n`.
 
 use std::sync::Arc;
 
 use crate::chat::{ChatMessage, ChatRequest, GenerateParams, Role};
-use crate::conversation::{ConversationKey, ConversationStore, StoreError, Turn, TurnId};
+use crate::conversation::{ConversationKey, ConversationStore, NewTurn, StoreError, Turn, TurnId};
 use crate::i18n::Lang;
 use crate::providers::{Chain, Reply};
 
@@ -86,7 +90,9 @@ pub struct PendingTurn {
     store: ConversationStore,
     key: ConversationKey,
     question: String,
-    /// The turn a `/retry` answers again, replaced on delivery.
+    /// The front end's id of the question's message.
+    source: Option<i64>,
+    /// The turn answered again (`/retry`), replaced on delivery.
     replaces: Option<TurnId>,
     provider: &'static str,
 }
@@ -104,9 +110,13 @@ impl PendingTurn {
         if self.provider == CANNED || answer.is_empty() {
             return Ok(false);
         }
-        self.store
-            .commit(self.key, &self.question, answer, self.replaces)
-            .await?;
+        let turn = NewTurn {
+            user: self.question,
+            assistant: answer.to_string(),
+            source: self.source,
+            replaces: self.replaces,
+        };
+        self.store.commit(self.key, turn).await?;
         Ok(true)
     }
 }
@@ -150,15 +160,25 @@ impl Responder {
             .await
     }
 
-    /// Answers `question` in the stored conversation `key`.
+    /// Answers `question` in the stored conversation `key`; `source` is the front end's id
+    /// of the message, if it has one (see the module docs: a message answered twice keeps
+    /// one turn).
     pub async fn ask(
         &self,
         key: ConversationKey,
         question: String,
+        source: Option<i64>,
         lang: Lang,
     ) -> Result<StoredReply, StoreError> {
-        let history = self.store.history(key).await?;
-        Ok(self.answer(key, &history, question, None, lang).await)
+        let mut history = self.store.history(key).await?;
+        let again = match history.last() {
+            Some(last) if source.is_some() && last.source == source => history.pop(),
+            _ => None,
+        };
+        let replaces = again.map(|turn| turn.id);
+        Ok(self
+            .answer(key, &history, question, source, replaces, lang)
+            .await)
     }
 
     /// Answers the last question of `key` again (`/retry`): the reply, on delivery,
@@ -173,7 +193,7 @@ impl Responder {
             return Ok(None);
         };
         Ok(Some(
-            self.answer(key, &history, last.user, Some(last.id), lang)
+            self.answer(key, &history, last.user, last.source, Some(last.id), lang)
                 .await,
         ))
     }
@@ -188,6 +208,7 @@ impl Responder {
         key: ConversationKey,
         history: &[Turn],
         question: String,
+        source: Option<i64>,
         replaces: Option<TurnId>,
         lang: Lang,
     ) -> StoredReply {
@@ -202,6 +223,7 @@ impl Responder {
             store: self.store.clone(),
             key,
             question,
+            source,
             replaces,
             provider: reply.provider,
         };
@@ -309,10 +331,16 @@ mod tests {
     #[tokio::test]
     async fn a_stored_conversation_gets_system_prompt_history_and_question() {
         let (responder, seen) = responder(Some("Be brief.")).await;
-        let first = responder.ask(KEY, "one".into(), Lang::En).await.unwrap();
+        let first = responder
+            .ask(KEY, "one".into(), None, Lang::En)
+            .await
+            .unwrap();
         let answer = text(first.reply).await;
         assert!(first.turn.delivered(&answer).await.unwrap());
-        let second = responder.ask(KEY, "two".into(), Lang::En).await.unwrap();
+        let second = responder
+            .ask(KEY, "two".into(), None, Lang::En)
+            .await
+            .unwrap();
         drop(second);
         let seen = seen.lock().unwrap().clone();
         assert_eq!(
@@ -329,12 +357,15 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_kept_until_delivered_nor_the_canned_apology() {
         let (responder, _) = responder(None).await;
-        let undelivered = responder.ask(KEY, "lost".into(), Lang::En).await.unwrap();
+        let undelivered = responder
+            .ask(KEY, "lost".into(), None, Lang::En)
+            .await
+            .unwrap();
         drop(undelivered);
         assert!(responder.store().history(KEY).await.unwrap().is_empty());
 
         let down = failing_over(&responder);
-        let canned = down.ask(KEY, "q".into(), Lang::En).await.unwrap();
+        let canned = down.ask(KEY, "q".into(), None, Lang::En).await.unwrap();
         assert_eq!(canned.reply.provider, CANNED);
         let apology = text(canned.reply).await;
         assert!(!canned.turn.delivered(&apology).await.unwrap());
@@ -360,7 +391,7 @@ mod tests {
         let (responder, seen) = responder(None).await;
         assert!(responder.retry(KEY, Lang::En).await.unwrap().is_none());
         for q in ["one", "two"] {
-            let asked = responder.ask(KEY, q.into(), Lang::En).await.unwrap();
+            let asked = responder.ask(KEY, q.into(), None, Lang::En).await.unwrap();
             assert!(asked.turn.delivered(&format!("a {q}")).await.unwrap());
         }
         let retried = responder.retry(KEY, Lang::En).await.unwrap().unwrap();
@@ -381,9 +412,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_answered_again_keeps_one_turn() {
+        let (responder, seen) = responder(None).await;
+        for (q, id) in [("one", 1), ("two", 2)] {
+            let asked = responder
+                .ask(KEY, q.into(), Some(id), Lang::En)
+                .await
+                .unwrap();
+            assert!(asked.turn.delivered(&format!("a {q}")).await.unwrap());
+        }
+        // The process died after committing "two" but before marking it answered.
+        let again = responder
+            .ask(KEY, "two".into(), Some(2), Lang::En)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap().len(),
+            3,
+            "one, a one, two: the earlier answer to the same message is left out"
+        );
+        assert!(again.turn.delivered("a two, again").await.unwrap());
+        let history = responder.store().history(KEY).await.unwrap();
+        let turns: Vec<(&str, Option<i64>)> = history
+            .iter()
+            .map(|t| (t.user.as_str(), t.source))
+            .collect();
+        assert_eq!(turns, [("one", Some(1)), ("two", Some(2))]);
+        assert_eq!(history[1].assistant, "a two, again");
+        // A new message with the same text is a new turn.
+        let asked = responder
+            .ask(KEY, "two".into(), Some(3), Lang::En)
+            .await
+            .unwrap();
+        assert!(asked.turn.delivered("a").await.unwrap());
+        assert_eq!(responder.store().history(KEY).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
     async fn reset_forgets_and_an_api_request_never_touches_the_store() {
         let (responder, seen) = responder(Some("Be kind.")).await;
-        let asked = responder.ask(KEY, "one".into(), Lang::En).await.unwrap();
+        let asked = responder
+            .ask(KEY, "one".into(), None, Lang::En)
+            .await
+            .unwrap();
         assert!(asked.turn.delivered("a").await.unwrap());
         responder.reset(KEY).await.unwrap();
         assert!(responder.store().history(KEY).await.unwrap().is_empty());

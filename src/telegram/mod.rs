@@ -492,7 +492,15 @@ impl BotCore {
         let responder = &self.deps.responder;
         let started = async move {
             match question {
-                Question::New(text) => responder.ask(key, text, origin.lang).await.map(Some),
+                // The message id makes a message answered again after a crash keep one
+                // turn.
+                Question::New(text) => {
+                    let source = Some(i64::from(origin.message_id.0));
+                    responder
+                        .ask(key, text, source, origin.lang)
+                        .await
+                        .map(Some)
+                }
                 Question::Again => responder.retry(key, origin.lang).await,
             }
         };
