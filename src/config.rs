@@ -108,7 +108,8 @@ pub struct Args {
     pub console: bool,
 
     /// Print the final prompt's token ids and pieces to stderr before generating (in
-    /// --prompt/--console; when serving Telegram, the messages of each request).
+    /// --prompt/--console; when serving, log the messages of each Telegram or HTTP request
+    /// as JSON).
     #[arg(long, env = "MISTRAL_BOT_VERBOSE_PROMPT")]
     pub verbose_prompt: bool,
 
