@@ -14,6 +14,7 @@ use clap::Parser;
 use url::Url;
 
 use crate::chat::GenerateParams;
+use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
@@ -110,7 +111,8 @@ pub struct Args {
     pub console: bool,
 
     /// Print the final prompt's token ids and pieces to stderr before generating (in
-    /// --prompt/--console; when serving Telegram, the messages of each request).
+    /// --prompt/--console; when serving, log the messages of each Telegram or HTTP request
+    /// as JSON).
     #[arg(long, env = "MISTRAL_BOT_VERBOSE_PROMPT")]
     pub verbose_prompt: bool,
 
@@ -148,8 +150,8 @@ pub struct Args {
     )]
     pub allowed_users: Vec<String>,
 
-    /// Directory for state kept across restarts (the Telegram polling offset and the
-    /// updates not yet answered).
+    /// Directory for state kept across restarts: the conversation histories
+    /// (conversations.sqlite3), the Telegram polling offset and the updates not yet answered.
     #[arg(
         long,
         env = "MISTRAL_BOT_DATA_DIR",
@@ -157,6 +159,21 @@ pub struct Args {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
+
+    /// Most turns (a message and its answer) kept per conversation; past it the oldest are
+    /// dropped down to three quarters of it at once.
+    #[arg(long, env = "MISTRAL_BOT_HISTORY_MAX_TURNS", default_value_t = 100)]
+    pub history_max_turns: usize,
+
+    /// Oldest turn kept, as a number with a unit: `90s`, `45m`, `12h`, `30d`. When a
+    /// conversation has an older turn, every turn older than three quarters of it goes.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_HISTORY_MAX_AGE",
+        default_value = "30d",
+        value_name = "AGE"
+    )]
+    pub history_max_age: String,
 
     /// RAM for parked KV caches of conversations that lost their slot, in MiB (0: none).
     /// Mistral 7B at f16 takes 128 KiB per token: a 1500-token chat ≈ 190 MiB.
@@ -209,6 +226,39 @@ impl Command {
             Command::Run(Args::parse_from(argv))
         }
     }
+}
+
+/// Most turns `--history-max-turns` accepts.
+pub const MAX_HISTORY_TURNS: usize = 100_000;
+/// The shortest `--history-max-age`.
+pub const MIN_HISTORY_AGE: Duration = Duration::from_secs(60);
+/// The longest `--history-max-age` (100 years).
+pub const MAX_HISTORY_AGE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parses an age such as `90s`, `45m`, `12h` or `30d` (whole numbers; surrounding blanks
+/// allowed) within [`MIN_HISTORY_AGE`]..=[`MAX_HISTORY_AGE`].
+pub fn parse_history_age(value: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::HistoryAge {
+        value: value.chars().take(40).collect(),
+    };
+    let trimmed = value.trim();
+    let unit_at = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(bad)?;
+    let (number, unit) = trimmed.split_at(unit_at);
+    let scale: u64 = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => return Err(bad()),
+    };
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let age = Duration::from_secs(number.checked_mul(scale).ok_or_else(bad)?);
+    if !(MIN_HISTORY_AGE..=MAX_HISTORY_AGE).contains(&age) {
+        return Err(bad());
+    }
+    Ok(age)
 }
 
 fn parse_secret(value: &str) -> Result<Secret, std::convert::Infallible> {
@@ -288,6 +338,10 @@ pub struct Config {
     pub http: HttpConfig,
     /// The Telegram bot, when a token is configured.
     pub telegram: Option<TelegramConfig>,
+    /// Where state kept across restarts lives (`--data-dir`).
+    pub data_dir: PathBuf,
+    /// How much conversation history is kept.
+    pub history: HistoryLimits,
 }
 
 impl Config {
@@ -410,6 +464,18 @@ pub enum ConfigError {
         /// The value given.
         mib: u64,
     },
+    /// `--history-max-turns` out of range.
+    #[error("--history-max-turns must be 1 to {MAX_HISTORY_TURNS}")]
+    HistoryTurns,
+    /// `--history-max-age` that is not an age in range.
+    #[error(
+        "--history-max-age `{value}` is not an age from 1 minute to 100 years, written as a \
+         whole number with a unit: 90s, 45m, 12h, 30d"
+    )]
+    HistoryAge {
+        /// The value given (at most 40 characters of it).
+        value: String,
+    },
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
     BadApiUrl {
@@ -525,9 +591,16 @@ impl TryFrom<Args> for Config {
                     token,
                     api_url,
                     allowed_users,
-                    data_dir: args.data_dir,
+                    data_dir: args.data_dir.clone(),
                 })
             }
+        };
+        if !(1..=MAX_HISTORY_TURNS).contains(&args.history_max_turns) {
+            return Err(ConfigError::HistoryTurns);
+        }
+        let history = HistoryLimits {
+            max_turns: non_zero_usize(args.history_max_turns, "history-max-turns")?,
+            max_age: parse_history_age(&args.history_max_age)?,
         };
         Ok(Config {
             engine: EngineConfig {
@@ -557,6 +630,8 @@ impl TryFrom<Args> for Config {
             providers: ProvidersConfig::try_from(args.providers)?,
             http: HttpConfig::try_from(args.http)?,
             telegram,
+            data_dir: args.data_dir,
+            history,
         })
     }
 }
@@ -1204,6 +1279,54 @@ mod tests {
         let config = parse(&["--telegram-token", "123:secret-token"]).unwrap();
         let shown = format!("{config:?} {}", config.telegram.as_ref().unwrap().token);
         assert!(!shown.contains("secret-token"), "{shown}");
+    }
+
+    #[test]
+    fn history_limits_are_parsed_and_checked() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.history.max_turns.get(), 100);
+        assert_eq!(config.history.max_age, Duration::from_secs(30 * 24 * 3600));
+        let config = parse(&["--history-max-turns", "8", "--history-max-age", "12h"]).unwrap();
+        assert_eq!(config.history.max_turns.get(), 8);
+        assert_eq!(config.history.max_age, Duration::from_secs(12 * 3600));
+        assert!(matches!(
+            parse(&["--history-max-turns", "0"]).unwrap_err(),
+            ConfigError::HistoryTurns
+        ));
+        assert!(parse(&["--history-max-turns", "100001"]).is_err());
+        for bad in ["", "30", "d", "1.5h", "30 days", "59s", "40000000d", "1w"] {
+            let err = parse(&["--history-max-age", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("--history-max-age"),
+                "{bad}: {err}"
+            );
+        }
+        // (clap takes `-1d` for a flag; the parser refuses it too.)
+        assert!(parse_history_age("-1d").is_err());
+        assert_eq!(
+            parse_history_age(" 90 m ").unwrap(),
+            Duration::from_secs(5400)
+        );
+    }
+
+    proptest::proptest! {
+        /// Any text: an age in range or an error naming the flag, never a panic; a number
+        /// with a unit is exactly that many seconds.
+        #[test]
+        fn history_age_parser_never_panics_and_is_exact(
+            text in "\\PC{0,12}",
+            number in 0u64..100_000,
+            unit in proptest::sample::select(vec![("s", 1u64), ("m", 60), ("h", 3600), ("d", 86_400)]),
+        ) {
+            if let Ok(age) = parse_history_age(&text) {
+                proptest::prop_assert!((MIN_HISTORY_AGE..=MAX_HISTORY_AGE).contains(&age));
+            }
+            let expected = Duration::from_secs(number * unit.1);
+            match parse_history_age(&format!("{number}{}", unit.0)) {
+                Ok(age) => proptest::prop_assert_eq!(age, expected),
+                Err(_) => proptest::prop_assert!(!(MIN_HISTORY_AGE..=MAX_HISTORY_AGE).contains(&expected)),
+            }
+        }
     }
 
     #[test]

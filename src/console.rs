@@ -1,54 +1,32 @@
 //! The terminal front-ends: `--prompt` (one answer on stdout, for scripts) and `--console`
-//! (an interactive chat with history). Both stream the reply as it is generated.
+//! (an interactive chat with history). Both ask the [`Responder`] (over a chain holding the
+//! local engine only, with a history kept in memory) and stream the reply as it comes.
 
 use std::io::{IsTerminal, Write};
 
 use anyhow::Context as _;
+use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::chat::{ChatMessage, ChatRequest, GenerateParams, StreamEvent};
-use crate::engine::{EngineHandle, ReplyStream};
+use crate::chat::{ChatMessage, StreamEvent};
+use crate::conversation::ConversationKey;
+use crate::i18n::Lang;
+use crate::providers::Reply;
+use crate::responder::Responder;
 
-/// Settings shared by both front-ends.
-#[derive(Debug, Clone)]
-pub struct ConsoleConfig {
-    /// Generation parameters of every reply.
-    pub generate: GenerateParams,
-    /// System prompt put before the conversation.
-    pub system_prompt: Option<String>,
-    /// Print the prompt's tokens to stderr before each reply.
-    pub verbose_prompt: bool,
-}
+/// The console's one conversation.
+const CONSOLE: ConversationKey = ConversationKey {
+    chat: 0,
+    topic: None,
+};
 
-impl ConsoleConfig {
-    fn request(&self, history: &[ChatMessage]) -> ChatRequest {
-        let messages = self
-            .system_prompt
-            .iter()
-            .map(ChatMessage::system)
-            .chain(history.iter().cloned())
-            .collect();
-        ChatRequest::new(messages, self.generate.clone())
-    }
-
-    async fn submit(
-        &self,
-        engine: &EngineHandle,
-        history: &[ChatMessage],
-    ) -> anyhow::Result<ReplyStream> {
-        let request = self.request(history);
-        engine
-            .submit_async(request, self.verbose_prompt)
-            .await
-            .context("the engine refused the request")
-    }
-}
-
-/// Streams one reply to `out`; returns its full text.
-async fn stream_reply(mut stream: ReplyStream, out: &mut impl Write) -> anyhow::Result<String> {
+/// Streams one reply to `out`; returns its full text. With `--verbose-prompt`, the prompt's
+/// tokens go to stderr first.
+async fn stream_reply(reply: Reply, out: &mut impl Write) -> anyhow::Result<String> {
+    let mut events = reply.events;
     let mut text = String::new();
-    while let Some(event) = stream.next_event().await {
-        match event.context("generation failed")? {
+    while let Some(event) = events.next().await {
+        match event {
             StreamEvent::Prompt(tokens) => {
                 let mut err = std::io::stderr().lock();
                 writeln!(err, "prompt: {} tokens", tokens.len())?;
@@ -64,34 +42,36 @@ async fn stream_reply(mut stream: ReplyStream, out: &mut impl Write) -> anyhow::
             StreamEvent::Done(_) => return Ok(text),
         }
     }
-    anyhow::bail!("the engine stopped before the reply was complete")
+    anyhow::bail!("the reply ended before it was complete")
 }
 
-/// `--prompt`: answers `prompt` on stdout.
-pub async fn answer_once(
-    engine: &EngineHandle,
-    config: &ConsoleConfig,
-    prompt: &str,
-) -> anyhow::Result<()> {
-    let history = [ChatMessage::user(prompt)];
-    let stream = config.submit(engine, &history).await?;
+/// `--prompt`: answers `prompt` on stdout. Fails (for scripts) when the local engine could
+/// not answer and the canned apology would have been the answer.
+pub async fn answer_once(responder: &Responder, prompt: &str) -> anyhow::Result<()> {
+    let reply = responder
+        .reply(
+            vec![ChatMessage::user(prompt)],
+            responder.generate().clone(),
+            Lang::En,
+        )
+        .await
+        .map_err(|refused| anyhow::anyhow!("the request was refused: {refused}"))?;
+    if reply.provider == "canned" {
+        anyhow::bail!("the local engine could not answer (see the warning above)");
+    }
     let mut stdout = std::io::stdout().lock();
-    stream_reply(stream, &mut stdout).await?;
+    stream_reply(reply, &mut stdout).await?;
     writeln!(stdout)?;
     Ok(())
 }
 
 /// `--console`: a chat on stdin/stdout until `/exit` or end of input.
-pub async fn chat(engine: &EngineHandle, config: &ConsoleConfig) -> anyhow::Result<()> {
+pub async fn chat(responder: &Responder, model: &str) -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!(
-            "Chatting with {} — /reset forgets the conversation, /exit quits.",
-            engine.info().name
-        );
+        eprintln!("Chatting with {model} — /reset forgets the conversation, /exit quits.");
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut history: Vec<ChatMessage> = Vec::new();
     loop {
         if interactive {
             eprint!("> ");
@@ -104,16 +84,24 @@ pub async fn chat(engine: &EngineHandle, config: &ConsoleConfig) -> anyhow::Resu
             "" => continue,
             "/exit" | "/quit" => return Ok(()),
             "/reset" | "/new" => {
-                history.clear();
+                responder.reset(CONSOLE).await?;
                 println!("(conversation cleared)");
                 continue;
             }
             _ => {}
         }
-        history.push(ChatMessage::user(line));
-        let stream = config.submit(engine, &history).await?;
-        let reply = stream_reply(stream, &mut std::io::stdout()).await?;
+        let asked = responder
+            .ask(CONSOLE, line.to_string(), None, Lang::En)
+            .await?;
+        let reply = match asked.reply {
+            Ok(reply) => reply,
+            Err(refused) => {
+                eprintln!("{}", refused.fault().user_text(Lang::En));
+                continue;
+            }
+        };
+        let reply = stream_reply(reply, &mut std::io::stdout()).await?;
         println!();
-        history.push(ChatMessage::assistant(reply.trim()));
+        asked.turn.delivered(&reply).await?;
     }
 }

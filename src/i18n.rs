@@ -125,6 +125,16 @@ pub fn reset_done(lang: Lang) -> &'static str {
     }
 }
 
+/// The conversation store failed (a disk error): the message is not answered.
+pub fn history_unavailable(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => {
+            "Sorry, I cannot reach this chat's history right now. Please try again in a minute."
+        }
+        Lang::Ru => "Извините, история этого чата сейчас недоступна. Попробуйте через минуту.",
+    }
+}
+
 /// `/retry` with no earlier message.
 pub fn nothing_to_retry(lang: Lang) -> &'static str {
     match lang {

@@ -10,17 +10,22 @@
 //! - [`http`]: the OpenAI-compatible HTTP API, metrics, health and readiness.
 //! - [`metrics`]: per-provider counters and latencies, engine gauges.
 //! - [`i18n`]: the bot's own words in English and Russian.
-//! - [`conversation`]: per-chat history.
+//! - [`conversation`]: the durable conversation store (SQLite under `--data-dir`).
+//! - [`responder`]: the one place a prompt is assembled (system prompt, stored history,
+//!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
-//! front-end (Telegram, HTTP) → [`ChatRequest`](chat::ChatRequest) →
+//! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt,
+//! stored history and message → [`ChatRequest`](chat::ChatRequest)) →
 //! [`Chain::reply`](providers::Chain::reply) → the first provider that answers: the local
 //! engine ([`EngineHandle::submit`](engine::EngineHandle::submit) → bounded queue → engine
 //! thread, one batch per step over all slots), else Groq, Mistral, Gemini, an
 //! OpenAI-compatible fleet, else the canned apology → stream of
-//! [`StreamEvent`](chat::StreamEvent)s → front-end. The console talks to the engine directly.
+//! [`StreamEvent`](chat::StreamEvent)s → front-end, which tells the responder when the
+//! answer was delivered (the turn is then committed to the store). The console's chain holds
+//! the local engine only, and its history lives in memory.
 //!
 //! # Serve mode
 //! [`run`] binds the HTTP API first (`/ready` is 503 while the model loads), loads the
@@ -39,6 +44,7 @@ pub mod i18n;
 pub mod metrics;
 pub mod providers;
 pub mod redact;
+pub mod responder;
 pub mod telegram;
 
 use std::io::IsTerminal;
@@ -49,10 +55,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use config::{Config, Mode};
-use console::ConsoleConfig;
+use conversation::ConversationStore;
 use engine::EngineHandle;
 use http::{AppState, HttpSettings};
 use metrics::Metrics;
+use providers::{Chain, LocalProvider};
+use responder::{Responder, ResponderConfig};
 
 pub use http::serve as serve_http;
 
@@ -73,14 +81,29 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let engine = EngineHandle::start(config.engine.clone())
         .await
         .context("starting the local engine")?;
-    let console = ConsoleConfig {
-        generate: config.generate.clone(),
-        system_prompt: config.system_prompt.clone(),
-        verbose_prompt: config.verbose_prompt,
-    };
+    // The terminal talks to the local model only; --verbose-prompt shows its tokens.
+    let mut local = LocalProvider::new(engine.clone());
+    if config.verbose_prompt {
+        local = local.showing_prompt();
+    }
+    let chain = Chain::builder(Arc::new(Metrics::new()))
+        .provider(local, config.providers.local_timeout)
+        .build();
+    let store = ConversationStore::in_memory(config.history)
+        .await
+        .context("starting the in-memory conversation store")?;
+    let responder = Responder::new(
+        Arc::new(chain),
+        store,
+        ResponderConfig {
+            system_prompt: config.system_prompt.clone(),
+            generate: config.generate.clone(),
+            verbose_prompt: false,
+        },
+    );
     match prompt {
-        Some(prompt) => console::answer_once(&engine, &console, &prompt).await,
-        None => console::chat(&engine, &console).await,
+        Some(prompt) => console::answer_once(&responder, &prompt).await,
+        None => console::chat(&responder, &engine.info().name).await,
     }
 }
 
@@ -96,7 +119,6 @@ pub fn http_settings(config: &Config) -> HttpSettings {
             .file_stem()
             .map_or_else(|| "local".to_string(), |s| s.to_string_lossy().into_owned()),
         generate: config.generate.clone(),
-        system_prompt: config.system_prompt.clone(),
     }
 }
 
@@ -107,6 +129,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.telegram.is_none() {
         tracing::warn!("{NO_TOKEN}");
     }
+    // Histories are kept for the Telegram bot; the HTTP API is stateless (its clients send
+    // the whole conversation), so without a bot nothing is written to --data-dir.
+    let store = if config.telegram.is_some() {
+        let store = ConversationStore::open(&config.data_dir, config.history)
+            .await
+            .context("opening the conversation store")?;
+        tracing::info!(
+            path = %config.data_dir.join(conversation::DB_FILE).display(),
+            conversations = store.conversations().await.unwrap_or(0),
+            "conversation store open"
+        );
+        store
+    } else {
+        ConversationStore::in_memory(config.history)
+            .await
+            .context("starting the in-memory conversation store")?
+    };
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(http_settings(&config), Arc::clone(&metrics));
     let listener = TcpListener::bind(config.http.addr)
@@ -141,10 +180,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         engine.clone(),
         metrics,
     )?);
-    state.set_ready(Arc::clone(&chain), engine.clone());
+    let responder = Arc::new(Responder::new(
+        chain,
+        store,
+        ResponderConfig {
+            system_prompt: config.system_prompt.clone(),
+            generate: config.generate.clone(),
+            verbose_prompt: config.verbose_prompt,
+        },
+    ));
+    state.set_ready(Arc::clone(&responder), engine.clone());
     tracing::info!(model = %config.engine.model_path.display(), "ready");
 
-    let result = serve_front_ends(&config, chain, engine.clone(), server, stop_rx).await;
+    let result = serve_front_ends(&config, responder, engine.clone(), server, stop_rx).await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
     if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {
@@ -162,7 +210,7 @@ const PARK_ON_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Serves the HTTP API and, when configured, the Telegram bot until they stop.
 async fn serve_front_ends(
     config: &Config,
-    chain: Arc<providers::Chain>,
+    responder: Arc<Responder>,
     engine: EngineHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
@@ -173,13 +221,7 @@ async fn serve_front_ends(
             .context("the HTTP server task failed")?
             .context("the HTTP server failed");
     };
-    let deps = telegram::BotDeps {
-        chain,
-        engine,
-        generate: config.generate.clone(),
-        system_prompt: config.system_prompt.clone(),
-        verbose_prompt: config.verbose_prompt,
-    };
+    let deps = telegram::BotDeps { responder, engine };
     // The bot stops with the same signal as the HTTP API; a fatal bot error (a rejected
     // token) stops the process, since the bot is what the operator asked for.
     let bot = telegram::run(telegram, deps, stopped(stop_rx));

@@ -290,7 +290,9 @@ impl Worker<'_> {
     fn obey(&mut self, command: Command) {
         match command {
             Command::Run(job) => self.admit(job, Preload::None),
-            Command::Panic => panic!("engine thread crash requested (EngineHandle::crash_for_tests)"),
+            Command::Panic => {
+                panic!("engine thread crash requested (EngineHandle::crash_for_tests)")
+            }
         }
     }
 
@@ -350,13 +352,7 @@ impl Worker<'_> {
         let index = match self.parking.as_mut() {
             None => index,
             Some(parking) => {
-                match parking.prepare(
-                    &mut self.ctx,
-                    &mut self.slots,
-                    index,
-                    &job.prompt,
-                    preload,
-                ) {
+                match parking.prepare(&mut self.ctx, &mut self.slots, index, &job.prompt, preload) {
                     Prepared::Slot(index) => index,
                     Prepared::Wait(fingerprint) => {
                         self.waiting_for_disk.push((fingerprint, job));

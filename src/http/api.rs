@@ -131,6 +131,7 @@ impl ChatCompletionRequest {
                 "`messages` must not be empty",
             ));
         }
+        // The configured system prompt is added by the responder, not here.
         let mut messages = Vec::with_capacity(wire.len() + 1);
         for message in wire {
             messages.push(ChatMessage::new(
@@ -143,11 +144,6 @@ impl ChatCompletionRequest {
                 "messages",
                 "`messages` needs a user message",
             ));
-        }
-        if let Some(system) = &settings.system_prompt
-            && !messages.iter().any(|m| m.role == Role::System)
-        {
-            messages.insert(0, ChatMessage::system(system.clone()));
         }
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "only n = 1 is supported"));
@@ -221,7 +217,6 @@ mod tests {
                 max_tokens: 100,
                 ..GenerateParams::default()
             },
-            system_prompt: Some("Be kind.".into()),
         }
     }
 
@@ -237,8 +232,7 @@ mod tests {
         )
         .unwrap();
         assert!(stream);
-        assert_eq!(request.messages[0], ChatMessage::system("Be kind."));
-        assert_eq!(request.messages[1], ChatMessage::user("Hi"));
+        assert_eq!(request.messages, [ChatMessage::user("Hi")]);
         assert_eq!(
             request.params.max_tokens, 100,
             "capped by the configured budget"

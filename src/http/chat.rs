@@ -76,9 +76,11 @@ pub async fn completions(
         }
     })?;
     let (request, stream) = api::parse(&body)?.validate(state.settings())?;
-    let chain = state.chain().ok_or(ApiError::NotReady)?;
+    let responder = state.responder().ok_or(ApiError::NotReady)?;
     let permit = state.try_admit().ok_or(ApiError::Busy)?;
-    let reply = chain.reply(request, lang(&headers)).await?;
+    let reply = responder
+        .reply(request.messages, request.params, lang(&headers))
+        .await?;
     let meta = Meta {
         id: state.next_completion_id(),
         created: SystemTime::now()

@@ -48,8 +48,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn dialogue_metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
     let engine = state.metrics().engine();
     let chain = state
-        .chain()
-        .map(|c| c.provider_names())
+        .responder()
+        .map(|r| r.chain().provider_names())
         .unwrap_or_default();
     Json(json!({"data": {
         "providers": state.metrics().snapshot(),

@@ -13,7 +13,7 @@ use crate::chat::GenerateParams;
 use crate::config::Secret;
 use crate::engine::EngineHandle;
 use crate::metrics::{EngineFigures, Metrics};
-use crate::providers::Chain;
+use crate::responder::Responder;
 
 /// The HTTP API's settings.
 #[derive(Debug, Clone)]
@@ -28,13 +28,11 @@ pub struct HttpSettings {
     pub model_id: String,
     /// Generation defaults; `max_tokens` is also the most a request may ask for.
     pub generate: GenerateParams,
-    /// Put first when a request brings no system message of its own.
-    pub system_prompt: Option<String>,
 }
 
 /// What answers once the model is loaded.
 struct Backend {
-    chain: Arc<Chain>,
+    responder: Arc<Responder>,
     engine: EngineHandle,
 }
 
@@ -74,9 +72,9 @@ impl AppState {
         }
     }
 
-    /// The model is loaded: serve chats through `chain`, show `engine`'s gauges.
+    /// The model is loaded: serve chats through `responder`, show `engine`'s gauges.
     /// Only the first call counts.
-    pub fn set_ready(&self, chain: Arc<Chain>, engine: EngineHandle) {
+    pub fn set_ready(&self, responder: Arc<Responder>, engine: EngineHandle) {
         let gauges = engine.clone();
         self.inner.metrics.set_engine_source(move || {
             let stats = gauges.stats();
@@ -97,7 +95,7 @@ impl AppState {
                 kv_park_disk_bytes: stats.kv_park_disk_bytes,
             }
         });
-        let _ = self.inner.backend.set(Backend { chain, engine });
+        let _ = self.inner.backend.set(Backend { responder, engine });
     }
 
     /// Whether the model is loaded and its engine thread still runs.
@@ -116,8 +114,13 @@ impl AppState {
             .is_some_and(|backend| !backend.engine.is_alive())
     }
 
-    pub(super) fn chain(&self) -> Option<&Arc<Chain>> {
-        self.inner.backend.get().map(|b| &b.chain)
+    pub(super) fn responder(&self) -> Option<&Arc<Responder>> {
+        self.inner.backend.get().map(|b| &b.responder)
+    }
+
+    /// The provider chain, once ready.
+    pub(super) fn chain(&self) -> Option<&Arc<crate::providers::Chain>> {
+        self.responder().map(|r| r.chain())
     }
 
     pub(super) fn engine(&self) -> Option<&EngineHandle> {

@@ -189,7 +189,7 @@ impl Chain {
                 })
             });
             match first {
-                Ok((text, rest)) => {
+                Ok((prompts, text, rest)) => {
                     let tail = Tail {
                         delivered: text.len(),
                         events: rest,
@@ -200,7 +200,10 @@ impl Chain {
                     let head = (!text.is_empty()).then_some(StreamEvent::Delta(text));
                     return Ok(Reply {
                         provider: name,
-                        events: stream::iter(head).chain(tail.into_stream()).boxed(),
+                        events: stream::iter(prompts)
+                            .chain(stream::iter(head))
+                            .chain(tail.into_stream())
+                            .boxed(),
                     });
                 }
                 Err(e) => {
@@ -244,17 +247,27 @@ impl Chain {
 }
 
 /// Starts `provider` and waits for its first non-empty text; sets `started` when the
-/// provider reports that the request left its queue (a [`StreamEvent::Prompt`]).
+/// provider reports that the request left its queue (a [`StreamEvent::Prompt`]). Returns the
+/// prompt events to pass on (a provider asked to show its prompt sends its tokens), the
+/// text and the rest.
 async fn first_text(
     provider: &dyn Provider,
     request: ChatRequest,
     started: &mut bool,
-) -> Result<(String, EventStream), ProviderError> {
+) -> Result<(Vec<StreamEvent>, String, EventStream), ProviderError> {
     let mut events = provider.stream(request).await?;
+    let mut prompts = Vec::new();
     loop {
         match events.next().await {
-            Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => return Ok((text, events)),
-            Some(Ok(StreamEvent::Prompt(_))) => *started = true,
+            Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
+                return Ok((prompts, text, events));
+            }
+            Some(Ok(StreamEvent::Prompt(tokens))) => {
+                *started = true;
+                if !tokens.is_empty() {
+                    prompts.push(StreamEvent::Prompt(tokens));
+                }
+            }
             Some(Ok(StreamEvent::Delta(_))) => {}
             // Stopped by the provider's filter before any text: that is its answer (the
             // notice), not a failure to hand to the next provider.
@@ -263,7 +276,7 @@ async fn first_text(
                     finish_reason: FinishReason::ContentFilter,
                     ..
                 }),
-            )) => return Ok((String::new(), stream::iter([Ok(done)]).boxed())),
+            )) => return Ok((prompts, String::new(), stream::iter([Ok(done)]).boxed())),
             Some(Ok(StreamEvent::Done(_))) => return Err(ProviderError::Empty),
             None => return Err(ProviderError::Cut("ended before any text".into())),
             Some(Err(e)) => return Err(e),
@@ -368,7 +381,9 @@ impl Tail {
                 Ok(Some(Ok(StreamEvent::Delta(_)))) => {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
-                Ok(Some(Ok(StreamEvent::Prompt(_)))) => return Some((Vec::new(), Some(tail))),
+                Ok(Some(Ok(prompt @ StreamEvent::Prompt(_)))) => {
+                    return Some((vec![prompt], Some(tail)));
+                }
                 Ok(Some(Err(e))) => e,
                 Ok(None) => ProviderError::Cut("ended without its end marker".into()),
                 Err(_) => ProviderError::Timeout,

@@ -11,12 +11,26 @@ use crate::engine::{EngineError, EngineHandle};
 #[derive(Clone)]
 pub struct LocalProvider {
     engine: EngineHandle,
+    /// Whether replies start with a [`StreamEvent::Prompt`] (`--verbose-prompt` in the
+    /// console); the chain passes it on.
+    show_prompt: bool,
 }
 
 impl LocalProvider {
     /// A provider over `engine`.
     pub fn new(engine: EngineHandle) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            show_prompt: false,
+        }
+    }
+
+    /// The same provider, its replies starting with the exact prompt tokens.
+    pub fn showing_prompt(self) -> Self {
+        Self {
+            show_prompt: true,
+            ..self
+        }
     }
 }
 
@@ -39,6 +53,7 @@ impl Provider for LocalProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        let show_prompt = self.show_prompt;
         Box::pin(async move {
             // Prepared here (a large request on the blocking pool), never on the engine thread.
             // The engine sends the prompt when the request leaves the queue for a slot: that
@@ -46,10 +61,13 @@ impl Provider for LocalProvider {
             // failure. Rendering the pieces costs about a microsecond per prompt token.
             let stream = self.engine.submit_async(request, true).await?;
             Ok(stream
-                .map(|event| {
+                .map(move |event| {
                     event
                         .map(|event| match event {
-                            StreamEvent::Prompt(_) => StreamEvent::Prompt(Vec::new()),
+                            // Only the start matters to the chain unless the prompt is shown.
+                            StreamEvent::Prompt(_) if !show_prompt => {
+                                StreamEvent::Prompt(Vec::new())
+                            }
                             other => other,
                         })
                         .map_err(ProviderError::from)

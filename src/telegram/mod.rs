@@ -4,8 +4,9 @@
 //! poller (`getUpdates`, offset and unanswered updates saved in [`state`]) →
 //! [`incoming::classify`] (groups: only when addressed; access list; commands) →
 //! quick replies (`/stop`, `/stats`, `/help`, refusals, "text only") in their own tasks, or
-//! the chat's queue → the chat's worker task: history from [`ConversationStore`], the
-//! provider [`Chain`], [`stream::deliver`] (typing, send, paced edits, final HTML).
+//! the chat's queue → the chat's worker task: the [`Responder`] (stored history, system
+//! prompt, provider chain), [`stream::deliver`] (typing, send, paced edits, final HTML),
+//! then the turn is committed to the conversation store with the text as delivered.
 //!
 //! # Ordering
 //! Each conversation (chat, forum topic) has one worker task answering its messages in
@@ -25,7 +26,8 @@
 //! refusing with transient errors until [`api::DELIVERY_DEADLINE`] stays pending and is
 //! answered after the next restart.
 //!
-//! May use: `providers`, `conversation`, `engine` (stats only), `i18n`, `config`, `chat`.
+//! May use: `responder`, `providers` (errors), `conversation` (keys), `engine` (stats
+//! only), `i18n`, `config`, `chat`.
 
 pub mod api;
 pub mod format;
@@ -46,12 +48,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use crate::chat::{ChatMessage, ChatRequest, GenerateParams};
 use crate::config::{AllowedUser, TelegramConfig};
-use crate::conversation::{ConversationKey, ConversationStore, HistoryLimits};
+use crate::conversation::ConversationKey;
 use crate::engine::EngineHandle;
 use crate::i18n::{self, Lang};
-use crate::providers::Chain;
+use crate::responder::Responder;
 use api::{ApiCallError, DeliveryRetry, Persistence, Target, TelegramApi};
 use incoming::{Action, BotIdentity, Command, Origin};
 use state::{PollState, Seq, StateError};
@@ -87,16 +88,10 @@ pub enum TelegramError {
 
 /// What the bot answers with.
 pub struct BotDeps {
-    /// The providers (local engine first).
-    pub chain: Arc<Chain>,
+    /// Answers conversations: stored history, system prompt, the provider chain.
+    pub responder: Arc<Responder>,
     /// The local engine, for `/stats`.
     pub engine: EngineHandle,
-    /// Generation parameters of every answer.
-    pub generate: GenerateParams,
-    /// The system prompt put before every conversation.
-    pub system_prompt: Option<String>,
-    /// Log each request's messages (debugging; shows user text in the logs).
-    pub verbose_prompt: bool,
 }
 
 /// Runs the bot until `shutdown` completes (then finishes the answers being written, for
@@ -151,7 +146,6 @@ pub async fn run(
         api,
         me,
         allowed: config.allowed_users,
-        conversations: ConversationStore::new(HistoryLimits::default()),
         deps,
         answers: AtomicU64::new(0),
         state: Mutex::new(state),
@@ -289,6 +283,15 @@ enum Work {
     Reset,
 }
 
+/// What a conversation's worker answers.
+#[derive(Debug)]
+enum Question {
+    /// A new message.
+    New(String),
+    /// The last stored question, again (`/retry`).
+    Again,
+}
+
 /// One queued piece of work.
 #[derive(Debug)]
 struct Job {
@@ -314,7 +317,6 @@ struct BotCore {
     api: TelegramApi,
     me: BotIdentity,
     allowed: Vec<AllowedUser>,
-    conversations: ConversationStore,
     deps: BotDeps,
     /// Answers delivered since start.
     answers: AtomicU64,
@@ -651,20 +653,30 @@ impl BotCore {
         let lang = job.origin.lang;
         match &job.work {
             Work::Reset => {
-                self.conversations.reset(key);
-                Ok(self.say(&job.origin, i18n::reset_done(lang)).await?)
+                let text = match self.deps.responder.reset(key).await {
+                    Ok(()) => i18n::reset_done(lang),
+                    Err(e) => {
+                        tracing::error!(chat = key.chat, error = %e, "cannot forget a conversation");
+                        i18n::history_unavailable(lang)
+                    }
+                };
+                Ok(self.say(&job.origin, text).await?)
             }
-            Work::Retry => match self.conversations.pop_last_exchange(key) {
-                Some(question) => self.answer(&job.origin, question, job.received, stop).await,
-                None => Ok(self.say(&job.origin, i18n::nothing_to_retry(lang)).await?),
-            },
-            Work::Ask(question) => {
-                self.answer(&job.origin, question.clone(), job.received, stop)
+            Work::Retry => {
+                self.answer(&job.origin, Question::Again, job.received, stop)
                     .await
+            }
+            Work::Ask(question) => {
+                self.answer(
+                    &job.origin,
+                    Question::New(question.clone()),
+                    job.received,
+                    stop,
+                )
+                .await
             }
         }
     }
-
     /// Where replies to `origin` go.
     fn target(origin: &Origin) -> Target {
         Target {
@@ -690,11 +702,12 @@ impl BotCore {
         }
     }
 
-    /// Answers `question` in `origin`'s conversation, streaming.
+    /// Answers `question` in `origin`'s conversation, streaming; commits the turn once
+    /// the answer is delivered.
     async fn answer(
         &self,
         origin: &Origin,
-        question: String,
+        question: Question,
         received: Instant,
         stop: &Mutex<Option<oneshot::Sender<()>>>,
     ) -> Result<(), DeliveryError> {
@@ -704,30 +717,48 @@ impl BotCore {
         let (stop_tx, mut stop_rx) = oneshot::channel();
         *lock(stop) = Some(stop_tx);
 
-        let messages: Vec<ChatMessage> = self
-            .deps
-            .system_prompt
-            .iter()
-            .map(ChatMessage::system)
-            .chain(self.conversations.history(key))
-            .chain([ChatMessage::user(question.clone())])
-            .collect();
-        if self.deps.verbose_prompt {
-            tracing::info!(
-                chat = origin.chat_id,
-                messages = %serde_json::to_string(&messages).unwrap_or_default(),
-                "request"
-            );
-        }
-        let request = ChatRequest::new(messages, self.deps.generate.clone());
-        let reply = tokio::select! {
-            reply = self.deps.chain.reply(request, origin.lang) => reply,
+        let responder = &self.deps.responder;
+        let started = async move {
+            match question {
+                // The message id makes a message answered again after a crash keep one
+                // turn.
+                Question::New(text) => {
+                    let source = Some(i64::from(origin.message_id.0));
+                    responder
+                        .ask(key, text, source, origin.lang)
+                        .await
+                        .map(Some)
+                }
+                Question::Again => responder.retry(key, origin.lang).await,
+            }
+        };
+        let started = tokio::select! {
+            started = started => started,
             _ = &mut stop_rx => {
                 lock(stop).take();
                 return Ok(());
             }
         };
-        let reply = match reply {
+        let stored = match started {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                lock(stop).take();
+                drop(typing);
+                return Ok(self
+                    .say(origin, i18n::nothing_to_retry(origin.lang))
+                    .await?);
+            }
+            Err(e) => {
+                lock(stop).take();
+                drop(typing);
+                tracing::error!(chat = origin.chat_id, error = %e, "cannot read the chat's history");
+                return Ok(self
+                    .say(origin, i18n::history_unavailable(origin.lang))
+                    .await?);
+            }
+        };
+        let turn = stored.turn;
+        let reply = match stored.reply {
             Ok(reply) => reply,
             Err(refused) => {
                 // The user's own message was refused (too long, blocked…): a polite,
@@ -735,9 +766,9 @@ impl BotCore {
                 lock(stop).take();
                 drop(typing);
                 tracing::info!(chat = origin.chat_id, error = %refused, "request refused");
-                self.say(origin, refused.fault().user_text(origin.lang))
-                    .await;
-                return;
+                return Ok(self
+                    .say(origin, refused.fault().user_text(origin.lang))
+                    .await?);
             }
         };
         let provider = reply.provider;
@@ -753,9 +784,10 @@ impl BotCore {
         lock(stop).take();
         let delivered = delivered?;
         let answer = delivered.text.trim();
-        // The canned apology is not part of the conversation: /retry can then ask again.
-        if provider != "canned" && !answer.is_empty() {
-            self.conversations.push_exchange(key, &question, answer);
+        // Kept as delivered (a stopped answer as far as it went); the canned apology is not
+        // kept, so /retry can ask again.
+        if let Err(e) = turn.delivered(answer).await {
+            tracing::error!(chat = origin.chat_id, error = %e, "answer delivered but not saved in the history");
         }
         self.answers.fetch_add(1, Ordering::Relaxed);
         let to_first_send = delivered.first_send.map(|t| t.duration_since(received));

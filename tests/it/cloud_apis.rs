@@ -75,7 +75,10 @@ async fn reply(
     request: ChatRequest,
     lang: Lang,
 ) -> (&'static str, String, FinishReason) {
-    let reply = chain.reply(request, lang).await;
+    let reply = chain
+        .reply(request, lang)
+        .await
+        .expect("the request is not refused");
     let events: Vec<StreamEvent> = reply.events.collect().await;
     let mut text = String::new();
     let mut finish = None;

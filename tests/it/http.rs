@@ -321,7 +321,8 @@ async fn ready_is_503_until_the_model_is_loaded() {
         metrics,
         &providers_config(&[Local], &Fakes::default()),
         shared_engine().await,
-    );
+    )
+    .await;
     assert_eq!(app.get_json("/ready").await.0, 200);
     let (_, body) = app.get_json("/dialogue_metrics").await;
     assert_eq!(body["data"]["engine"]["slots"], 4, "{body}");

@@ -8,16 +8,17 @@
 
 mod chaos;
 mod cli;
-mod corpus;
 mod cloud_apis;
-mod doctor;
+mod corpus;
 mod dashboard;
+mod doctor;
 mod engine;
+mod history;
 mod http;
 mod park;
 mod providers;
-mod restart;
 mod refusals;
+mod restart;
 mod secrets;
 mod telegram;
 mod util;

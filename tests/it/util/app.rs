@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mistral_bot::config::{CloudConfig, ProviderKind, ProvidersConfig, Secret};
+use mistral_bot::conversation::{ConversationStore, HistoryLimits};
 use mistral_bot::engine::EngineHandle;
 use mistral_bot::http::{AppState, HttpSettings};
 use mistral_bot::metrics::Metrics;
 use mistral_bot::providers::build_chain;
+use mistral_bot::responder::{Responder, ResponderConfig};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -80,7 +82,6 @@ pub fn http_settings() -> HttpSettings {
         max_concurrent: 64,
         model_id: "SmolLM2-135M-Instruct.Q4_1".into(),
         generate: greedy(48),
-        system_prompt: None,
     }
 }
 
@@ -126,15 +127,20 @@ pub async fn start_unready(settings: HttpSettings) -> (TestApp, Arc<Metrics>) {
     (app, metrics)
 }
 
-/// Builds the chain of `providers` over `engine` and makes the app ready.
-pub fn make_ready(
+/// Builds the chain of `providers` over `engine`, a responder over it (no system prompt,
+/// histories in memory) and makes the app ready.
+pub async fn make_ready(
     app: &TestApp,
     metrics: Arc<Metrics>,
     providers: &ProvidersConfig,
     engine: EngineHandle,
 ) {
     let chain = build_chain(providers, engine.clone(), metrics).unwrap();
-    app.state.set_ready(Arc::new(chain), engine);
+    let store = ConversationStore::in_memory(HistoryLimits::default())
+        .await
+        .unwrap();
+    let responder = Responder::new(Arc::new(chain), store, ResponderConfig::default());
+    app.state.set_ready(Arc::new(responder), engine);
 }
 
 /// Starts a ready app.
@@ -144,7 +150,7 @@ pub async fn start_app(
     settings: HttpSettings,
 ) -> TestApp {
     let (app, metrics) = start_unready(settings).await;
-    make_ready(&app, metrics, providers, engine);
+    make_ready(&app, metrics, providers, engine).await;
     app
 }
 

@@ -276,7 +276,11 @@ async fn list_models(State(state): State<Arc<FakeState>>, headers: HeaderMap) ->
     if matches!(*state.behavior.lock().unwrap(), Behavior::Hang) {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
-    if let Some(refused) = refusal(state.shape, key_of(state.shape, &headers).as_deref(), &state.key) {
+    if let Some(refused) = refusal(
+        state.shape,
+        key_of(state.shape, &headers).as_deref(),
+        &state.key,
+    ) {
         return refused;
     }
     let models = state.models.lock().unwrap().clone();
@@ -297,7 +301,11 @@ async fn get_model(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = refusal(state.shape, key_of(state.shape, &headers).as_deref(), &state.key) {
+    if let Some(refused) = refusal(
+        state.shape,
+        key_of(state.shape, &headers).as_deref(),
+        &state.key,
+    ) {
         return refused;
     }
     if !state.models.lock().unwrap().contains(&model) {
