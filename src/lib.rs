@@ -30,7 +30,10 @@
 //! # Serve mode
 //! [`run`] binds the HTTP API first (`/ready` is 503 while the model loads), loads the
 //! engine, builds the chain with [`providers::build_chain`], starts the Telegram bot when a
-//! token is configured (sharing the chain), and serves until Ctrl-C or SIGTERM. Tests run the same server in process with [`serve_http`] on a pre-bound listener.
+//! token is configured (sharing the chain), and serves until Ctrl-C or SIGTERM; then the
+//! requests in flight finish and the engine's KV caches are written to disk for the next
+//! start ([`EngineHandle::park_all`](engine::EngineHandle::park_all)).
+//! Tests run the same server in process with [`serve_http`] on a pre-bound listener.
 
 pub mod chat;
 pub mod config;

@@ -10,7 +10,12 @@
 //! own channel of [`StreamEvent`]s; dropping the [`ReplyStream`] cancels the request and
 //! frees its slot at the next step.
 //!
-//! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt` and `detok` are pure.
+//! A conversation whose slot goes to another keeps its KV state in [`park`] (RAM, then
+//! files under `--data-dir/kv`), and gets it back when it returns, also after a restart
+//! ([`EngineHandle::park_all`] writes everything at shutdown).
+//!
+//! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt`, `detok`, `park::lru`
+//! and `park::file` are pure.
 
 mod detok;
 mod llama;
