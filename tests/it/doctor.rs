@@ -245,6 +245,8 @@ async fn the_startup_check_logs_each_provider_while_the_engine_loads() {
             gemini.base_url.as_str(),
             "--gemini-model",
             "gemini-2.5-flash",
+            "--groq-model",
+            "openai/gpt-oss-120b",
         ],
         "info",
         &[

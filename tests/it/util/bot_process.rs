@@ -7,13 +7,24 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::fake_provider::FAKE_MODEL;
 use super::fake_telegram::FakeTelegram;
 use super::test_model;
 
 /// Flags every test bot gets: the test model, greedy decoding, small windows, and one
 /// thread: llama.cpp's worker threads spin while they wait for each other, which on a
-/// busy 2-core machine (parallel tests, other builds) made decoding ~50 times slower.
-pub const BASE_ARGS: [&str; 10] = [
+/// busy 2-core machine (parallel tests, other builds) made decoding ~50 times slower. The
+/// cloud providers ask for the model the fakes offer ([`FAKE_MODEL`]): like the real
+/// APIs, a fake answers 404 for a model it does not have, and the defaults are real models.
+pub const BASE_ARGS: [&str; 18] = [
+    "--groq-model",
+    FAKE_MODEL,
+    "--mistral-model",
+    FAKE_MODEL,
+    "--gemini-model",
+    FAKE_MODEL,
+    "--openai-model",
+    FAKE_MODEL,
     "--temperature",
     "0",
     "--ctx-size",
