@@ -30,7 +30,8 @@
 #            end-of-sequence at once under greedy sampling.
 # Servers: mistral-bot --slots 4 --ctx-size C; llama-server --parallel 4 -c 4C (the same
 # C tokens per slot; llama-server's default RAM prompt cache). Extra flags: BOT_ARGS,
-# LLAMA_ARGS; READY_LIMIT=900 s for a model to load; BOT_LOG=warn,mistral_bot=info.
+# LLAMA_ARGS; READY_LIMIT=900 s for a model to load; BOT_LOG=warn,mistral_bot=info;
+# SERVERS="mistral-bot llama-server" (one of them to re-run a side into the same OUT_DIR).
 # Prints one table per scenario with both servers and the ratios mistral-bot /
 # llama-server; logs and JSON stay in OUT_DIR. The client is benches/vs_llama_server.py
 # (Python 3 standard library). All traffic is to 127.0.0.1.
@@ -55,7 +56,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,55p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -190,7 +191,7 @@ start_server() {
     note "$name ready after $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
 }
 
-servers=(mistral-bot llama-server)
+read -r -a servers <<<"${SERVERS:-mistral-bot llama-server}"
 
 run_basic() {
     local name=$1
@@ -260,6 +261,7 @@ echo
 echo "model: $(basename "$model"), $threads threads; events in $out/events.log"
 for s in basic chats restart long forced; do
     selected "$s" || continue
+    [[ -f $out/$s-mistral-bot.json && -f $out/$s-llama-server.json ]] || continue
     echo
     python3 "$client" table --scenario "$s" "$out/$s-mistral-bot.json" "$out/$s-llama-server.json"
 done
