@@ -153,6 +153,8 @@ struct ActiveJob {
     sampler: Sampler,
     detok: Detokenizer,
     max_tokens: u32,
+    /// End-of-generation and control tokens do not end the reply (benchmarks).
+    ignore_eos: bool,
     usage: Usage,
     queued: std::time::Duration,
     admitted: Instant,
@@ -264,17 +266,24 @@ impl Worker<'_> {
         self.ctx.forget(slot.seq_id, reused);
         let params = &job.request.params;
         let seed = params.seed.unwrap_or_else(|| fresh_seed(self.tick));
-        let stops = self
-            .stop_strings
+        // With ignore_eos only the caller's own stop strings end the reply early.
+        let format_stops: &[String] = if params.ignore_eos {
+            &[]
+        } else {
+            &self.stop_strings
+        };
+        let inst = (!params.ignore_eos).then(|| "[INST]".to_string());
+        let stops = format_stops
             .iter()
             .chain(params.stop.iter())
             .cloned()
-            .chain(["[INST]".to_string()]);
+            .chain(inst);
         self.jobs[index] = Some(ActiveJob {
             events_tx: job.events_tx,
             sampler: Sampler::new(params, seed),
             detok: Detokenizer::new(stops),
             max_tokens,
+            ignore_eos: params.ignore_eos,
             usage: Usage {
                 prompt_tokens: prompt_len as u32,
                 cached_tokens: reused as u32,
@@ -363,7 +372,7 @@ impl Worker<'_> {
         self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
 
         // A control token mid-reply ([INST], <|im_start|>, …) is a turn boundary too.
-        if self.model.is_end_of_turn(token) || self.model.is_control(token) {
+        if !job.ignore_eos && (self.model.is_end_of_turn(token) || self.model.is_control(token)) {
             self.finish(i, FinishReason::Stop);
             return;
         }
