@@ -149,8 +149,10 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 note() { echo "$(date -u +%H:%M:%S) $* (load $(load))" | tee -a "$out/events.log" >&2; }
 
 bot="$repo/target/release/mistral-bot"
-echo "building mistral-bot (cargo build --release)..." >&2
-(cd "$repo" && cargo build --release --quiet --bin mistral-bot)
+if [[ " ${SERVERS:-mistral-bot} " == *" mistral-bot "* ]]; then
+    echo "building mistral-bot (cargo build --release)..." >&2
+    (cd "$repo" && cargo build --release --quiet --bin mistral-bot)
+fi
 
 # mmap off, as mistral-bot loads by default. Newer llama.cpp spells it --load-mode none.
 if "$llama_server" --help 2>&1 | grep -q -- '--no-mmap'; then
