@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("through_chain", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let reply = chain.reply(request(), Lang::En).await;
+                let reply = chain.reply(request(), Lang::En).await.expect("not refused");
                 assert_eq!(reply.provider, "local");
                 black_box(reply.events.collect::<Vec<_>>().await)
             })
@@ -126,7 +126,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("through_chain", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let reply = instant_chain.reply(request(), Lang::En).await;
+                let reply = instant_chain
+                    .reply(request(), Lang::En)
+                    .await
+                    .expect("not refused");
                 black_box(reply.events.collect::<Vec<_>>().await)
             })
         })

@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let chained = || async {
         let started = Instant::now();
-        let reply = chain.reply(request(max_tokens), Lang::En).await;
+        let reply = chain.reply(request(max_tokens), Lang::En).await?;
         anyhow::ensure!(reply.provider == "local", "{} answered", reply.provider);
         reply.events.collect::<Vec<_>>().await;
         anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)

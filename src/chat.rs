@@ -145,15 +145,19 @@ pub enum FinishReason {
     Length,
     /// The caller went away or asked to stop.
     Cancelled,
+    /// The provider's safety or copyright filter stopped the reply (Gemini `SAFETY`,
+    /// `RECITATION`, `PROHIBITED_CONTENT`, …; OpenAI `content_filter`).
+    ContentFilter,
 }
 
 impl FinishReason {
-    /// The OpenAI-style name (`stop`, `length`, `cancelled`).
+    /// The OpenAI-style name (`stop`, `length`, `cancelled`, `content_filter`).
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::ContentFilter => "content_filter",
         }
     }
 }

@@ -17,11 +17,14 @@ use crate::chat::GenerateParams;
 use crate::engine::{ChatTemplateChoice, EngineConfig};
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MISTRAL_BOT_GIT_COMMIT"), ")"),
     about,
-    long_about = None
+    long_about = None,
+    after_help = "Commands:\n  doctor  Check the set-up (model, build, data dir, HTTP address, Telegram, cloud \
+                  providers) and exit: `mistral-bot doctor [OPTIONS]`, with the same options, \
+                  environment and .env"
 )]
 pub struct Args {
     /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf).
@@ -156,6 +159,38 @@ pub struct Args {
     pub data_dir: PathBuf,
 }
 
+/// What the command line asks for: the bot (serve, `--prompt`, `--console`) or a subcommand.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Run the bot as the flags say.
+    Run(Args),
+    /// `mistral-bot doctor [OPTIONS]`: check the set-up the same options describe.
+    Doctor(Args),
+}
+
+impl Command {
+    /// The name of the doctor subcommand.
+    pub const DOCTOR: &'static str = "doctor";
+
+    /// Parses `argv` (program name first); prints help or the error and exits on bad
+    /// input, as clap does. `doctor` as the first argument selects the subcommand; every
+    /// other option is shared, so it is parsed by the same [`Args`] (its help lists the
+    /// command), and `mistral-bot --model x` works as it always did.
+    pub fn parse_from<I, T>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+        if argv.get(1).is_some_and(|a| a == Self::DOCTOR) {
+            argv.remove(1);
+            Command::Doctor(Args::parse_from(argv))
+        } else {
+            Command::Run(Args::parse_from(argv))
+        }
+    }
+}
+
 fn parse_secret(value: &str) -> Result<Secret, std::convert::Infallible> {
     Ok(Secret::new(value.trim()))
 }
@@ -235,6 +270,29 @@ pub struct Config {
     pub telegram: Option<TelegramConfig>,
 }
 
+impl Config {
+    /// Every secret configured (the Telegram token and its secret half, each cloud key,
+    /// the HTTP API key), for the log writer to cut out of every line.
+    pub fn secrets(&self) -> Vec<String> {
+        let telegram = self.telegram.iter().flat_map(|t| {
+            let token = t.token.expose();
+            // `<bot id>:<secret>`: the bot id is public, the rest is not.
+            [Some(token), token.split_once(':').map(|(_, secret)| secret)]
+        });
+        let p = &self.providers;
+        let keys = [&p.groq, &p.mistral, &p.gemini, &p.openai]
+            .into_iter()
+            .map(|c| c.api_key.as_ref().map(Secret::expose))
+            .chain([self.http.api_key.as_ref().map(Secret::expose)]);
+        telegram
+            .chain(keys)
+            .flatten()
+            .map(str::to_string)
+            .filter(|s| !s.trim().is_empty())
+            .collect()
+    }
+}
+
 /// A flag value that cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -262,6 +320,18 @@ pub enum ConfigError {
     ChunkOverBatch {
         /// --prefill-chunk.
         chunk: u32,
+        /// --batch-size.
+        batch: u32,
+    },
+    /// More slots than one batch holds: each step decodes a token for every generating
+    /// slot, so some would wait every other step.
+    #[error(
+        "--slots {slots} is larger than --batch-size {batch}: every step decodes one token per \
+         generating slot; raise --batch-size to at least {slots} or lower --slots"
+    )]
+    SlotsOverBatch {
+        /// --slots.
+        slots: usize,
         /// --batch-size.
         batch: u32,
     },
@@ -347,6 +417,12 @@ impl TryFrom<Args> for Config {
         if prefill_chunk > batch_size {
             return Err(ConfigError::ChunkOverBatch {
                 chunk: prefill_chunk.get(),
+                batch: batch_size.get(),
+            });
+        }
+        if slots.get() > batch_size.get() as usize {
+            return Err(ConfigError::SlotsOverBatch {
+                slots: slots.get(),
                 batch: batch_size.get(),
             });
         }
@@ -479,7 +555,7 @@ fn secret(value: Option<Secret>) -> Option<Secret> {
 }
 
 /// Flags of the fallback chain and the cloud providers.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProviderArgs {
     /// Providers to try, in order, before the canned apology: `local`, `groq`, `mistral`,
     /// `gemini`, `openai` (comma-separated). Unconfigured providers are skipped.
@@ -499,7 +575,12 @@ pub struct ProviderArgs {
     #[arg(long, env = "GROQ_API_KEY", hide_env_values = true)]
     pub groq_api_key: Option<Secret>,
     /// Groq model.
-    #[arg(long, env = "GROQ_MODEL", default_value = "llama-3.3-70b-versatile")]
+    // Groq shut `llama-3.3-70b-versatile` down on 2026-08-16 (404 model_not_found since) and
+    // names `openai/gpt-oss-120b` as its replacement:
+    // https://console.groq.com/docs/deprecations ,
+    // https://github.com/codedaily04/commit-craft/issues/1 ,
+    // https://github.com/rvong65/ethical-decision-simulator/releases/tag/v1.0.1
+    #[arg(long, env = "GROQ_MODEL", default_value = "openai/gpt-oss-120b")]
     pub groq_model: String,
     /// Groq OpenAI-compatible base URL.
     #[arg(
@@ -516,6 +597,9 @@ pub struct ProviderArgs {
     #[arg(long, env = "MISTRAL_API_KEY", hide_env_values = true)]
     pub mistral_api_key: Option<Secret>,
     /// Mistral model.
+    // An alias Mistral keeps pointing at its current small model; reasoning versions may
+    // stream `content` as chunks (text + thinking), which the client parses:
+    // https://docs.mistral.ai/capabilities/reasoning/ , https://github.com/symfony/ai/issues/2422
     #[arg(long, env = "MISTRAL_MODEL", default_value = "mistral-small-latest")]
     pub mistral_model: String,
     /// Mistral base URL.
@@ -533,7 +617,12 @@ pub struct ProviderArgs {
     #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
     pub gemini_api_key: Option<Secret>,
     /// Gemini model.
-    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-2.5-flash")]
+    // `gemini-2.5-flash` shuts down on 2026-12-01; Google's recommended replacement is
+    // `gemini-3.5-flash-lite` (GA since 2026-07-21, thinking level `minimal` by default):
+    // https://ai.google.dev/gemini-api/docs/deprecations ,
+    // https://dev.to/aideprecations/what-to-do-before-gemini-25-pro-and-25-flash-are-retired-on-december-1-2026-5gg9 ,
+    // https://ai.google.dev/gemini-api/docs/changelog (2026-07-21)
+    #[arg(long, env = "GEMINI_MODEL", default_value = "gemini-3.5-flash-lite")]
     pub gemini_model: String,
     /// Gemini API base URL.
     #[arg(
@@ -551,7 +640,11 @@ pub struct ProviderArgs {
     #[arg(long, env = "OPENAI_COMPAT_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<Secret>,
     /// Model of the generic OpenAI-compatible provider.
-    #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-4o-mini")]
+    // OpenAI shuts `gpt-4o-mini` down on 2027-01-14 and names `gpt-6-luna` (a reasoning
+    // model: `max_completion_tokens`, default sampling only) as its replacement:
+    // https://developers.openai.com/api/docs/deprecations ,
+    // https://dev.to/max_bob/openai-api-deprecations-2026-2027-every-shutdown-date-and-recommended-replacement-gpt-4o-2ffm
+    #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-6-luna")]
     pub openai_model: String,
     /// Base URL of the generic OpenAI-compatible provider [default: https://api.openai.com/v1].
     #[arg(long, env = "OPENAI_COMPAT_BASE_URL")]
@@ -592,6 +685,39 @@ impl ProviderKind {
             ProviderKind::Mistral => "mistral",
             ProviderKind::Gemini => "gemini",
             ProviderKind::OpenAi => "openai",
+        }
+    }
+
+    /// The flag and environment variable naming this provider's model.
+    pub fn model_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "--model (MISTRAL_BOT_MODEL)",
+            ProviderKind::Groq => "--groq-model (GROQ_MODEL)",
+            ProviderKind::Mistral => "--mistral-model (MISTRAL_MODEL)",
+            ProviderKind::Gemini => "--gemini-model (GEMINI_MODEL)",
+            ProviderKind::OpenAi => "--openai-model (OPENAI_COMPAT_MODEL)",
+        }
+    }
+
+    /// The flag and environment variable holding this provider's API key.
+    pub fn key_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "nothing",
+            ProviderKind::Groq => "--groq-api-key (GROQ_API_KEY)",
+            ProviderKind::Mistral => "--mistral-api-key (MISTRAL_API_KEY)",
+            ProviderKind::Gemini => "--gemini-api-key (GEMINI_API_KEY)",
+            ProviderKind::OpenAi => "--openai-api-key (OPENAI_COMPAT_API_KEY)",
+        }
+    }
+
+    /// The flag and environment variable holding this provider's base URL.
+    pub fn base_url_flag(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "nothing",
+            ProviderKind::Groq => "--groq-base-url (GROQ_BASE_URL)",
+            ProviderKind::Mistral => "--mistral-base-url (MISTRAL_BASE_URL)",
+            ProviderKind::Gemini => "--gemini-base-url (GEMINI_BASE_URL)",
+            ProviderKind::OpenAi => "--openai-base-url (OPENAI_COMPAT_BASE_URL)",
         }
     }
 
@@ -738,7 +864,7 @@ impl TryFrom<ProviderArgs> for ProvidersConfig {
 }
 
 /// Flags of the HTTP API.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {
     /// Address of the HTTP API (OpenAI-compatible chat, metrics, health).
     #[arg(long, env = "MISTRAL_BOT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
@@ -835,6 +961,19 @@ mod tests {
         assert!(parse(&["--top-p", "1.5"]).is_err());
         assert!(parse(&["--temperature", "-1"]).is_err());
         assert!(parse(&["--temperature", "0"]).is_ok());
+    }
+
+    #[test]
+    fn slots_must_fit_a_batch() {
+        // Regression (issue 7, item 7): more slots than a batch holds made every batch fail.
+        let err = parse(&["--slots", "8", "--batch-size", "4", "--prefill-chunk", "4"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--slots 8 is larger than --batch-size 4"),
+            "{err}"
+        );
+        assert!(parse(&["--slots", "4", "--batch-size", "4", "--prefill-chunk", "4"]).is_ok());
     }
 
     #[test]

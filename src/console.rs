@@ -31,18 +31,16 @@ impl ConsoleConfig {
         ChatRequest::new(messages, self.generate.clone())
     }
 
-    fn submit(
+    async fn submit(
         &self,
         engine: &EngineHandle,
         history: &[ChatMessage],
     ) -> anyhow::Result<ReplyStream> {
         let request = self.request(history);
-        let stream = if self.verbose_prompt {
-            engine.submit_showing_prompt(request)
-        } else {
-            engine.submit(request)
-        };
-        stream.context("the engine refused the request")
+        engine
+            .submit_async(request, self.verbose_prompt)
+            .await
+            .context("the engine refused the request")
     }
 }
 
@@ -76,7 +74,7 @@ pub async fn answer_once(
     prompt: &str,
 ) -> anyhow::Result<()> {
     let history = [ChatMessage::user(prompt)];
-    let stream = config.submit(engine, &history)?;
+    let stream = config.submit(engine, &history).await?;
     let mut stdout = std::io::stdout().lock();
     stream_reply(stream, &mut stdout).await?;
     writeln!(stdout)?;
@@ -113,7 +111,7 @@ pub async fn chat(engine: &EngineHandle, config: &ConsoleConfig) -> anyhow::Resu
             _ => {}
         }
         history.push(ChatMessage::user(line));
-        let stream = config.submit(engine, &history)?;
+        let stream = config.submit(engine, &history).await?;
         let reply = stream_reply(stream, &mut std::io::stdout()).await?;
         println!();
         history.push(ChatMessage::assistant(reply.trim()));

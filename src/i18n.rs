@@ -47,6 +47,16 @@ pub fn interrupted_notice(lang: Lang) -> &'static str {
     }
 }
 
+/// Appended when the provider's safety or copyright filter stopped a reply (Gemini
+/// `SAFETY`/`RECITATION`/`PROHIBITED_CONTENT`…, OpenAI `content_filter`), so the user does
+/// not take a cut answer for a whole one.
+pub fn content_filtered_notice(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "\n\n[The answer was stopped by the model provider's content filter.]",
+        Lang::Ru => "\n\n[Ответ остановлен фильтром содержимого поставщика модели.]",
+    }
+}
+
 /// `/start`: who the bot is.
 pub fn greeting(lang: Lang, model: &str) -> String {
     match lang {
@@ -214,6 +224,38 @@ pub fn stats(lang: Lang, f: &StatsFigures<'_>) -> String {
     }
 }
 
+/// The conversation does not fit any model's window.
+pub fn too_long(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => {
+            "Sorry, your message is too long for me to read. Please send a shorter one, or start over with /new."
+        }
+        Lang::Ru => {
+            "Извините, сообщение слишком длинное для меня. Пришлите покороче или начните заново с /new."
+        }
+    }
+}
+
+/// A model refused the request as malformed (odd characters, an unusual conversation).
+pub fn invalid_request(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => {
+            "Sorry, the language model could not accept this message. Please rephrase it, or start over with /new."
+        }
+        Lang::Ru => {
+            "Извините, языковая модель не смогла принять это сообщение. Сформулируйте его иначе или начните заново с /new."
+        }
+    }
+}
+
+/// A model's safety filter blocked the message.
+pub fn content_blocked(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "Sorry, the language model's content filter declined this message.",
+        Lang::Ru => "Извините, фильтр содержимого языковой модели отклонил это сообщение.",
+    }
+}
+
 /// The bot could not be set up to answer (an internal failure, never a provider's words).
 pub fn internal_error(lang: Lang) -> &'static str {
     match lang {
@@ -245,6 +287,9 @@ mod tests {
             (empty_hint(Lang::En), empty_hint(Lang::Ru)),
             (chat_busy(Lang::En), chat_busy(Lang::Ru)),
             (stopped(Lang::En), stopped(Lang::Ru)),
+            (too_long(Lang::En), too_long(Lang::Ru)),
+            (invalid_request(Lang::En), invalid_request(Lang::Ru)),
+            (content_blocked(Lang::En), content_blocked(Lang::Ru)),
         ] {
             assert!(!en.is_empty() && !ru.is_empty());
             assert_ne!(en, ru);

@@ -11,6 +11,7 @@
 //! - [`metrics`]: per-provider counters and latencies, engine gauges.
 //! - [`i18n`]: the bot's own words in English and Russian.
 //! - [`conversation`]: per-chat history.
+//! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
@@ -30,11 +31,14 @@ pub mod chat;
 pub mod config;
 pub mod console;
 pub mod conversation;
+pub mod doctor;
 pub mod engine;
+pub mod gguf;
 pub mod http;
 pub mod i18n;
 pub mod metrics;
 pub mod providers;
+pub mod redact;
 pub mod telegram;
 
 use std::io::IsTerminal;
@@ -122,6 +126,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         state.clone(),
         stopped(stop_rx.clone()),
     ));
+    // Runs beside the engine's loading and never delays readiness; a broken key or a
+    // retired model is in the log within seconds instead of showing up as breaker churn.
+    tokio::spawn(providers::startup_check(config.providers.clone()));
 
     let engine = tokio::select! {
         engine = EngineHandle::start(config.engine.clone()) => {

@@ -136,6 +136,21 @@ pub struct ProviderSnapshot {
     pub first_text_p95_ms: Option<f64>,
 }
 
+/// One provider's replies since the previous [`Metrics::replies_since`] call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IntervalLatency {
+    /// Successful replies in the interval.
+    pub replies: u64,
+    /// Median duration of those replies, in milliseconds (`None` without replies).
+    pub reply_p50_ms: Option<f64>,
+    /// 95th percentile duration, in milliseconds.
+    pub reply_p95_ms: Option<f64>,
+    /// Median time to their first text, in milliseconds.
+    pub first_text_p50_ms: Option<f64>,
+    /// 95th percentile time to the first text, in milliseconds.
+    pub first_text_p95_ms: Option<f64>,
+}
+
 #[derive(Debug, Default)]
 struct ProviderTally {
     snapshot: ProviderSnapshot,
@@ -349,6 +364,39 @@ impl Metrics {
         out
     }
 
+    /// The latencies of the replies each provider delivered since the previous call, whose
+    /// success counts `seen` holds (and is updated to now). Replies beyond the last
+    /// `LATENCY_WINDOW` of a provider are not in the percentiles.
+    pub fn replies_since(
+        &self,
+        seen: &mut BTreeMap<&'static str, u64>,
+    ) -> BTreeMap<&'static str, IntervalLatency> {
+        let tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = BTreeMap::new();
+        for (provider, tally) in tallies.iter() {
+            let before = seen.insert(*provider, tally.snapshot.success).unwrap_or(0);
+            let replies = tally.snapshot.success.saturating_sub(before);
+            let new = |window: &VecDeque<f64>| -> VecDeque<f64> {
+                let n = usize::try_from(replies)
+                    .unwrap_or(usize::MAX)
+                    .min(window.len());
+                window.iter().skip(window.len() - n).copied().collect()
+            };
+            let (total, first) = (new(&tally.latencies_ms), new(&tally.first_text_ms));
+            out.insert(
+                *provider,
+                IntervalLatency {
+                    replies,
+                    reply_p50_ms: percentile(&total, 0.50),
+                    reply_p95_ms: percentile(&total, 0.95),
+                    first_text_p50_ms: percentile(&first, 0.50),
+                    first_text_p95_ms: percentile(&first, 0.95),
+                },
+            );
+        }
+        out
+    }
+
     /// The figures in the OpenMetrics/Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -464,6 +512,37 @@ mod tests {
         assert_eq!(percentile(&samples, 0.95), Some(95.0));
         assert_eq!(percentile(&VecDeque::new(), 0.5), None);
         assert_eq!(percentile(&VecDeque::from([7.0]), 0.95), Some(7.0));
+    }
+
+    #[test]
+    fn replies_since_gives_each_interval_only_its_own_replies() {
+        let metrics = Metrics::new();
+        let mut seen = BTreeMap::new();
+        let ms = Duration::from_millis;
+        for total in [10, 20, 30] {
+            metrics.success("local", ms(1), ms(total));
+        }
+        let first = metrics.replies_since(&mut seen);
+        assert_eq!(first["local"].replies, 3);
+        assert_eq!(first["local"].reply_p50_ms, Some(20.0));
+        assert_eq!(first["local"].first_text_p95_ms, Some(1.0));
+        assert_eq!(
+            metrics.replies_since(&mut seen)["local"],
+            IntervalLatency::default()
+        );
+        metrics.success("local", ms(2), ms(500));
+        metrics.success("groq", ms(3), ms(40));
+        let next = metrics.replies_since(&mut seen);
+        assert_eq!(next["local"].replies, 1);
+        assert_eq!(next["local"].reply_p95_ms, Some(500.0));
+        assert_eq!(next["groq"].reply_p50_ms, Some(40.0));
+        // More replies than the window holds: the percentiles cover the newest ones.
+        for _ in 0..LATENCY_WINDOW + 10 {
+            metrics.success("local", ms(1), ms(7));
+        }
+        let burst = metrics.replies_since(&mut seen);
+        assert_eq!(burst["local"].replies, LATENCY_WINDOW as u64 + 10);
+        assert_eq!(burst["local"].reply_p95_ms, Some(7.0));
     }
 
     #[test]

@@ -143,7 +143,7 @@ mod tests {
     use super::*;
 
     /// Feeds `pieces` and returns the concatenated output and whether it stopped.
-    fn run(stops: &[&str], pieces: &[&[u8]]) -> (String, bool) {
+    pub(super) fn run(stops: &[&str], pieces: &[&[u8]]) -> (String, bool) {
         let mut d = Detokenizer::new(stops.iter().copied());
         let mut out = String::new();
         for piece in pieces {
@@ -250,5 +250,82 @@ mod tests {
     #[test]
     fn empty_stop_strings_are_ignored() {
         assert_eq!(run(&[""], &[b"abc"]), ("abc".to_string(), false));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Text from an alphabet where characters of 1 to 4 bytes, combining marks and the
+    /// brackets of control tokens meet often, so stop strings match and half-match.
+    fn text() -> impl Strategy<Value = String> {
+        let alphabet = prop::sample::select(vec![
+            'a', 'b', ' ', '[', 'I', '/', '>', '<', '|', 'é', 'Я', '\u{0301}', '€', '中', '😀',
+            '\u{200D}',
+        ]);
+        prop::collection::vec(alphabet, 0..40).prop_map(|chars| chars.into_iter().collect())
+    }
+
+    /// `bytes` cut at `cuts` (positions taken modulo the length): arbitrary pieces, most
+    /// of them splitting a character.
+    fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+    }
+
+    fn feed(stops: &[String], pieces: &[Vec<u8>]) -> (String, bool) {
+        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+        let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        super::tests::run(&stops, &pieces)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_byte_split_of_any_text_gives_the_same_text(
+            text in any::<String>(),
+            cuts in prop::collection::vec(any::<usize>(), 0..64),
+        ) {
+            let (out, stopped) = feed(&[], &split(text.as_bytes(), &cuts));
+            prop_assert!(!stopped);
+            prop_assert_eq!(out, text);
+        }
+
+        #[test]
+        fn stop_strings_are_found_across_any_split(
+            text in text(),
+            stops in prop::collection::vec(text(), 0..4),
+            cuts in prop::collection::vec(any::<usize>(), 0..64),
+        ) {
+            let first_stop = stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| text.find(s.as_str()))
+                .min();
+            let expected = first_stop.map_or(text.as_str(), |at| &text[..at]);
+            let (out, stopped) = feed(&stops, &split(text.as_bytes(), &cuts));
+            prop_assert_eq!(stopped, first_stop.is_some());
+            prop_assert_eq!(out.as_str(), expected);
+        }
+
+        #[test]
+        fn no_delta_ever_holds_a_broken_character(
+            text in text(),
+            cuts in prop::collection::vec(any::<usize>(), 0..64),
+        ) {
+            let mut d = Detokenizer::new(["[INST]", "<|im_end|>"]);
+            for piece in split(text.as_bytes(), &cuts) {
+                let o = d.push(&piece);
+                prop_assert!(!o.text.contains('\u{FFFD}'), "{:?}", o.text);
+            }
+        }
     }
 }

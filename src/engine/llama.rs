@@ -1,11 +1,14 @@
 //! The only file that imports `llama_cpp_2`: a thin adapter that gives the worker the few
 //! llama.cpp calls it needs, in the crate's own types (token ids are `i32`).
 //!
-//! Everything here runs on the engine thread.
+//! The context runs on the engine thread only. The model is shared (`Arc<Model>`): llama.cpp
+//! tokenizes, detokenizes and applies chat templates from a `const` vocabulary, so callers
+//! prepare their prompts on their own threads (llama-server tokenizes in its HTTP threads too);
+//! llama-cpp-2 declares `LlamaModel: Send + Sync`.
 
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -16,6 +19,10 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{LogOptions, send_logs_to_tracing};
+
+/// Why llama.cpp could not decode a batch (its own typed error, re-exported so the rest of
+/// the crate never imports llama-cpp-2).
+pub use llama_cpp_2::DecodeError;
 
 use super::prompt::{self, ChatFormat, PromptError, Segment, Vocab};
 use super::scheduler::BatchEntry;
@@ -108,11 +115,11 @@ impl Model {
 
     /// A chat format applying `template` (a Jinja source or a llama.cpp template name such
     /// as `chatml`) through llama.cpp. Fails if llama.cpp does not know the template.
-    pub fn native_format(&self, template: &str) -> Result<NativeFormat<'_>, StartError> {
+    pub fn native_format(self: &Arc<Self>, template: &str) -> Result<NativeFormat, StartError> {
         let template = LlamaChatTemplate::new(template)
             .map_err(|_| StartError::ChatTemplate("the template holds a NUL byte".into()))?;
         let format = NativeFormat {
-            model: self,
+            model: Arc::clone(self),
             template,
         };
         // Render a probe conversation now, so an unusable template fails at startup.
@@ -179,12 +186,12 @@ impl Vocab for Model {
 }
 
 /// A chat format applied by llama.cpp (`llama_chat_apply_template`).
-pub struct NativeFormat<'m> {
-    model: &'m Model,
+pub struct NativeFormat {
+    model: Arc<Model>,
     template: LlamaChatTemplate,
 }
 
-impl ChatFormat for NativeFormat<'_> {
+impl ChatFormat for NativeFormat {
     fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError> {
         if messages.is_empty() {
             return Err(PromptError::Empty);
@@ -235,39 +242,36 @@ pub struct Context<'m> {
     batch: LlamaBatch<'static>,
 }
 
-/// A failed decode.
-#[derive(Debug, thiserror::Error)]
-#[error("llama_decode failed: {0}")]
-pub struct DecodeFailed(String);
-
 impl Context<'_> {
     /// Decodes one step's batch. Returns, for every entry that wants logits, the batch
     /// index of its logits row (in entry order; `None` for the others).
+    ///
+    /// The planner keeps a batch within the context's batch size and positions within the
+    /// window; a batch that breaks either is refused as llama.cpp's "invalid batch" (-1)
+    /// rather than handed to it.
     pub fn decode(
         &mut self,
         entries: &[BatchEntry],
         seq_ids: &[i32],
-    ) -> Result<Vec<Option<i32>>, DecodeFailed> {
+    ) -> Result<Vec<Option<i32>>, DecodeError> {
+        const INVALID_BATCH: DecodeError = DecodeError::Unknown(-1);
         self.batch.clear();
         let mut rows = Vec::with_capacity(entries.len());
         let mut index: i32 = 0;
         for entry in entries {
-            let seq = seq_ids[entry.slot];
+            let seq = *seq_ids.get(entry.slot).ok_or(INVALID_BATCH)?;
             let last = entry.tokens.len().saturating_sub(1);
             for (i, &token) in entry.tokens.iter().enumerate() {
                 let logits = entry.wants_logits && i == last;
-                let pos = i32::try_from(entry.first_pos + i)
-                    .map_err(|_| DecodeFailed("position out of range".into()))?;
+                let pos = i32::try_from(entry.first_pos + i).map_err(|_| INVALID_BATCH)?;
                 self.batch
                     .add(LlamaToken(token), pos, &[seq], logits)
-                    .map_err(|e| DecodeFailed(e.to_string()))?;
+                    .map_err(|_| INVALID_BATCH)?;
                 index += 1;
             }
             rows.push(entry.wants_logits.then_some(index - 1));
         }
-        self.ctx
-            .decode(&mut self.batch)
-            .map_err(|e| DecodeFailed(e.to_string()))?;
+        self.ctx.decode(&mut self.batch)?;
         Ok(rows)
     }
 

@@ -1,17 +1,20 @@
 //! The local inference engine: llama.cpp in process, a pool of slots, continuous batching.
 //!
 //! # Data path
-//! [`EngineHandle::submit`] puts a request into a bounded queue (a full queue is an
-//! immediate [`EngineError::Overloaded`]). The engine thread ([`worker`]) owns the model and
-//! the one llama.cpp context; it takes queued requests whenever a slot is free, and each
-//! step decodes one batch holding every active slot's tokens. Each request gets its own
-//! channel of [`StreamEvent`]s; dropping the [`ReplyStream`] cancels the request and frees
-//! its slot at the next step.
+//! [`EngineHandle::submit`] (or [`submit_async`](EngineHandle::submit_async)) first prepares
+//! the request on the caller's side ([`prepare`]: chat template, tokenization, fitting the
+//! window), then puts its token ids into a bounded queue (a full queue is an immediate
+//! [`EngineError::Overloaded`]). The engine thread ([`worker`]) owns the one llama.cpp
+//! context and sees token ids only; it takes queued requests whenever a slot is free, and
+//! each step decodes one batch holding every active slot's tokens. Each request gets its
+//! own channel of [`StreamEvent`]s; dropping the [`ReplyStream`] cancels the request and
+//! frees its slot at the next step.
 //!
 //! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt` and `detok` are pure.
 
 mod detok;
 mod llama;
+mod prepare;
 pub mod prompt;
 mod scheduler;
 mod slot;
@@ -24,14 +27,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
 pub use detok::{DetokOutput, Detokenizer};
+pub use llama::DecodeError;
 
-use crate::chat::{ChatRequest, Completion, StreamEvent};
+use crate::chat::{ChatRequest, Completion, GenerateParams, StreamEvent};
+use prepare::{Prepared, Preparer};
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -152,9 +158,10 @@ pub enum EngineError {
     /// The prompt could not be built.
     #[error(transparent)]
     Prompt(#[from] prompt::PromptError),
-    /// llama.cpp failed to decode.
+    /// llama.cpp failed to decode a batch holding this request's tokens (llama.cpp's own
+    /// typed error; shared, as one failure can end several requests).
     #[error("inference failed: {0}")]
-    Decode(String),
+    Decode(Arc<DecodeError>),
 }
 
 impl EngineError {
@@ -196,6 +203,16 @@ pub struct EngineStats {
     pub max_prompt_tokens_per_step: usize,
     /// Generated tokens per second of generation time, averaged over finished requests.
     pub avg_tokens_per_second: f64,
+    /// Parked KV states restored from RAM, since start (filled by KV parking).
+    pub kv_park_hits_ram: u64,
+    /// Parked KV states restored from disk, since start (filled by KV parking).
+    pub kv_park_hits_disk: u64,
+    /// Requests that found no parked KV state to restore, since start (filled by KV parking).
+    pub kv_park_misses: u64,
+    /// Bytes of parked KV state held in RAM now (filled by KV parking).
+    pub kv_park_ram_bytes: u64,
+    /// Bytes of parked KV state on disk now (filled by KV parking).
+    pub kv_park_disk_bytes: u64,
 }
 
 /// Counters shared between the engine thread and handles.
@@ -216,12 +233,26 @@ struct SharedStats {
     timed_micros: AtomicU64,
 }
 
-/// A request on its way to the engine thread.
+/// A request on its way to the engine thread, prepared: token ids only.
 struct Job {
-    request: ChatRequest,
-    show_prompt: bool,
+    /// The fitted prompt's token ids.
+    prompt: Vec<i32>,
+    /// Sampling parameters.
+    params: GenerateParams,
+    /// The reply budget, already clamped to the window.
+    max_tokens: u32,
+    /// Strings that end the reply: the chat format's, then the request's.
+    stops: Vec<String>,
     events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
     submitted: Instant,
+}
+
+/// What the engine thread receives.
+enum Command {
+    /// Run a request.
+    Run(Job),
+    /// Panic, to test what a dead engine thread looks like from outside.
+    Panic,
 }
 
 /// A cheap-to-clone handle to the running engine. The engine thread stops when the last
@@ -232,11 +263,16 @@ pub struct EngineHandle {
 }
 
 struct HandleInner {
-    submit_tx: mpsc::Sender<Job>,
+    submit_tx: mpsc::Sender<Command>,
     stats: Arc<SharedStats>,
     info: ModelInfo,
     slots: usize,
     ctx_size: u32,
+    /// Renders and tokenizes requests on the caller's side.
+    preparer: Arc<Preparer>,
+    /// The engine thread: finished while a handle exists means it died (it only returns
+    /// normally once every handle is gone).
+    thread: JoinHandle<()>,
 }
 
 impl EngineHandle {
@@ -250,11 +286,23 @@ impl EngineHandle {
         let slots = config.slots.get();
         let ctx_size = config.ctx_size.get();
         let worker_stats = Arc::clone(&stats);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("mistral-bot-engine".into())
-            .spawn(move || worker::run(config, submit_rx, worker_stats, ready_tx))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| {
+                    worker::run(config, submit_rx, worker_stats, ready_tx);
+                });
+                // Unwinding dropped every request's channel (callers see `Stopped`) and the
+                // queue (new requests are refused); the handle sees the thread finished.
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    tracing::error!(
+                        panic = panic_message(panic.as_ref()),
+                        "the engine thread panicked: the local engine is stopped"
+                    );
+                }
+            })
             .map_err(|_| StartError::Thread)?;
-        let info = ready_rx.await.map_err(|_| StartError::Thread)??;
+        let (info, preparer) = ready_rx.await.map_err(|_| StartError::Thread)??;
         Ok(Self {
             inner: Arc::new(HandleInner {
                 submit_tx,
@@ -262,36 +310,106 @@ impl EngineHandle {
                 info,
                 slots,
                 ctx_size,
+                preparer,
+                thread,
             }),
         })
     }
 
-    /// Queues a request. Fails at once with `Overloaded` when the queue is full.
+    /// Prepares `request` on the calling thread (chat template, tokenization, fitting the
+    /// window; cost grows with its size: see [`submit_async`](Self::submit_async) for async
+    /// callers) and queues it. Fails at once with `Overloaded` when the queue is full,
+    /// `Prompt` when it cannot be made to fit, `Stopped` when the engine is gone.
     pub fn submit(&self, request: ChatRequest) -> Result<ReplyStream, EngineError> {
-        self.enqueue(request, false)
+        self.prepare_and_enqueue(request, false)
     }
 
     /// Like [`submit`](Self::submit), but the stream starts with a
     /// [`StreamEvent::Prompt`] showing the exact prompt tokens.
     pub fn submit_showing_prompt(&self, request: ChatRequest) -> Result<ReplyStream, EngineError> {
-        self.enqueue(request, true)
+        self.prepare_and_enqueue(request, true)
     }
 
-    fn enqueue(&self, request: ChatRequest, show_prompt: bool) -> Result<ReplyStream, EngineError> {
+    /// Like [`submit`](Self::submit) (or, with `show_prompt`,
+    /// [`submit_showing_prompt`](Self::submit_showing_prompt)), for async callers: a large
+    /// request is prepared on tokio's blocking pool, so it never holds up a runtime worker.
+    pub async fn submit_async(
+        &self,
+        request: ChatRequest,
+        show_prompt: bool,
+    ) -> Result<ReplyStream, EngineError> {
+        if prepare::request_bytes(&request) <= prepare::INLINE_PREPARE_MAX_BYTES {
+            return self.prepare_and_enqueue(request, show_prompt);
+        }
+        self.check_accepting()?;
+        let preparer = Arc::clone(&self.inner.preparer);
+        let prepared = tokio::task::spawn_blocking(move || preparer.prepare(request, show_prompt))
+            .await
+            .map_err(|_| EngineError::Stopped)??;
+        self.enqueue(prepared)
+    }
+
+    fn prepare_and_enqueue(
+        &self,
+        request: ChatRequest,
+        show_prompt: bool,
+    ) -> Result<ReplyStream, EngineError> {
+        self.check_accepting()?;
+        let prepared = self.inner.preparer.prepare(request, show_prompt)?;
+        self.enqueue(prepared)
+    }
+
+    /// Refuses early, before preparation work, what `enqueue` would refuse.
+    fn check_accepting(&self) -> Result<(), EngineError> {
+        if !self.is_alive() {
+            return Err(EngineError::Stopped);
+        }
+        if self.inner.submit_tx.capacity() == 0 {
+            return Err(EngineError::Overloaded {
+                waiting: self.queue_len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, prepared: Prepared) -> Result<ReplyStream, EngineError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if let Some(tokens) = prepared.shown {
+            let _ = events_tx.send(Ok(StreamEvent::Prompt(tokens)));
+        }
         let job = Job {
-            request,
-            show_prompt,
+            prompt: prepared.prompt,
+            params: prepared.params,
+            max_tokens: prepared.max_tokens,
+            stops: prepared.stops,
             events_tx,
             submitted: Instant::now(),
         };
-        match self.inner.submit_tx.try_send(job) {
+        match self.inner.submit_tx.try_send(Command::Run(job)) {
             Ok(()) => Ok(ReplyStream { events_rx }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
                 waiting: self.queue_len(),
             }),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
         }
+    }
+
+    /// Whether the engine thread is running. It stops only when every handle is gone or
+    /// when it panicked (logged): then every request fails with [`EngineError::Stopped`].
+    pub fn is_alive(&self) -> bool {
+        !self.inner.thread.is_finished()
+    }
+
+    /// How many tokens `text` takes as message content (for budgets outside the engine).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.inner.preparer.count_tokens(text)
+    }
+
+    /// Makes the engine thread panic, as a bug in it would: for tests of what a dead
+    /// engine looks like from outside (`/ready`, fallback). Not for production use.
+    #[doc(hidden)]
+    pub fn crash_for_tests(&self) {
+        let _ = self.inner.submit_tx.try_send(Command::Panic);
     }
 
     fn queue_len(&self) -> usize {
@@ -331,6 +449,11 @@ impl EngineHandle {
             } else {
                 timed_tokens as f64 / (timed_micros as f64 / 1e6)
             },
+            kv_park_hits_ram: 0,
+            kv_park_hits_disk: 0,
+            kv_park_misses: 0,
+            kv_park_ram_bytes: 0,
+            kv_park_disk_bytes: 0,
         }
     }
 }
@@ -367,6 +490,15 @@ impl Stream for ReplyStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.events_rx.poll_recv(cx)
     }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Checks what can be checked before llama.cpp sees the file, for clear errors.

@@ -199,9 +199,21 @@ pub struct FittedPrompt {
 pub const TRUNCATION_MARKER: &str =
     "\n\n[… message truncated: too long for the context window …]\n\n";
 
-/// Renders and tokenizes `messages` so that the prompt has at most `budget` tokens:
-/// the oldest turns are dropped first (system messages stay), and if the newest message
-/// alone is still too long its middle is cut out and replaced by [`TRUNCATION_MARKER`].
+/// Renders and tokenizes `messages` so that the prompt has at most `budget` tokens.
+///
+/// A conversation that fits is kept whole. One that does not loses its oldest turns **in
+/// blocks** of about half the room left after the system prompt, so the following turns
+/// share the new prefix and a slot's KV cache is reused until the next block is due
+/// (dropping one turn per message would change the prompt right after the system prompt
+/// on every turn, and re-read everything). The cut points sit on a grid of token positions
+/// counted from the start of the conversation, so the cut is a function of the
+/// conversation alone: an HTTP client that resends the whole history gets the same cut
+/// every turn until a whole block is due. The system messages at the start always stay;
+/// a cut always starts at a user message.
+///
+/// When not even the last message fits beside the system prompt, the middle of one or
+/// both is cut out and replaced by [`TRUNCATION_MARKER`]. Fails only when the template's
+/// scaffolding alone exceeds the budget.
 pub fn fit_prompt(
     vocab: &dyn Vocab,
     format: &dyn ChatFormat,
@@ -211,75 +223,224 @@ pub fn fit_prompt(
     if messages.is_empty() {
         return Err(PromptError::Empty);
     }
-    let build = |msgs: &[ChatMessage]| -> Result<Vec<i32>, PromptError> {
-        Ok(tokenize_segments(vocab, &format.render(msgs)?))
+    let fitter = Fitter {
+        vocab,
+        format,
+        budget,
     };
+    let whole = fitter.build(messages)?;
+    if whole.len() <= budget {
+        return Ok(FittedPrompt {
+            tokens: whole,
+            dropped_messages: 0,
+            truncated: false,
+        });
+    }
     let system_count = messages
         .iter()
         .take_while(|m| m.role == Role::System)
         .count();
     let (system, turns) = messages.split_at(system_count);
-
-    // Drop the oldest turns, keeping a user message first so formats that insist on
-    // alternation stay valid.
-    let mut first = 0;
-    loop {
-        let candidate: Vec<ChatMessage> = system.iter().chain(&turns[first..]).cloned().collect();
-        let tokens = build(&candidate)?;
-        if tokens.len() <= budget {
-            return Ok(FittedPrompt {
-                tokens,
-                dropped_messages: first,
-                truncated: false,
-            });
+    if !turns.is_empty() {
+        let grid = cut_grid(vocab, format, system, turns, budget)?;
+        // The smallest grid cut that fits; the fit is monotone in the cut (a shorter
+        // suffix never needs more tokens), so a binary search finds it.
+        if let Some(fitted) = fitter.first_fitting_cut(system, turns, &grid)? {
+            return Ok(fitted);
         }
-        if first + 1 >= turns.len() {
-            break;
-        }
-        first += 1;
-        while first + 1 < turns.len() && turns[first].role != Role::User {
-            first += 1;
+        // Not even the last block fits (its messages are large): drop single turns
+        // after the last grid point.
+        let after = grid.last().copied().unwrap_or(0);
+        let fine: Vec<usize> = (after + 1..turns.len())
+            .filter(|&i| turns[i].role == Role::User)
+            .collect();
+        if let Some(fitted) = fitter.first_fitting_cut(system, turns, &fine)? {
+            return Ok(fitted);
         }
     }
+    fitter.truncate(system, turns.last(), turns.len().saturating_sub(1))
+}
 
-    // Only the newest message is left and it is still too long: truncate it (and the
-    // system prompt too, if that alone takes more than half the window).
-    let mut kept: Vec<ChatMessage> = system.iter().chain(turns.last()).cloned().collect();
-    let last = kept.len() - 1;
-    let mut truncated = false;
-    for index in (0..kept.len()).filter(|&i| i != last).chain([last]) {
-        let mut empty = kept.clone();
-        empty[index].content.clear();
-        let overhead = build(&empty)?.len();
-        let share = if index == last { budget } else { budget / 2 };
-        let room = share.saturating_sub(overhead);
-        let content_tokens = vocab.tokenize(&kept[index].content, false).len();
-        if index != last && overhead + content_tokens <= share {
-            continue;
+/// The cut points of a conversation's turns that block trimming may use, ascending:
+/// for k = 1, 2, …, the first user message at or after token position k × block, where
+/// positions count estimated tokens from the first turn and a block is half the room
+/// the system prompt leaves. Depends only on the conversation, the format and the budget,
+/// and appending turns never changes the earlier points.
+pub fn cut_grid(
+    vocab: &dyn Vocab,
+    format: &dyn ChatFormat,
+    system: &[ChatMessage],
+    turns: &[ChatMessage],
+    budget: usize,
+) -> Result<Vec<usize>, PromptError> {
+    let per_message = message_overhead(vocab, format)?;
+    let system_tokens = if system.is_empty() {
+        0
+    } else {
+        let mut probe = system.to_vec();
+        probe.push(ChatMessage::user(""));
+        tokenize_segments(vocab, &format.render(&probe)?).len()
+    };
+    let block = (budget.saturating_sub(system_tokens) / 2).max(1);
+    let mut grid = Vec::new();
+    let mut position = 0;
+    let mut line = block;
+    for (i, turn) in turns.iter().enumerate() {
+        if i > 0 && position >= line && turn.role == Role::User {
+            grid.push(i);
+            // A message longer than a block spans several grid lines: one cut point.
+            line = (position / block + 1) * block;
         }
-        if overhead >= budget {
+        position += vocab.tokenize(&turn.content, false).len() + per_message;
+    }
+    Ok(grid)
+}
+
+/// The format's scaffolding per message, estimated once per format from a probe chat,
+/// so that grid positions do not depend on the rest of the conversation.
+fn message_overhead(vocab: &dyn Vocab, format: &dyn ChatFormat) -> Result<usize, PromptError> {
+    let one = vec![ChatMessage::user("")];
+    let three = vec![
+        ChatMessage::user(""),
+        ChatMessage::assistant(""),
+        ChatMessage::user(""),
+    ];
+    let short = tokenize_segments(vocab, &format.render(&one)?).len();
+    let long = tokenize_segments(vocab, &format.render(&three)?).len();
+    Ok(long.saturating_sub(short).div_ceil(2).max(1))
+}
+
+/// What fitting needs at hand.
+struct Fitter<'a> {
+    vocab: &'a dyn Vocab,
+    format: &'a dyn ChatFormat,
+    budget: usize,
+}
+
+impl Fitter<'_> {
+    fn build(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, PromptError> {
+        Ok(tokenize_segments(
+            self.vocab,
+            &self.format.render(messages)?,
+        ))
+    }
+
+    /// The system messages plus `turns[cut..]`, if that fits.
+    fn try_cut(
+        &self,
+        system: &[ChatMessage],
+        turns: &[ChatMessage],
+        cut: usize,
+    ) -> Result<Option<FittedPrompt>, PromptError> {
+        let kept: Vec<ChatMessage> = system.iter().chain(&turns[cut..]).cloned().collect();
+        let tokens = self.build(&kept)?;
+        Ok((tokens.len() <= self.budget).then_some(FittedPrompt {
+            tokens,
+            dropped_messages: cut,
+            truncated: false,
+        }))
+    }
+
+    /// The first of `cuts` (ascending) whose suffix fits, by binary search.
+    fn first_fitting_cut(
+        &self,
+        system: &[ChatMessage],
+        turns: &[ChatMessage],
+        cuts: &[usize],
+    ) -> Result<Option<FittedPrompt>, PromptError> {
+        let (mut lo, mut hi) = (0, cuts.len());
+        let mut best = None;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.try_cut(system, turns, cuts[mid])? {
+                Some(fitted) => {
+                    best = Some(fitted);
+                    hi = mid;
+                }
+                None => lo = mid + 1,
+            }
+        }
+        Ok(best)
+    }
+
+    /// Keeps the system messages and the last message, cutting the middle out of them
+    /// until they fit: the last message keeps all of itself if it needs at most half the
+    /// room, the system prompt likewise, and otherwise they share the room half and half.
+    fn truncate(
+        &self,
+        system: &[ChatMessage],
+        last: Option<&ChatMessage>,
+        dropped: usize,
+    ) -> Result<FittedPrompt, PromptError> {
+        let original: Vec<ChatMessage> = system.iter().chain(last).cloned().collect();
+        let mut scaffolding = original.clone();
+        for message in &mut scaffolding {
+            message.content.clear();
+        }
+        let overhead = self.build(&scaffolding)?.len();
+        if overhead > self.budget {
             return Err(PromptError::TooLong {
                 tokens: overhead,
-                max: budget,
+                max: self.budget,
             });
         }
-        if content_tokens > room {
-            kept[index].content = truncate_to_tokens(vocab, &kept[index].content, room);
-            truncated = true;
+        let room = self.budget - overhead;
+        let sizes: Vec<usize> = original
+            .iter()
+            .map(|m| self.vocab.tokenize(&m.content, false).len())
+            .collect();
+        let system_size: usize = sizes[..system.len()].iter().sum();
+        let last_size = if last.is_some() {
+            sizes[system.len()]
+        } else {
+            0
+        };
+        let (mut system_room, mut last_room) = if system_size + last_size <= room {
+            (system_size, last_size)
+        } else if last_size <= room / 2 {
+            (room - last_size, last_size)
+        } else if system_size <= room / 2 {
+            (system_size, room - system_size)
+        } else {
+            (room / 2, room - room / 2)
+        };
+        // Token counts of pieces are not additive (merges across a cut, the marker's
+        // neighbours): shrink by the overshoot until the whole fits.
+        loop {
+            let mut kept = original.clone();
+            let mut left = system_room;
+            for (message, &size) in kept.iter_mut().zip(&sizes).take(system.len()) {
+                let allowed = size.min(left);
+                left -= allowed;
+                if allowed < size {
+                    message.content = truncate_to_tokens(self.vocab, &message.content, allowed);
+                }
+            }
+            if last.is_some() && last_room < last_size {
+                let message = &mut kept[system.len()];
+                message.content = truncate_to_tokens(self.vocab, &message.content, last_room);
+            }
+            let tokens = self.build(&kept)?;
+            if tokens.len() <= self.budget {
+                return Ok(FittedPrompt {
+                    tokens,
+                    dropped_messages: dropped,
+                    truncated: kept != original,
+                });
+            }
+            let over = tokens.len() - self.budget;
+            if last_room > 0 {
+                last_room = last_room.saturating_sub(over);
+            } else if system_room > 0 {
+                system_room = system_room.saturating_sub(over);
+            } else {
+                return Err(PromptError::TooLong {
+                    tokens: tokens.len(),
+                    max: self.budget,
+                });
+            }
         }
     }
-    let tokens = build(&kept)?;
-    if tokens.len() > budget {
-        return Err(PromptError::TooLong {
-            tokens: tokens.len(),
-            max: budget,
-        });
-    }
-    Ok(FittedPrompt {
-        tokens,
-        dropped_messages: messages.len() - kept.len(),
-        truncated,
-    })
 }
 
 /// Cuts the middle out of `text` (two thirds of what stays come from the start, one third
@@ -507,5 +668,185 @@ mod tests {
             fit_prompt(&CharVocab, &MistralFormat, &[], 100),
             Err(PromptError::Empty)
         );
+    }
+
+    #[test]
+    fn a_huge_message_beside_a_system_prompt_is_truncated_not_refused() {
+        // Regression (issue 9): with a system message this failed as "too long".
+        let huge = format!("START {} END", "x".repeat(100_000));
+        let messages = [ChatMessage::system("Be brief."), ChatMessage::user(huge)];
+        let fitted = fit_prompt(&CharVocab, &MistralFormat, &messages, 1000).unwrap();
+        assert!(fitted.truncated);
+        assert!(fitted.tokens.len() <= 1000);
+        let text = plain_text(&fitted.tokens);
+        assert!(text.starts_with(" Be brief.\n\nSTART"), "{text:?}");
+        assert!(text.contains("END"));
+    }
+
+    #[test]
+    fn a_growing_chat_is_cut_in_blocks_and_keeps_its_prefix_between_cuts() {
+        let budget = 600;
+        let mut messages = vec![ChatMessage::system("You are terse.")];
+        let mut cuts = Vec::new();
+        for i in 0..80 {
+            messages.push(ChatMessage::user(format!("question number {i}?")));
+            let fitted = fit_prompt(&CharVocab, &MistralFormat, &messages, budget).unwrap();
+            assert!(fitted.tokens.len() <= budget);
+            cuts.push(fitted.dropped_messages);
+            messages.push(ChatMessage::assistant(format!("answer number {i}.")));
+        }
+        let changes = cuts.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(cuts.windows(2).all(|w| w[0] <= w[1]), "{cuts:?}");
+        // 80 turns of ~45 tokens are ~3600 tokens: about one cut per ~300 tokens of chat.
+        assert!((5..=15).contains(&changes), "{changes} cuts: {cuts:?}");
+    }
+
+    /// ChatML, written out: each message in its own `<|im_start|>role … <|im_end|>`.
+    struct ChatMlFormat;
+
+    impl ChatFormat for ChatMlFormat {
+        fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError> {
+            if messages.is_empty() {
+                return Err(PromptError::Empty);
+            }
+            let mut out = vec![Segment::Bos];
+            for m in messages {
+                out.push(Segment::Special(format!("<|im_start|>{}\n", m.role)));
+                out.push(Segment::Text(m.content.clone()));
+                out.push(Segment::Special("<|im_end|>\n".into()));
+            }
+            out.push(Segment::Special("<|im_start|>assistant\n".into()));
+            Ok(merge(out))
+        }
+
+        fn stop_strings(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    fn contains_run(haystack: &[i32], needle: &[i32]) -> bool {
+        needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn conversation() -> impl Strategy<Value = Vec<ChatMessage>> {
+            (
+                proptest::option::of("[a-z ]{0,300}"),
+                proptest::collection::vec(("[a-z ]{0,120}", "[a-z ]{0,200}"), 0..30),
+                "[a-z ?]{0,1500}",
+            )
+                .prop_map(|(system, turns, last)| {
+                    let mut messages: Vec<ChatMessage> =
+                        system.into_iter().map(ChatMessage::system).collect();
+                    for (user, assistant) in turns {
+                        messages.push(ChatMessage::user(user));
+                        messages.push(ChatMessage::assistant(assistant));
+                    }
+                    messages.push(ChatMessage::user(last));
+                    messages
+                })
+        }
+
+        fn format(chatml: bool) -> &'static dyn ChatFormat {
+            if chatml {
+                &ChatMlFormat
+            } else {
+                &MistralFormat
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Never over budget; the system prompt and the last message are kept (cut
+            /// in the middle with the marker when they cannot be kept whole); an error only
+            /// when not even the empty scaffolding fits.
+            #[test]
+            fn fitting_stays_within_budget_and_keeps_system_and_last(
+                messages in conversation(),
+                budget in 8usize..2500,
+                chatml in any::<bool>(),
+            ) {
+                let format = format(chatml);
+                let marker = CharVocab.tokenize(TRUNCATION_MARKER, false);
+                match fit_prompt(&CharVocab, format, &messages, budget) {
+                    Ok(fitted) => {
+                        prop_assert!(fitted.tokens.len() <= budget);
+                        let last = messages.last().unwrap();
+                        let mut must_keep: Vec<&ChatMessage> =
+                            messages.iter().take_while(|m| m.role == Role::System).collect();
+                        must_keep.push(last);
+                        for message in must_keep {
+                            let content = CharVocab.tokenize(&message.content, false);
+                            prop_assert!(
+                                contains_run(&fitted.tokens, &content)
+                                    || (fitted.truncated
+                                        && (contains_run(&fitted.tokens, &marker)
+                                            || budget < 2 * marker.len() + 40)),
+                                "lost {:?}", message
+                            );
+                        }
+                    }
+                    Err(PromptError::TooLong { .. }) => {
+                        let scaffolding: Vec<ChatMessage> = messages
+                            .iter()
+                            .take_while(|m| m.role == Role::System)
+                            .chain(messages.last())
+                            .map(|m| ChatMessage::new(m.role, ""))
+                            .collect();
+                        let needed = tokenize_segments(&CharVocab, &format.render(&scaffolding).unwrap()).len();
+                        prop_assert!(needed > budget, "refused though {needed} ≤ {budget}");
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error {e:?}"),
+                }
+            }
+
+            /// The cut is a function of the conversation: one more turn keeps the same cut
+            /// unless the old cut no longer fits (a new block is due), and never moves it
+            /// back, so a stateless client resending its history keeps the cached prefix.
+            #[test]
+            fn appending_a_turn_keeps_the_cut_until_a_block_is_due(
+                messages in conversation(),
+                reply in "[a-z ]{0,200}",
+                next in "[a-z ?]{0,200}",
+                budget in 200usize..2500,
+                chatml in any::<bool>(),
+            ) {
+                let format = format(chatml);
+                let Ok(before) = fit_prompt(&CharVocab, format, &messages, budget) else {
+                    return Ok(());
+                };
+                let system_count = messages.iter().take_while(|m| m.role == Role::System).count();
+                let (system, turns) = messages.split_at(system_count);
+                let grid = cut_grid(&CharVocab, format, system, turns, budget).unwrap();
+                // Only cuts on the grid are stable (the fine fallback serves huge messages).
+                prop_assume!(
+                    !before.truncated
+                        && (before.dropped_messages == 0 || grid.contains(&before.dropped_messages))
+                );
+                let mut longer = messages.clone();
+                longer.push(ChatMessage::assistant(reply));
+                longer.push(ChatMessage::user(next));
+                let Ok(after) = fit_prompt(&CharVocab, format, &longer, budget) else {
+                    return Ok(());
+                };
+                prop_assert!(after.dropped_messages >= before.dropped_messages);
+                let old_cut_fits = {
+                    let kept: Vec<ChatMessage> = system
+                        .iter()
+                        .chain(&longer[system_count + before.dropped_messages..])
+                        .cloned()
+                        .collect();
+                    tokenize_segments(&CharVocab, &format.render(&kept).unwrap()).len() <= budget
+                };
+                if old_cut_fits {
+                    prop_assert_eq!(after.dropped_messages, before.dropped_messages);
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,9 @@
 //! that are streaming: llama-server decodes a whole prompt in one step and froze a
 //! streaming chat for 8.4 s here.
 
+use std::sync::Arc;
+
+use super::llama::DecodeError;
 use super::slot::{Slot, SlotState};
 
 /// The idle slot for `prompt`: the one whose cache shares the longest prefix with it, the
@@ -38,24 +41,50 @@ pub struct BatchEntry {
     pub wants_logits: bool,
 }
 
-/// Plans one step: every generating slot's pending token, then prompt chunks.
-/// `capacity` is the batch size; `prefill_chunk` caps prompt tokens per step.
-pub fn plan_batch(slots: &[Slot], capacity: usize, prefill_chunk: usize) -> Vec<BatchEntry> {
+/// Plans one step: generating slots' pending tokens, then prompt chunks, never more than
+/// `capacity` (the batch size) tokens in all; `prefill_chunk` caps prompt tokens per step.
+///
+/// With more generating slots than the batch holds (`--slots` over `--batch-size`), the
+/// ones that fit go first, starting at slot `rotation % slots.len()`: a caller that
+/// advances `rotation` each step serves them in turn. A waiting prompt still gets one
+/// place, so a newcomer is never starved by a full house of replies.
+pub fn plan_batch(
+    slots: &[Slot],
+    capacity: usize,
+    prefill_chunk: usize,
+    rotation: usize,
+) -> Vec<BatchEntry> {
     let mut entries = Vec::new();
+    let any_prefill = slots
+        .iter()
+        .any(|s| matches!(s.state, SlotState::Prefill { .. }) && !s.remaining_prompt().is_empty());
+    let decode_cap = if any_prefill && capacity > 1 {
+        capacity - 1
+    } else {
+        capacity
+    };
     let mut used = 0;
-    for (i, slot) in slots.iter().enumerate() {
-        if let SlotState::Decode { pending } = slot.state {
+    let n = slots.len();
+    for i in (0..n).map(|k| (k + rotation % n.max(1)) % n) {
+        if used == decode_cap {
+            break;
+        }
+        if let SlotState::Decode { pending } = slots[i].state {
             entries.push(BatchEntry {
                 slot: i,
                 tokens: vec![pending],
-                first_pos: slot.cached.len(),
+                first_pos: slots[i].cached.len(),
                 wants_logits: true,
             });
             used += 1;
         }
     }
     // The chunk cap protects replies being streamed; with none, a prompt may fill the batch.
-    let cap = if used == 0 { capacity } else { prefill_chunk };
+    let cap = if used == 0 {
+        capacity
+    } else {
+        prefill_chunk.max(1)
+    };
     let mut prompt_budget = cap.min(capacity.saturating_sub(used));
     let mut prefilling: Vec<usize> = (0..slots.len())
         .filter(|&i| matches!(slots[i].state, SlotState::Prefill { .. }))
@@ -79,6 +108,85 @@ pub fn plan_batch(slots: &[Slot], capacity: usize, prefill_chunk: usize) -> Vec<
         });
     }
     entries
+}
+
+/// Decodes batches for [`run_batch`]: the engine's context, or a test double.
+pub trait BatchDecoder {
+    /// What a successful decode gives (the logits rows).
+    type Rows;
+    /// Decodes `batch` in one call.
+    fn decode(&mut self, batch: &[BatchEntry]) -> Result<Self::Rows, DecodeError>;
+    /// `batch` was decoded: advance its slots (sample from `rows`) before the next decode
+    /// overwrites the logits.
+    fn decoded(&mut self, batch: &[BatchEntry], rows: Self::Rows);
+    /// The request in `slot` failed; its slot and KV entries are to be cleared.
+    fn failed(&mut self, slot: usize, error: &Arc<DecodeError>);
+}
+
+/// Decodes a planned batch. A full KV cache (`NoKvCacheSlot`) is retried as two halves,
+/// recursively, so only a slot whose own tokens cannot be placed fails; any other error
+/// fails the requests whose tokens were in the failing (part of the) batch, and the
+/// other slots carry on at the next step.
+pub fn run_batch<D: BatchDecoder>(decoder: &mut D, batch: Vec<BatchEntry>) {
+    // A stack, first part on top: parts are decoded in their original order.
+    let mut work = vec![batch];
+    while let Some(batch) = work.pop() {
+        if batch.is_empty() {
+            continue;
+        }
+        let error = match decoder.decode(&batch) {
+            Ok(rows) => {
+                decoder.decoded(&batch, rows);
+                continue;
+            }
+            Err(error) => error,
+        };
+        if error == DecodeError::NoKvCacheSlot
+            && let Some((first, second)) = halve(&batch)
+        {
+            work.push(second);
+            work.push(first);
+            continue;
+        }
+        let error = Arc::new(error);
+        let mut failed: Vec<usize> = batch.iter().map(|e| e.slot).collect();
+        failed.dedup();
+        for &slot in &failed {
+            decoder.failed(slot, &error);
+        }
+        // A failed slot's later parts must not be decoded on top of its cleared cache.
+        for part in &mut work {
+            part.retain(|e| !failed.contains(&e.slot));
+        }
+    }
+}
+
+/// Splits a batch in two smaller ones that decode to the same result in order: by
+/// entries when it has several, else the one entry's tokens (only the second half wants
+/// the logits). `None` for a single token.
+fn halve(batch: &[BatchEntry]) -> Option<(Vec<BatchEntry>, Vec<BatchEntry>)> {
+    if batch.len() > 1 {
+        let (a, b) = batch.split_at(batch.len() / 2);
+        return Some((a.to_vec(), b.to_vec()));
+    }
+    let entry = batch.first()?;
+    if entry.tokens.len() < 2 {
+        return None;
+    }
+    let half = entry.tokens.len() / 2;
+    let first = BatchEntry {
+        slot: entry.slot,
+        tokens: entry.tokens[..half].to_vec(),
+        first_pos: entry.first_pos,
+        wants_logits: false,
+    };
+    let second = BatchEntry {
+        slot: entry.slot,
+        tokens: entry.tokens[half..].to_vec(),
+        first_pos: entry.first_pos + half,
+        wants_logits: entry.wants_logits,
+    };
+    Some((vec![first], vec![second]))
 }
 
 #[cfg(test)]
@@ -129,7 +237,7 @@ mod tests {
         slots[0].sampled(42);
         slots[1].start((0..2000).collect(), 2);
         slots[2].start((0..10).collect(), 3);
-        let plan = plan_batch(&slots, 512, 64);
+        let plan = plan_batch(&slots, 512, 64, 0);
         assert_eq!(plan[0].slot, 0);
         assert_eq!(plan[0].tokens, vec![42]);
         assert_eq!(plan[0].first_pos, 2);
@@ -145,7 +253,7 @@ mod tests {
     fn without_streaming_replies_a_prompt_fills_the_batch() {
         let mut slots = vec![Slot::new(0)];
         slots[0].start((0..2000).collect(), 1);
-        let plan = plan_batch(&slots, 512, 64);
+        let plan = plan_batch(&slots, 512, 64, 0);
         assert_eq!(plan[0].tokens.len(), 512);
     }
 
@@ -157,7 +265,7 @@ mod tests {
         slots[2].sampled(9);
         slots[0].start(vec![1, 2, 3], 1);
         slots[1].start(vec![4, 5, 6, 7], 2);
-        let plan = plan_batch(&slots, 512, 5);
+        let plan = plan_batch(&slots, 512, 5, 0);
         let plan = &plan[1..]; // after the generating slot's token
         assert_eq!(plan.len(), 2);
         assert!(plan[0].wants_logits && plan[0].tokens.len() == 3);
@@ -173,8 +281,166 @@ mod tests {
             slot.sampled(1);
         }
         slots[3].start((0..100).collect(), 9);
-        let plan = plan_batch(&slots, 8, 64);
+        let plan = plan_batch(&slots, 8, 64, 0);
         let total: usize = plan.iter().map(|e| e.tokens.len()).sum();
         assert_eq!(total, 8);
+    }
+
+    /// A decoder whose KV cache has room for `room[slot]` more tokens per slot, and
+    /// which fails with `error` any batch holding a slot listed in `broken`.
+    struct FakeDecoder {
+        room: Vec<usize>,
+        broken: Vec<usize>,
+        error_code: i32,
+        decoded: Vec<BatchEntry>,
+        failed: Vec<usize>,
+        calls: usize,
+    }
+
+    impl FakeDecoder {
+        fn new(room: Vec<usize>) -> Self {
+            Self {
+                room,
+                broken: Vec::new(),
+                error_code: 0,
+                decoded: Vec::new(),
+                failed: Vec::new(),
+                calls: 0,
+            }
+        }
+    }
+
+    impl BatchDecoder for FakeDecoder {
+        type Rows = ();
+
+        fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), DecodeError> {
+            self.calls += 1;
+            if batch.iter().any(|e| self.broken.contains(&e.slot)) {
+                return Err(DecodeError::Unknown(self.error_code));
+            }
+            // Like llama.cpp: all or nothing.
+            let mut room = self.room.clone();
+            for entry in batch {
+                if room[entry.slot] < entry.tokens.len() {
+                    return Err(DecodeError::NoKvCacheSlot);
+                }
+                room[entry.slot] -= entry.tokens.len();
+            }
+            self.room = room;
+            Ok(())
+        }
+
+        fn decoded(&mut self, batch: &[BatchEntry], (): ()) {
+            self.decoded.extend_from_slice(batch);
+        }
+
+        fn failed(&mut self, slot: usize, _error: &Arc<DecodeError>) {
+            self.failed.push(slot);
+        }
+    }
+
+    fn entry(slot: usize, n: usize, first_pos: usize) -> BatchEntry {
+        BatchEntry {
+            slot,
+            tokens: (0..n as i32).collect(),
+            first_pos,
+            wants_logits: true,
+        }
+    }
+
+    #[test]
+    fn a_full_kv_cache_fails_only_the_slot_that_does_not_fit() {
+        // Regression (issue 7, item 7): one failed decode failed every request in it.
+        let mut decoder = FakeDecoder::new(vec![100, 100, 3, 100]);
+        let batch = vec![
+            entry(0, 1, 10),
+            entry(1, 1, 20),
+            entry(2, 8, 0),
+            entry(3, 1, 5),
+        ];
+        run_batch(&mut decoder, batch);
+        assert_eq!(decoder.failed, vec![2]);
+        for slot in [0, 1, 3] {
+            assert!(
+                decoder.decoded.iter().any(|e| e.slot == slot),
+                "slot {slot} was decoded: {:?}",
+                decoder.decoded
+            );
+        }
+    }
+
+    #[test]
+    fn a_prompt_chunk_is_split_until_its_tokens_fit_and_keeps_its_order() {
+        let mut decoder = FakeDecoder::new(vec![6]);
+        run_batch(&mut decoder, vec![entry(0, 8, 4)]);
+        // 8 tokens do not fit, 4 do, then 4 more do not: 2 and then 1 of them do.
+        assert_eq!(decoder.failed, vec![0]);
+        let positions: Vec<usize> = decoder.decoded.iter().map(|e| e.first_pos).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        assert!(decoder.decoded.iter().all(|e| !e.wants_logits));
+    }
+
+    #[test]
+    fn a_split_prompt_asks_for_logits_only_at_its_end() {
+        let mut decoder = FakeDecoder::new(vec![100]);
+        decoder.room = vec![100];
+        let (a, b) = halve(&[entry(0, 9, 3)]).unwrap();
+        assert_eq!(
+            (a[0].first_pos, a[0].tokens.len(), a[0].wants_logits),
+            (3, 4, false)
+        );
+        assert_eq!(
+            (b[0].first_pos, b[0].tokens.len(), b[0].wants_logits),
+            (7, 5, true)
+        );
+        run_batch(&mut decoder, vec![entry(0, 9, 3)]);
+        assert_eq!(decoder.calls, 1, "no split without an error");
+    }
+
+    #[test]
+    fn other_errors_fail_the_slots_of_the_failing_batch_only() {
+        let mut decoder = FakeDecoder::new(vec![100, 100, 100]);
+        decoder.broken = vec![1];
+        decoder.error_code = -3;
+        run_batch(&mut decoder, vec![entry(0, 1, 0), entry(1, 1, 0)]);
+        assert_eq!(decoder.failed, vec![0, 1]);
+        // The next step, without them, goes on.
+        run_batch(&mut decoder, vec![entry(2, 4, 0)]);
+        assert_eq!(decoder.decoded.len(), 1);
+    }
+
+    #[test]
+    fn more_generating_slots_than_the_batch_holds_take_turns() {
+        // Regression (issue 7, item 7): with --slots over --batch-size every batch failed.
+        let mut slots: Vec<Slot> = (0..5).map(Slot::new).collect();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            slot.start(vec![1], i as u64);
+            slot.prefilled(1);
+            slot.sampled(7);
+        }
+        let mut served = [0; 5];
+        for step in 0..10 {
+            let plan = plan_batch(&slots, 2, 2, step);
+            assert_eq!(plan.len(), 2);
+            for e in plan {
+                served[e.slot] += 1;
+            }
+        }
+        assert_eq!(served, [4; 5], "each slot gets its turn");
+    }
+
+    #[test]
+    fn a_waiting_prompt_gets_a_place_beside_a_full_house_of_replies() {
+        let mut slots: Vec<Slot> = (0..3).map(Slot::new).collect();
+        for slot in slots.iter_mut().take(2) {
+            slot.start(vec![1], 1);
+            slot.prefilled(1);
+            slot.sampled(7);
+        }
+        slots[2].start(vec![1, 2, 3], 2);
+        let plan = plan_batch(&slots, 2, 64, 0);
+        let total: usize = plan.iter().map(|e| e.tokens.len()).sum();
+        assert_eq!(total, 2);
+        assert!(plan.iter().any(|e| e.slot == 2), "{plan:?}");
     }
 }

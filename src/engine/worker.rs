@@ -12,21 +12,22 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use super::detok::Detokenizer;
-use super::llama::{Context, ContextOptions, LoadOptions, Model, Sampler};
-use super::prompt::{self, ChatFormat, MistralFormat};
+use super::llama::{Context, ContextOptions, DecodeError, LoadOptions, Model, Sampler};
+use super::prepare::Preparer;
+use super::prompt::{ChatFormat, MistralFormat};
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::{
-    ChatTemplateChoice, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
+    ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
-use crate::chat::{Completion, FinishReason, PromptToken, StreamEvent, Timings, Usage};
+use crate::chat::{Completion, FinishReason, StreamEvent, Timings, Usage};
 
 /// Runs the engine thread to completion.
 pub(super) fn run(
     config: EngineConfig,
-    submit_rx: mpsc::Receiver<Job>,
+    submit_rx: mpsc::Receiver<Command>,
     stats: Arc<SharedStats>,
-    ready_tx: oneshot::Sender<Result<ModelInfo, StartError>>,
+    ready_tx: oneshot::Sender<Result<(ModelInfo, Arc<Preparer>), StartError>>,
 ) {
     let loaded = Instant::now();
     let progress = load_progress(config.progress_bar);
@@ -36,20 +37,19 @@ pub(super) fn run(
         llama_log: config.llama_log,
         progress,
     }) {
-        Ok(model) => model,
+        Ok(model) => Arc::new(model),
         Err(e) => {
             let _ = ready_tx.send(Err(e));
             return;
         }
     };
-    let (format, format_name): (Box<dyn ChatFormat + '_>, String) =
-        match choose_format(&model, &config.chat_template) {
-            Ok(choice) => choice,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-        };
+    let (format, format_name) = match choose_format(&model, &config.chat_template) {
+        Ok(choice) => choice,
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+            return;
+        }
+    };
     let info = model.info(&config.model_path, &format_name);
     if config.ctx_size.get() > info.n_ctx_train && info.n_ctx_train > 0 {
         tracing::warn!(
@@ -59,12 +59,21 @@ pub(super) fn run(
             info.n_ctx_train
         );
     }
+    let preparer = Arc::new(Preparer::new(
+        Arc::clone(&model),
+        format,
+        config.ctx_size.get(),
+    ));
     let slots = config.slots.get();
     let threads = i32::try_from(config.threads.get()).unwrap_or(i32::MAX);
     let n_ctx = config.ctx_size.get().saturating_mul(slots as u32);
+    // llama.cpp reserves an output row per sequence in every decode and aborts the process
+    // (GGML_ASSERT in output_reserve) when the batch is smaller than the sequence count: the
+    // context's batch holds at least one token per slot, whatever a step is planned to use.
+    let n_batch = config.batch_size.get().max(slots as u32);
     let ctx = match model.new_context(&ContextOptions {
         n_ctx,
-        n_batch: config.batch_size.get(),
+        n_batch,
         n_seq_max: slots as u32,
         threads,
     }) {
@@ -83,13 +92,11 @@ pub(super) fn run(
         seconds = format!("{:.1}", loaded.elapsed().as_secs_f64()),
         "model loaded"
     );
-    if ready_tx.send(Ok(info)).is_err() {
+    if ready_tx.send(Ok((info, preparer))).is_err() {
         return;
     }
     let mut worker = Worker {
-        stop_strings: format.stop_strings(),
         model: &model,
-        format: format.as_ref(),
         ctx,
         slots: (0..slots as i32).map(Slot::new).collect(),
         jobs: (0..slots).map(|_| None).collect(),
@@ -127,10 +134,13 @@ fn load_progress(bar: bool) -> Box<dyn FnMut(f32) + Send> {
     }
 }
 
-fn choose_format<'m>(
-    model: &'m Model,
+/// A shareable chat format.
+type SharedFormat = Box<dyn ChatFormat + Send + Sync>;
+
+fn choose_format(
+    model: &Arc<Model>,
     choice: &ChatTemplateChoice,
-) -> Result<(Box<dyn ChatFormat + 'm>, String), StartError> {
+) -> Result<(SharedFormat, String), StartError> {
     match choice {
         ChatTemplateChoice::Mistral => Ok((Box::new(MistralFormat), "mistral".into())),
         ChatTemplateChoice::Named(name) => Ok((Box::new(model.native_format(name)?), name.clone())),
@@ -163,8 +173,6 @@ struct ActiveJob {
 
 struct Worker<'m> {
     model: &'m Model,
-    format: &'m dyn ChatFormat,
-    stop_strings: Vec<String>,
     ctx: Context<'m>,
     /// Slot `i` owns sequence `seq_ids[i]` and runs `jobs[i]`.
     slots: Vec<Slot>,
@@ -177,12 +185,12 @@ struct Worker<'m> {
 }
 
 impl Worker<'_> {
-    fn run(&mut self, mut submit_rx: mpsc::Receiver<Job>) {
+    fn run(&mut self, mut submit_rx: mpsc::Receiver<Command>) {
         loop {
             // Take waiting requests while slots are free.
             while self.has_free_slot() {
                 match submit_rx.try_recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(command) => self.obey(command),
                     Err(_) => break,
                 }
             }
@@ -190,12 +198,21 @@ impl Worker<'_> {
             if self.active_count() == 0 {
                 // Nothing to do: sleep until a request comes or every handle is gone.
                 match submit_rx.blocking_recv() {
-                    Some(job) => self.admit(job),
+                    Some(command) => self.obey(command),
                     None => return,
                 }
                 continue;
             }
             self.step();
+        }
+    }
+
+    fn obey(&mut self, command: Command) {
+        match command {
+            Command::Run(job) => self.admit(job),
+            Command::Panic => {
+                panic!("engine thread crash requested (EngineHandle::crash_for_tests)")
+            }
         }
     }
 
@@ -218,71 +235,25 @@ impl Worker<'_> {
             return; // cancelled while it waited
         }
         let queued = job.submitted.elapsed();
-        let ctx_size = self.config.ctx_size.get();
-        // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
-        let max_tokens = job
-            .request
-            .params
-            .max_tokens
-            .clamp(1, ctx_size - ctx_size / 4);
-        let budget = (ctx_size - max_tokens) as usize;
-        let fitted =
-            match prompt::fit_prompt(self.model, self.format, &job.request.messages, budget) {
-                Ok(fitted) => fitted,
-                Err(e) => {
-                    let _ = job.events_tx.send(Err(EngineError::Prompt(e)));
-                    return;
-                }
-            };
-        if fitted.dropped_messages > 0 || fitted.truncated {
-            tracing::debug!(
-                dropped = fitted.dropped_messages,
-                truncated = fitted.truncated,
-                "prompt trimmed to fit the context window"
-            );
-        }
-        let Some(index) = scheduler::choose_slot(&self.slots, &fitted.tokens) else {
+        let Some(index) = scheduler::choose_slot(&self.slots, &job.prompt) else {
             // Unreachable: admit is called only with a free slot. Refuse rather than panic.
             let _ = job
                 .events_tx
                 .send(Err(EngineError::Overloaded { waiting: 0 }));
             return;
         };
-        if job.show_prompt {
-            let tokens = fitted
-                .tokens
-                .iter()
-                .map(|&id| PromptToken {
-                    id,
-                    piece: String::from_utf8_lossy(&self.model.piece(id, true)).into_owned(),
-                })
-                .collect();
-            let _ = job.events_tx.send(Ok(StreamEvent::Prompt(tokens)));
-        }
         self.tick += 1;
-        let prompt_len = fitted.tokens.len();
+        let prompt_len = job.prompt.len();
         let slot = &mut self.slots[index];
-        let reused = slot.start(fitted.tokens, self.tick);
+        let reused = slot.start(job.prompt, self.tick);
         self.ctx.forget(slot.seq_id, reused);
-        let params = &job.request.params;
+        let params = &job.params;
         let seed = params.seed.unwrap_or_else(|| fresh_seed(self.tick));
-        // With ignore_eos only the caller's own stop strings end the reply early.
-        let format_stops: &[String] = if params.ignore_eos {
-            &[]
-        } else {
-            &self.stop_strings
-        };
-        let inst = (!params.ignore_eos).then(|| "[INST]".to_string());
-        let stops = format_stops
-            .iter()
-            .chain(params.stop.iter())
-            .cloned()
-            .chain(inst);
         self.jobs[index] = Some(ActiveJob {
             events_tx: job.events_tx,
             sampler: Sampler::new(params, seed),
-            detok: Detokenizer::new(stops),
-            max_tokens,
+            detok: Detokenizer::new(job.stops),
+            max_tokens: job.max_tokens,
             ignore_eos: params.ignore_eos,
             usage: Usage {
                 prompt_tokens: prompt_len as u32,
@@ -314,39 +285,17 @@ impl Worker<'_> {
     }
 
     fn step(&mut self) {
+        let rotation = self.stats.decode_steps.load(Ordering::Relaxed) as usize;
         let entries = scheduler::plan_batch(
             &self.slots,
             self.config.batch_size.get() as usize,
             self.config.prefill_chunk.get() as usize,
+            rotation,
         );
         if entries.is_empty() {
             return;
         }
-        let rows = match self.ctx.decode(&entries, &self.seq_ids) {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %e, "decode failed; failing the requests in this batch");
-                for entry in &entries {
-                    self.fail(entry.slot, EngineError::Decode(e.to_string()));
-                }
-                return;
-            }
-        };
-        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .max_sequences_per_step
-            .fetch_max(entries.len(), Ordering::Relaxed);
-        let prompt_tokens = entries
-            .iter()
-            .filter(|e| matches!(self.slots[e.slot].state, SlotState::Prefill { .. }))
-            .map(|e| e.tokens.len())
-            .sum();
-        self.stats
-            .max_prompt_tokens_per_step
-            .fetch_max(prompt_tokens, Ordering::Relaxed);
-        for (entry, row) in entries.iter().zip(rows) {
-            self.after_decode(entry, row);
-        }
+        scheduler::run_batch(self, entries);
     }
 
     fn after_decode(&mut self, entry: &BatchEntry, row: Option<i32>) {
@@ -447,6 +396,37 @@ impl Worker<'_> {
         if let Some(job) = job {
             let _ = job.events_tx.send(Err(error));
         }
+    }
+}
+
+impl scheduler::BatchDecoder for Worker<'_> {
+    type Rows = Vec<Option<i32>>;
+
+    fn decode(&mut self, batch: &[BatchEntry]) -> Result<Self::Rows, DecodeError> {
+        self.ctx.decode(batch, &self.seq_ids)
+    }
+
+    fn decoded(&mut self, batch: &[BatchEntry], rows: Self::Rows) {
+        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .max_sequences_per_step
+            .fetch_max(batch.len(), Ordering::Relaxed);
+        let prompt_tokens = batch
+            .iter()
+            .filter(|e| matches!(self.slots[e.slot].state, SlotState::Prefill { .. }))
+            .map(|e| e.tokens.len())
+            .sum();
+        self.stats
+            .max_prompt_tokens_per_step
+            .fetch_max(prompt_tokens, Ordering::Relaxed);
+        for (entry, row) in batch.iter().zip(rows) {
+            self.after_decode(entry, row);
+        }
+    }
+
+    fn failed(&mut self, slot: usize, error: &Arc<DecodeError>) {
+        tracing::error!(error = %error, slot, "decode failed; failing the request in this slot");
+        self.fail(slot, EngineError::Decode(Arc::clone(error)));
     }
 }
 

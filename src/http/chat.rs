@@ -37,6 +37,7 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::ContentFilter => "content_filter",
     }
 }
 
@@ -77,7 +78,7 @@ pub async fn completions(
     let (request, stream) = api::parse(&body)?.validate(state.settings())?;
     let chain = state.chain().ok_or(ApiError::NotReady)?;
     let permit = state.try_admit().ok_or(ApiError::Busy)?;
-    let reply = chain.reply(request, lang(&headers)).await;
+    let reply = chain.reply(request, lang(&headers)).await?;
     let meta = Meta {
         id: state.next_completion_id(),
         created: SystemTime::now()
@@ -213,5 +214,6 @@ mod tests {
     fn finish_reasons_are_openai_names() {
         assert_eq!(finish_reason(FinishReason::Length), "length");
         assert_eq!(finish_reason(FinishReason::Cancelled), "stop");
+        assert_eq!(finish_reason(FinishReason::ContentFilter), "content_filter");
     }
 }

@@ -7,6 +7,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::engine::EngineError;
+use crate::engine::prompt::PromptError;
+use crate::providers::{ProviderError, Refused, RequestFault};
+
 /// Why an HTTP request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -42,6 +46,51 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// A model refused the request for what it asks (too long, a parameter it rejects,
+    /// blocked content): the client has to change it.
+    #[error("{message}")]
+    Refused {
+        /// What is wrong.
+        fault: RequestFault,
+        /// What was refused and what to change.
+        message: String,
+    },
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        let fault = refused.fault();
+        let provider = refused.provider;
+        let message = match (&refused.error, fault) {
+            (
+                ProviderError::Engine(EngineError::Prompt(PromptError::TooLong { tokens, max })),
+                _,
+            ) => format!(
+                "This model's context window leaves room for {max} prompt tokens (the window \
+                 minus max_tokens), but the messages need at least {tokens}. Shorten or drop \
+                 messages, or lower max_tokens."
+            ),
+            (ProviderError::Refused { detail, .. }, RequestFault::ContextLengthExceeded) => {
+                format!(
+                    "The messages are too long for the model ({provider}: {detail}). Shorten \
+                     or drop messages, or lower max_tokens."
+                )
+            }
+            (ProviderError::Refused { detail, .. }, RequestFault::ContentBlocked) => format!(
+                "The model's content filter blocked the prompt ({provider}: {detail}). \
+                 Rephrase the messages."
+            ),
+            (ProviderError::Refused { detail, .. }, RequestFault::InvalidRequest) => format!(
+                "The model rejected the request ({provider}: {detail}). Check the messages \
+                 and parameters."
+            ),
+            (other, _) => format!(
+                "The model could not accept the messages ({provider}: {other}). Check the \
+                 roles and contents of the messages."
+            ),
+        };
+        ApiError::Refused { fault, message }
+    }
 }
 
 impl ApiError {
@@ -56,6 +105,7 @@ impl ApiError {
             ApiError::NotReady => "not_ready",
             ApiError::Busy => "busy",
             ApiError::NotFound => "not_found",
+            ApiError::Refused { fault, .. } => fault.code(),
         }
     }
 
@@ -72,7 +122,8 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_)
             | ApiError::InvalidRequest { .. }
-            | ApiError::UnreadableBody => StatusCode::BAD_REQUEST,
+            | ApiError::UnreadableBody
+            | ApiError::Refused { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotReady | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +145,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let param = match &self {
             ApiError::InvalidRequest { param, .. } => *param,
+            ApiError::Refused {
+                fault: RequestFault::ContextLengthExceeded | RequestFault::ContentBlocked,
+                ..
+            } => Some("messages"),
             _ => None,
         };
         let body = json!({"error": {
@@ -135,6 +190,13 @@ mod tests {
             (ApiError::NotReady, 503),
             (ApiError::Busy, 503),
             (ApiError::NotFound, 404),
+            (
+                ApiError::Refused {
+                    fault: RequestFault::ContentBlocked,
+                    message: "x".into(),
+                },
+                400,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(
@@ -143,6 +205,67 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    fn body_of(error: ApiError) -> serde_json::Value {
+        let response = error.into_response();
+        let bytes =
+            futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+                .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn refusals_say_what_to_change_with_openai_codes() {
+        let too_long = ApiError::from(Refused {
+            provider: "local",
+            error: ProviderError::Engine(EngineError::Prompt(PromptError::TooLong {
+                tokens: 900,
+                max: 500,
+            })),
+        });
+        let body = body_of(too_long);
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "messages");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("900") && message.contains("500"),
+            "{message}"
+        );
+        assert!(message.contains("max_tokens"), "{message}");
+
+        let blocked = ApiError::from(Refused {
+            provider: "gemini",
+            error: ProviderError::Refused {
+                kind: RequestFault::ContentBlocked,
+                detail: "prompt blocked: SAFETY".into(),
+            },
+        });
+        let body = body_of(blocked);
+        assert_eq!(body["error"]["code"], "content_filter");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("SAFETY")
+        );
+
+        let invalid = ApiError::from(Refused {
+            provider: "groq",
+            error: ProviderError::Refused {
+                kind: RequestFault::InvalidRequest,
+                detail: "'temperature' must be at most 2".into(),
+            },
+        });
+        let body = body_of(invalid);
+        assert_eq!(body["error"]["code"], "invalid_request");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("temperature")
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The HTTP API (axum): an OpenAI-compatible `POST /v1/chat/completions` served through
 //! the provider chain, `GET /v1/models`, and the operational routes `/health`, `/ready`,
-//! `/metrics`, `/dialogue_metrics`.
+//! `/metrics`, `/dialogue_metrics`, `/dashboard` (a live page for the operator).
 //!
 //! # Layout
 //! - [`router`] builds the routes over an [`AppState`]; [`serve`] runs them on a listener
 //!   until a shutdown future resolves.
 //! - `api`: the request and its validation; `chat`: the completion handler (JSON or SSE);
-//!   `ops`: health, readiness, metrics; `error`: [`ApiError`], the one mapping to statuses.
+//!   `ops`: health, readiness, metrics; `dashboard`: the live page and its data;
+//!   `error`: [`ApiError`], the one mapping to statuses.
 //!
 //! `/v1/*` needs `Authorization: Bearer <key>` when an API key is configured; the
 //! operational routes never do (probes and scrapers). May use `providers`, `engine`,
@@ -14,6 +15,7 @@
 
 mod api;
 mod chat;
+mod dashboard;
 mod error;
 mod ops;
 mod state;
@@ -44,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .route("/dialogue_metrics", get(ops::dialogue_metrics))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(state.settings().body_limit))
         .with_state(state)
@@ -56,6 +59,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let _sampler = dashboard::spawn_sampler(state.clone());
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -14,10 +14,17 @@ pub async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 once the model is loaded, 503 before.
+/// `GET /ready`: 200 once the model is loaded, 503 before, and 503 again if the engine
+/// thread has died (a load balancer then sends traffic elsewhere).
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.is_ready() {
         Json(json!({"status": "ready", "model": state.settings().model_id})).into_response()
+    } else if state.engine_stopped() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "engine stopped"})),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

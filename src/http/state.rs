@@ -3,11 +3,12 @@
 //! hands it the chain and the engine once they exist.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::dashboard::History;
 use crate::chat::GenerateParams;
 use crate::config::Secret;
 use crate::engine::EngineHandle;
@@ -53,6 +54,8 @@ struct Inner {
     next_id: AtomicU64,
     /// One permit per chat completion in flight.
     in_flight: Arc<Semaphore>,
+    /// The dashboard's last hour of samples.
+    history: Mutex<History>,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
                 started: Instant::now(),
                 next_id: AtomicU64::new(1),
                 in_flight: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+                history: Mutex::default(),
                 settings,
             }),
         }
@@ -91,9 +95,20 @@ impl AppState {
         let _ = self.inner.backend.set(Backend { chain, engine });
     }
 
-    /// Whether the model is loaded.
+    /// Whether the model is loaded and its engine thread still runs.
     pub fn is_ready(&self) -> bool {
-        self.inner.backend.get().is_some()
+        self.inner
+            .backend
+            .get()
+            .is_some_and(|backend| backend.engine.is_alive())
+    }
+
+    /// Whether the model was loaded and its engine thread has died since.
+    pub fn engine_stopped(&self) -> bool {
+        self.inner
+            .backend
+            .get()
+            .is_some_and(|backend| !backend.engine.is_alive())
     }
 
     pub(super) fn chain(&self) -> Option<&Arc<Chain>> {
@@ -115,6 +130,12 @@ impl AppState {
     /// A place for one more chat completion, if there is one; held until its reply ends.
     pub(super) fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.inner.in_flight).try_acquire_owned().ok()
+    }
+
+    /// Runs `f` on the dashboard's history (never across an `.await`).
+    pub(super) fn history<R>(&self, f: impl FnOnce(&mut History) -> R) -> R {
+        // A panic mid-push leaves at worst one sample missing.
+        f(&mut self.inner.history.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(super) fn uptime_seconds(&self) -> u64 {

@@ -1,6 +1,15 @@
 //! The fallback chain: tries providers in order until one delivers text, with a timeout
 //! per provider, Retry-After memory and a circuit breaker ([`health`](super::health)), and
 //! counts every attempt in [`Metrics`].
+//!
+//! What a failure means depends on whose fault it is ([`ProviderError::fault`]): a
+//! provider's own failure counts toward its breaker and the next provider is asked; a busy
+//! provider is passed over without blame; a request a provider refused for what it asks
+//! (too long, an invalid parameter, blocked content) never counts against the provider.
+//! Such a refusal ends the chain when asking elsewhere is pointless
+//! ([`RequestFault::ends_chain`](super::RequestFault::ends_chain)); otherwise the next
+//! provider is asked, and if none answers, the caller gets the refusal ([`Refused`]), not
+//! the canned apology: the apology is only for when every provider is down or busy.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,8 +18,8 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio::time::{Instant, timeout};
 
-use super::health::{Admission, BreakerPolicy, Health};
-use super::{CannedProvider, EventStream, Provider, ProviderError};
+use super::health::{Admission, BreakerPolicy, Health, HealthStatus};
+use super::{CannedProvider, EventStream, Fault, Provider, ProviderError, RequestFault};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::i18n::{self, Lang};
 use crate::metrics::Metrics;
@@ -29,6 +38,27 @@ pub struct Reply {
     pub provider: &'static str,
     /// The reply's events; never an error.
     pub events: BoxStream<'static, StreamEvent>,
+}
+
+/// The request was refused for what it asks, by `provider`: the chain has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{provider} refused the request: {error}")]
+pub struct Refused {
+    /// The provider that refused it (the first one, when several did).
+    pub provider: &'static str,
+    /// Its error; [`ProviderError::fault`] is a [`Fault::Request`].
+    pub error: ProviderError,
+}
+
+impl Refused {
+    /// What is wrong with the request.
+    pub fn fault(&self) -> RequestFault {
+        match self.error.fault() {
+            Fault::Request(fault) => fault,
+            // Unreachable: the chain only builds a `Refused` from a request fault.
+            Fault::Provider | Fault::Busy => RequestFault::InvalidRequest,
+        }
+    }
 }
 
 /// One provider of the chain and what the chain knows about it.
@@ -114,14 +144,25 @@ impl Chain {
         self.entries.iter().map(|e| e.provider.name()).collect()
     }
 
+    /// Each provider's health now (breaker, Retry-After), in chain order.
+    pub fn health(&self) -> Vec<(&'static str, HealthStatus)> {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .map(|e| (e.provider.name(), lock(&e.health).status(now)))
+            .collect()
+    }
+
     /// The metrics the chain records into.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// The answer of the first provider that gives one; the canned apology in `lang` if
-    /// none does.
-    pub async fn reply(&self, request: ChatRequest, lang: Lang) -> Reply {
+    /// The answer of the first provider that gives one. When none does: the first
+    /// refusal of the request if a provider refused it ([`Refused`]), else (every provider
+    /// down or busy) the canned apology in `lang`.
+    pub async fn reply(&self, request: ChatRequest, lang: Lang) -> Result<Reply, Refused> {
+        let mut refused: Option<Refused> = None;
         for entry in &self.entries {
             let name = entry.provider.name();
             if let Admission::Skip(reason) = lock(&entry.health).admit(Instant::now()) {
@@ -134,12 +175,19 @@ impl Chain {
                 continue;
             }
             let attempt = Attempt::start(name, self, entry);
+            let mut started = false;
             let first = timeout(
                 entry.timeout,
-                first_text(entry.provider.as_ref(), request.clone()),
+                first_text(entry.provider.as_ref(), request.clone(), &mut started),
             )
             .await
-            .unwrap_or(Err(ProviderError::Timeout));
+            .unwrap_or_else(|_| {
+                Err(if entry.provider.reports_start() && !started {
+                    ProviderError::QueueWait
+                } else {
+                    ProviderError::Timeout
+                })
+            });
             match first {
                 Ok((text, rest)) => {
                     let tail = Tail {
@@ -149,40 +197,73 @@ impl Chain {
                         idle: entry.timeout,
                         lang,
                     };
-                    return Reply {
+                    let head = (!text.is_empty()).then_some(StreamEvent::Delta(text));
+                    return Ok(Reply {
                         provider: name,
-                        events: stream::iter([StreamEvent::Delta(text)])
-                            .chain(tail.into_stream())
-                            .boxed(),
-                    };
+                        events: stream::iter(head).chain(tail.into_stream()).boxed(),
+                    });
                 }
                 Err(e) => {
-                    tracing::warn!(provider = name, error = %e, "provider failed; trying the next");
                     attempt.failed(&e);
+                    match e.fault() {
+                        Fault::Request(fault) => {
+                            let ends = fault.ends_chain();
+                            tracing::info!(
+                                provider = name,
+                                error = %e,
+                                "provider refused the request{}",
+                                if ends { "" } else { "; trying the next" }
+                            );
+                            let refusal = refused.get_or_insert(Refused {
+                                provider: name,
+                                error: e,
+                            });
+                            if ends {
+                                return Err(refusal.clone());
+                            }
+                        }
+                        Fault::Busy | Fault::Provider => {
+                            tracing::warn!(provider = name, error = %e, "provider failed; trying the next");
+                        }
+                    }
                 }
             }
+        }
+        if let Some(refused) = refused {
+            return Err(refused);
         }
         let canned = CannedProvider::new(lang);
         self.metrics.attempt(canned.name());
         self.metrics
             .success(canned.name(), Duration::ZERO, Duration::ZERO);
-        Reply {
+        Ok(Reply {
             provider: canned.name(),
             events: canned.events(),
-        }
+        })
     }
 }
 
-/// Starts `provider` and waits for its first non-empty text.
+/// Starts `provider` and waits for its first non-empty text; sets `started` when the
+/// provider reports that the request left its queue (a [`StreamEvent::Prompt`]).
 async fn first_text(
     provider: &dyn Provider,
     request: ChatRequest,
+    started: &mut bool,
 ) -> Result<(String, EventStream), ProviderError> {
     let mut events = provider.stream(request).await?;
     loop {
         match events.next().await {
             Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => return Ok((text, events)),
-            Some(Ok(StreamEvent::Delta(_) | StreamEvent::Prompt(_))) => {}
+            Some(Ok(StreamEvent::Prompt(_))) => *started = true,
+            Some(Ok(StreamEvent::Delta(_))) => {}
+            // Stopped by the provider's filter before any text: that is its answer (the
+            // notice), not a failure to hand to the next provider.
+            Some(Ok(
+                done @ StreamEvent::Done(Completion {
+                    finish_reason: FinishReason::ContentFilter,
+                    ..
+                }),
+            )) => return Ok((String::new(), stream::iter([Ok(done)]).boxed())),
             Some(Ok(StreamEvent::Done(_))) => return Err(ProviderError::Empty),
             None => return Err(ProviderError::Cut("ended before any text".into())),
             Some(Err(e)) => return Err(e),
@@ -264,7 +345,19 @@ impl Tail {
             let failure = match timeout(tail.idle, tail.events.next()).await {
                 Ok(Some(Ok(StreamEvent::Done(completion)))) => {
                     tail.attempt.succeeded();
-                    return Some((vec![StreamEvent::Done(completion)], None));
+                    let mut events = Vec::with_capacity(2);
+                    if completion.finish_reason == FinishReason::ContentFilter {
+                        let notice = i18n::content_filtered_notice(tail.lang);
+                        // Alone, the notice needs no blank line before it.
+                        let notice = if tail.delivered == 0 {
+                            notice.trim_start()
+                        } else {
+                            notice
+                        };
+                        events.push(StreamEvent::Delta(notice.to_string()));
+                    }
+                    events.push(StreamEvent::Done(completion));
+                    return Some((events, None));
                 }
                 Ok(Some(Ok(StreamEvent::Delta(text))))
                     if tail.delivered + text.len() <= MAX_REPLY_BYTES =>
@@ -407,7 +500,7 @@ mod tests {
             .provider(c, DEFAULT_TIMEOUT)
             .build();
         assert_eq!(
-            text_of(chain.reply(request(), Lang::En).await).await,
+            text_of(chain.reply(request(), Lang::En).await.unwrap()).await,
             ("mistral", "bonjour".into())
         );
         let s = metrics.snapshot();
@@ -423,7 +516,7 @@ mod tests {
         let chain = Chain::builder(Arc::clone(&metrics))
             .provider(a, DEFAULT_TIMEOUT)
             .build();
-        let (provider, text) = text_of(chain.reply(request(), Lang::Ru).await).await;
+        let (provider, text) = text_of(chain.reply(request(), Lang::Ru).await.unwrap()).await;
         assert_eq!(provider, "canned");
         assert_eq!(text, i18n::canned_apology(Lang::Ru));
         assert_eq!(metrics.snapshot()["canned"].success, 1);
@@ -444,7 +537,7 @@ mod tests {
             .provider(a, DEFAULT_TIMEOUT)
             .provider(b, DEFAULT_TIMEOUT)
             .build();
-        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await.unwrap()).await;
         assert_eq!(provider, "groq");
         assert_eq!(text, format!("Par{}", i18n::interrupted_notice(Lang::En)));
         assert_eq!(b_calls.load(Ordering::SeqCst), 0);
@@ -464,7 +557,7 @@ mod tests {
             .provider(a, Duration::from_millis(50))
             .provider(b, Duration::from_millis(50))
             .build();
-        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await.unwrap()).await;
         assert_eq!(provider, "mistral");
         assert!(text.starts_with("Hi\n\n"), "{text}");
         let s = metrics.snapshot();
@@ -489,11 +582,15 @@ mod tests {
             .provider(b, DEFAULT_TIMEOUT)
             .build();
         assert_eq!(
-            text_of(chain.reply(request(), Lang::En).await).await.0,
+            text_of(chain.reply(request(), Lang::En).await.unwrap())
+                .await
+                .0,
             "mistral"
         );
         assert_eq!(
-            text_of(chain.reply(request(), Lang::En).await).await.0,
+            text_of(chain.reply(request(), Lang::En).await.unwrap())
+                .await
+                .0,
             "mistral"
         );
         assert_eq!(
@@ -503,7 +600,9 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            text_of(chain.reply(request(), Lang::En).await).await.0,
+            text_of(chain.reply(request(), Lang::En).await.unwrap())
+                .await
+                .0,
             "groq"
         );
         let s = metrics.snapshot();
@@ -532,14 +631,18 @@ mod tests {
             .build();
         for _ in 0..4 {
             assert_eq!(
-                text_of(chain.reply(request(), Lang::En).await).await.0,
+                text_of(chain.reply(request(), Lang::En).await.unwrap())
+                    .await
+                    .0,
                 "mistral"
             );
         }
         assert_eq!(a_calls.load(Ordering::SeqCst), 2, "open after two failures");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            text_of(chain.reply(request(), Lang::En).await).await.0,
+            text_of(chain.reply(request(), Lang::En).await.unwrap())
+                .await
+                .0,
             "groq"
         );
         let s = metrics.snapshot();
@@ -570,7 +673,7 @@ mod tests {
                 DEFAULT_TIMEOUT,
             )
             .build();
-        let (provider, text) = text_of(chain.reply(request(), Lang::En).await).await;
+        let (provider, text) = text_of(chain.reply(request(), Lang::En).await.unwrap()).await;
         assert_eq!(provider, "openai");
         assert!(text.len() <= MAX_REPLY_BYTES + 100, "{}", text.len());
         assert!(text.ends_with(i18n::interrupted_notice(Lang::En)));
@@ -587,7 +690,7 @@ mod tests {
         let chain = Chain::builder(Arc::clone(&metrics))
             .provider(a, DEFAULT_TIMEOUT)
             .build();
-        let mut reply = chain.reply(request(), Lang::En).await;
+        let mut reply = chain.reply(request(), Lang::En).await.unwrap();
         assert_eq!(
             reply.events.next().await,
             Some(StreamEvent::Delta("x".into()))
@@ -595,5 +698,167 @@ mod tests {
         drop(reply);
         let s = metrics.snapshot();
         assert_eq!((s["local"].requests, s["local"].cancelled), (1, 1));
+    }
+
+    fn refusal(kind: RequestFault) -> ProviderError {
+        ProviderError::Refused {
+            kind,
+            detail: "no".into(),
+        }
+    }
+
+    fn too_long() -> ProviderError {
+        ProviderError::Engine(crate::engine::EngineError::Prompt(
+            crate::engine::prompt::PromptError::TooLong {
+                tokens: 5000,
+                max: 1000,
+            },
+        ))
+    }
+
+    /// Regression test for issue 7 item 5: user errors opened provider breakers.
+    #[tokio::test]
+    async fn refusals_fall_over_without_tripping_the_breaker() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, a_calls) = scripted("local", vec![Script::Fail(too_long())]);
+        let (b, b_calls) = scripted(
+            "groq",
+            vec![Script::Fail(refusal(RequestFault::InvalidRequest))],
+        );
+        let (c, _) = scripted("mistral", vec![answer("fits here")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .breaker(BreakerPolicy {
+                failures: 1,
+                cooldown: Duration::from_secs(3600),
+            })
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .provider(c, DEFAULT_TIMEOUT)
+            .build();
+        for _ in 0..5 {
+            assert_eq!(
+                text_of(chain.reply(request(), Lang::En).await.unwrap()).await,
+                ("mistral", "fits here".into())
+            );
+        }
+        // A breaker opening after one failure would have skipped them after the first.
+        assert_eq!(a_calls.load(Ordering::SeqCst), 5);
+        assert_eq!(b_calls.load(Ordering::SeqCst), 5);
+        let s = metrics.snapshot();
+        assert_eq!(s["local"].errors_by_kind["prompt"], 5);
+        assert_eq!(s["groq"].errors_by_kind["invalid_request"], 5);
+        assert_eq!((s["local"].skipped, s["groq"].skipped), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_request_nobody_accepts_is_refused_not_apologised_for() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted("local", vec![Script::Fail(too_long())]);
+        let (b, _) = scripted("groq", vec![Script::Fail(status(503))]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .build();
+        let refused = chain.reply(request(), Lang::En).await.err().unwrap();
+        assert_eq!(refused.provider, "local");
+        assert_eq!(refused.fault(), RequestFault::ContextLengthExceeded);
+        let canned = metrics.snapshot().get("canned").map_or(0, |c| c.requests);
+        assert_eq!(canned, 0, "no apology");
+    }
+
+    #[tokio::test]
+    async fn blocked_content_ends_the_chain() {
+        let metrics = Arc::new(Metrics::new());
+        let (a, _) = scripted(
+            "gemini",
+            vec![Script::Fail(refusal(RequestFault::ContentBlocked))],
+        );
+        let (b, b_calls) = scripted("mistral", vec![answer("never")]);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .breaker(BreakerPolicy {
+                failures: 1,
+                cooldown: Duration::from_secs(3600),
+            })
+            .provider(a, DEFAULT_TIMEOUT)
+            .provider(b, DEFAULT_TIMEOUT)
+            .build();
+        for _ in 0..3 {
+            let refused = chain.reply(request(), Lang::En).await.err().unwrap();
+            assert_eq!(
+                (refused.provider, refused.fault()),
+                ("gemini", RequestFault::ContentBlocked)
+            );
+        }
+        assert_eq!(b_calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            metrics.snapshot()["gemini"].skipped,
+            0,
+            "breaker stays shut"
+        );
+    }
+
+    /// A provider that queues: it reports the start only after `wait`.
+    struct Queueing {
+        wait: Duration,
+    }
+
+    impl Provider for Queueing {
+        fn name(&self) -> &'static str {
+            "local"
+        }
+        fn reports_start(&self) -> bool {
+            true
+        }
+        fn stream(&self, _: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+            let wait = self.wait;
+            Box::pin(async move {
+                let events = stream::once(async move {
+                    tokio::time::sleep(wait).await;
+                    Ok(StreamEvent::Prompt(Vec::new()))
+                })
+                .chain(stream::pending());
+                Ok(events.boxed())
+            })
+        }
+    }
+
+    /// A chain of one [`Queueing`] provider reporting its start after `wait`, timing out
+    /// after a second, its breaker opening at the first failure.
+    fn queueing_chain(wait: Duration, metrics: &Arc<Metrics>) -> Chain {
+        Chain::builder(Arc::clone(metrics))
+            .breaker(BreakerPolicy {
+                failures: 1,
+                cooldown: Duration::from_secs(3600),
+            })
+            .provider(Queueing { wait }, Duration::from_secs(1))
+            .build()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_in_the_queue_is_busy_but_a_stall_after_the_start_is_a_failure() {
+        let metrics = Arc::new(Metrics::new());
+        let chain = queueing_chain(Duration::from_secs(3600), &metrics);
+        for _ in 0..3 {
+            let (provider, _) = text_of(chain.reply(request(), Lang::En).await.unwrap()).await;
+            assert_eq!(provider, "canned");
+        }
+        let s = metrics.snapshot();
+        assert_eq!(
+            (
+                s["local"].errors_by_kind["queue_wait"],
+                s["local"].skipped,
+                s["local"].timeouts
+            ),
+            (3, 0, 0),
+            "queue waits never open the breaker"
+        );
+
+        let metrics = Arc::new(Metrics::new());
+        let chain = queueing_chain(Duration::from_millis(10), &metrics);
+        for _ in 0..2 {
+            let _ = text_of(chain.reply(request(), Lang::En).await.unwrap()).await;
+        }
+        let s = metrics.snapshot();
+        assert_eq!((s["local"].timeouts, s["local"].skipped), (1, 1));
     }
 }

@@ -15,15 +15,66 @@ use url::Url;
 use super::cloud;
 use super::convert::normalize;
 use super::openai::endpoint;
-use super::{EventStream, Provider, ProviderError, sse};
+use super::{EventStream, Provider, ProviderError, RequestFault, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
-use crate::config::{CloudConfig, Secret};
+use crate::config::{CloudConfig, ProviderKind, Secret};
 
 /// A client of the Gemini API.
 pub struct GeminiProvider {
     client: reqwest::Client,
     endpoint: Result<Url, String>,
     api_key: Option<Secret>,
+    model: String,
+}
+
+/// How a model family is told how much to think. Thinking tokens count against
+/// `maxOutputTokens`: a model left to its default thinking can spend a 1000-token budget on
+/// thoughts and answer nothing (`finishReason: MAX_TOKENS`).
+/// <https://ai.google.dev/gemini-api/docs/thinking>
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thinking {
+    /// Gemini 2.x: `thinkingBudget`, a token count (0 turns thinking off where allowed).
+    Budget(u32),
+    /// Gemini 3 and later: `thinkingLevel`; `thinkingBudget` is legacy there and sending
+    /// both is a 400.
+    Level(&'static str),
+    /// Not a Gemini model (e.g. Gemma on the same API): no thinking settings.
+    None,
+}
+
+/// Room kept for thoughts on top of the reply's budget when the level, not a token count,
+/// bounds them.
+const THINKING_HEADROOM: u32 = 1024;
+
+/// The thinking setting for `model`.
+///
+/// - `gemini-2.5-pro` cannot turn thinking off; 128 tokens is its smallest budget.
+/// - `gemini-2.5-flash` and `-flash-lite` accept 0, which turns thinking off.
+/// - Gemini 3+: `minimal` for Flash models (the lowest they accept), `low` for the others
+///   (Pro accepts only `low` and `high`).
+fn thinking(model: &str) -> Thinking {
+    let model = model.to_ascii_lowercase();
+    let model = model.rsplit('/').next().unwrap_or(&model);
+    let Some(version) = model.strip_prefix("gemini-") else {
+        return Thinking::None;
+    };
+    let major: String = version.chars().take_while(char::is_ascii_digit).collect();
+    match major.parse::<u32>() {
+        Ok(0..=1) | Err(_) => Thinking::None,
+        Ok(2) if model.contains("pro") => Thinking::Budget(128),
+        Ok(2) if version.starts_with("2.5") => Thinking::Budget(0),
+        // 2.0 models do not think.
+        Ok(2) => Thinking::None,
+        Ok(_) if model.contains("flash") => Thinking::Level("minimal"),
+        Ok(_) => Thinking::Level("low"),
+    }
+}
+
+/// Whether `model` still takes `temperature` and `topP`: Google deprecated the sampling
+/// parameters for its Gemini 3.5+ models (changelog, 2026-07-21:
+/// <https://ai.google.dev/gemini-api/docs/changelog>) and advises the default for Gemini 3.
+fn takes_sampling(thinking: Thinking) -> bool {
+    !matches!(thinking, Thinking::Level(_))
 }
 
 impl std::fmt::Debug for GeminiProvider {
@@ -45,12 +96,13 @@ impl GeminiProvider {
                 &format!("models/{}:streamGenerateContent?alt=sse", config.model),
             ),
             api_key: config.api_key.clone(),
+            model: config.model.clone(),
         }
     }
 }
 
-/// The `generateContent` request body for `request`.
-fn body(request: &ChatRequest) -> serde_json::Value {
+/// The `generateContent` request body for `request` to `model`.
+fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
     let turns = normalize(&request.messages);
     let contents: Vec<_> = turns
         .turns
@@ -64,11 +116,22 @@ fn body(request: &ChatRequest) -> serde_json::Value {
         })
         .collect();
     let params = &request.params;
-    let mut config = json!({
-        "maxOutputTokens": params.max_tokens,
-        "temperature": params.temperature,
-        "topP": params.top_p,
-    });
+    let thinking = thinking(model);
+    let mut config = match thinking {
+        Thinking::Budget(budget) => json!({
+            "maxOutputTokens": params.max_tokens.saturating_add(budget),
+            "thinkingConfig": {"thinkingBudget": budget},
+        }),
+        Thinking::Level(level) => json!({
+            "maxOutputTokens": params.max_tokens.saturating_add(THINKING_HEADROOM),
+            "thinkingConfig": {"thinkingLevel": level},
+        }),
+        Thinking::None => json!({"maxOutputTokens": params.max_tokens}),
+    };
+    if takes_sampling(thinking) {
+        config["temperature"] = json!(params.temperature);
+        config["topP"] = json!(params.top_p);
+    }
     if let Some(seed) = params.seed {
         config["seed"] = json!(seed);
     }
@@ -96,8 +159,15 @@ impl Provider for GeminiProvider {
                 .post(endpoint)
                 .header("x-goog-api-key", key.expose())
                 .header(header::ACCEPT, "text/event-stream")
-                .json(&body(&request));
-            let response = cloud::send(http).await?;
+                .json(&body(&request, &self.model));
+            let response = cloud::send(http).await.map_err(|e| match e {
+                // `models/x is not found for API version v1beta`: a retired or misspelt model.
+                ProviderError::Status { status: 404, .. } => ProviderError::ModelNotFound {
+                    model: self.model.clone(),
+                    flag: ProviderKind::Gemini.model_flag(),
+                },
+                other => other,
+            })?;
             Ok(events(sse::data_stream(response.bytes_stream())))
         })
     }
@@ -150,6 +220,24 @@ struct UsageMetadata {
 #[serde(rename_all = "camelCase")]
 struct PromptFeedback {
     block_reason: Option<String>,
+}
+
+/// A candidate's `finishReason` as ours. The filters' reasons end the reply with a notice
+/// rather than looking like a normal end
+/// (<https://ai.google.dev/api/generate-content#FinishReason>).
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "MAX_TOKENS" => FinishReason::Length,
+        "SAFETY"
+        | "RECITATION"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION" => FinishReason::ContentFilter,
+        _ => FinishReason::Stop,
+    }
 }
 
 struct Reading {
@@ -214,8 +302,8 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
             }
             if let Some(reason) = chunk.prompt_feedback.and_then(|f| f.block_reason) {
                 return Some((
-                    Err(ProviderError::Status {
-                        status: 400,
+                    Err(ProviderError::Refused {
+                        kind: RequestFault::ContentBlocked,
                         detail: format!("prompt blocked: {reason}"),
                     }),
                     None,
@@ -235,10 +323,7 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
             let mut text = String::new();
             if let Some(candidate) = chunk.candidates.first() {
                 if let Some(reason) = &candidate.finish_reason {
-                    reading.finish = Some(match reason.as_str() {
-                        "MAX_TOKENS" => FinishReason::Length,
-                        _ => FinishReason::Stop,
-                    });
+                    reading.finish = Some(finish_reason(reason));
                 }
                 for part in candidate.content.iter().flat_map(|c| &c.parts) {
                     if let (Some(t), false) = (&part.text, part.thought) {
@@ -273,7 +358,7 @@ mod tests {
                 ..GenerateParams::default()
             },
         );
-        let body = body(&request);
+        let body = body(&request, "gemini-2.0-flash");
         assert_eq!(
             body["systemInstruction"],
             json!({"parts": [{"text": "Be brief."}]})
@@ -294,13 +379,13 @@ mod tests {
                 base_url: Url::parse("https://generativelanguage.googleapis.com/v1beta").unwrap(),
                 api_key: Some(Secret::new("AIza-secret")),
                 key_required: true,
-                model: "gemini-2.5-flash".into(),
+                model: "gemini-3.5-flash-lite".into(),
                 timeout: std::time::Duration::from_secs(1),
             },
         );
         assert_eq!(
             provider.endpoint.as_ref().unwrap().as_str(),
-            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-3.5-flash-lite:streamGenerateContent?alt=sse"
         );
         assert!(!format!("{provider:?}").contains("AIza-secret"));
     }
@@ -330,5 +415,47 @@ mod tests {
         assert_eq!(completion.usage.completion_tokens, 2);
         let cut = run(&[r#"{"candidates":[{"content":{"parts":[{"text":"Par"}]}}]}"#]).await;
         assert!(matches!(cut.last(), Some(Err(ProviderError::Cut(_)))));
+    }
+
+    #[test]
+    fn each_model_family_gets_its_thinking_field() {
+        assert_eq!(
+            thinking("gemini-3.5-flash-lite"),
+            Thinking::Level("minimal")
+        );
+        assert_eq!(thinking("gemini-3.8-flash"), Thinking::Level("minimal"));
+        assert_eq!(thinking("gemini-3.1-pro-preview"), Thinking::Level("low"));
+        assert_eq!(thinking("models/gemini-4-argon"), Thinking::Level("low"));
+        assert_eq!(thinking("gemini-2.5-flash"), Thinking::Budget(0));
+        assert_eq!(thinking("gemini-2.5-flash-lite"), Thinking::Budget(0));
+        assert_eq!(thinking("gemini-2.5-pro"), Thinking::Budget(128));
+        assert_eq!(thinking("gemini-2.0-flash"), Thinking::None);
+        assert_eq!(thinking("gemma-3-27b-it"), Thinking::None);
+        assert_eq!(thinking("gemini-x"), Thinking::None);
+    }
+
+    #[tokio::test]
+    async fn filter_stops_end_as_content_filter_and_thoughts_are_skipped() {
+        for reason in [
+            "SAFETY",
+            "RECITATION",
+            "PROHIBITED_CONTENT",
+            "BLOCKLIST",
+            "SPII",
+        ] {
+            let payload = format!(r#"{{"candidates":[{{"finishReason":"{reason}","index":0}}]}}"#);
+            let events = run(&[
+                r#"{"candidates":[{"content":{"parts":[{"text":"thinking…","thought":true},{"text":"Par"}]}}]}"#,
+                &payload,
+            ])
+            .await;
+            assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())), "{reason}");
+            let Ok(StreamEvent::Done(done)) = &events[1] else {
+                panic!("{events:?}")
+            };
+            assert_eq!(done.finish_reason, FinishReason::ContentFilter, "{reason}");
+        }
+        assert_eq!(finish_reason("MAX_TOKENS"), FinishReason::Length);
+        assert_eq!(finish_reason("STOP"), FinishReason::Stop);
     }
 }

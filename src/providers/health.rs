@@ -44,6 +44,31 @@ pub enum Admission {
     Skip(SkipReason),
 }
 
+/// A provider's circuit breaker as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Calls go through.
+    Closed,
+    /// Calls are skipped until the cool-down ends.
+    Open,
+    /// The cool-down is over: the next call (or the one in flight) is the probe.
+    HalfOpen,
+}
+
+/// A provider's health at one moment, for the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthStatus {
+    /// The circuit breaker.
+    pub breaker: BreakerState,
+    /// How long the open breaker still skips the provider (zero unless open).
+    pub open_for: Duration,
+    /// How long a 429's `Retry-After` still keeps the provider skipped (zero when none).
+    pub retry_after: Duration,
+    /// Failures in a row that count toward the breaker.
+    pub consecutive_failures: u32,
+}
+
 /// One provider's health.
 #[derive(Debug, Default, Clone)]
 pub struct Health {
@@ -107,6 +132,24 @@ impl Health {
     /// must not stay taken.
     pub fn abandoned(&mut self) {
         self.probing = false;
+    }
+
+    /// The health at `now`, without changing it (unlike [`admit`](Self::admit)).
+    pub fn status(&self, now: Instant) -> HealthStatus {
+        let remaining = |until: Option<Instant>| {
+            until.map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
+        };
+        let breaker = match self.open_until {
+            None => BreakerState::Closed,
+            Some(until) if now < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        };
+        HealthStatus {
+            breaker,
+            open_for: remaining(self.open_until),
+            retry_after: remaining(self.retry_after_until),
+            consecutive_failures: self.consecutive_failures,
+        }
     }
 
     /// Whether the breaker is open (or half-open) now.
@@ -242,6 +285,42 @@ mod tests {
             POLICY,
         );
         assert_eq!(health.admit(t0 + DEFAULT_RETRY_AFTER), Admission::Go);
+    }
+
+    #[test]
+    fn status_shows_the_breaker_and_the_time_left_without_changing_them() {
+        let t0 = Instant::now();
+        let mut health = Health::default();
+        assert_eq!(health.status(t0).breaker, BreakerState::Closed);
+        health.failed(
+            t0,
+            &ProviderError::RateLimited {
+                retry_after: Some(Duration::from_secs(20)),
+            },
+            POLICY,
+        );
+        for _ in 0..3 {
+            fail(&mut health, t0);
+        }
+        let status = health.status(t0 + Duration::from_secs(5));
+        assert_eq!(status.breaker, BreakerState::Open);
+        assert_eq!(status.open_for, Duration::from_secs(25));
+        assert_eq!(status.retry_after, Duration::from_secs(15));
+        assert_eq!(status.consecutive_failures, 3);
+        let after = t0 + Duration::from_secs(40);
+        let status = health.status(after);
+        assert_eq!(status.breaker, BreakerState::HalfOpen);
+        assert_eq!(
+            (status.open_for, status.retry_after),
+            (Duration::ZERO, Duration::ZERO)
+        );
+        assert_eq!(
+            health.admit(after),
+            Admission::Probe,
+            "status took no probe"
+        );
+        health.succeeded();
+        assert_eq!(health.status(after).breaker, BreakerState::Closed);
     }
 
     #[test]

@@ -34,15 +34,26 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    fn reports_start(&self) -> bool {
+        true
+    }
+
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
-        let submitted = self.engine.submit(request);
         Box::pin(async move {
-            let stream = submitted?;
+            // Prepared here (a large request on the blocking pool), never on the engine thread.
+            // The engine sends the prompt when the request leaves the queue for a slot: that
+            // event tells the chain a timeout before it was a wait in the queue (busy), not a
+            // failure. Rendering the pieces costs about a microsecond per prompt token.
+            let stream = self.engine.submit_async(request, true).await?;
             Ok(stream
-                .filter(|event| {
-                    futures::future::ready(!matches!(event, Ok(StreamEvent::Prompt(_))))
+                .map(|event| {
+                    event
+                        .map(|event| match event {
+                            StreamEvent::Prompt(_) => StreamEvent::Prompt(Vec::new()),
+                            other => other,
+                        })
+                        .map_err(ProviderError::from)
                 })
-                .map(|event| event.map_err(ProviderError::from))
                 .boxed())
         })
     }

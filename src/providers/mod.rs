@@ -13,6 +13,8 @@
 //! - `openai`, `gemini`: the cloud clients (Groq, Mistral and the generic provider are
 //!   [`OpenAiProvider`]s); `convert`: chat history → each API's messages; `sse`: the
 //!   server-sent-events decoder; `cloud`: what the HTTP clients share (errors, Retry-After).
+//! - [`probe`]: is each cloud provider's key accepted and its model there (the start-up
+//!   check and `mistral-bot doctor`).
 //!
 //! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
@@ -24,6 +26,7 @@ mod gemini;
 mod health;
 mod local;
 mod openai;
+pub mod probe;
 mod sse;
 
 use std::sync::Arc;
@@ -33,9 +36,10 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub use canned::CannedProvider;
+pub use chain::Refused;
 pub use chain::{Chain, ChainBuilder, Reply};
 pub use gemini::GeminiProvider;
-pub use health::BreakerPolicy;
+pub use health::{BreakerPolicy, BreakerState, HealthStatus};
 pub use local::LocalProvider;
 pub use openai::{OpenAiFlavor, OpenAiProvider};
 
@@ -47,13 +51,29 @@ use crate::metrics::Metrics;
 /// A provider's reply as it arrives: text deltas, then `Done`.
 pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;
 
-/// Why a provider did not answer. Every variant makes the chain try the next provider
-/// (or, after text was delivered, end the reply with a notice).
+/// Why a provider did not answer. [`ProviderError::fault`] says whose fault it was, and so
+/// what the chain does: a provider's own failure counts toward its circuit breaker; being
+/// busy does not; a request refused for what it asks ([`RequestFault`]) does not either,
+/// and may end the chain ([`RequestFault::ends_chain`]). After text was delivered, any error
+/// ends the reply with a notice.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
     /// The provider is at capacity (the local queue is full).
     #[error("overloaded")]
     Overloaded,
+    /// The request waited in the provider's own queue (the local engine's) past the
+    /// provider's timeout without starting: the provider is busy, not broken.
+    #[error("waited too long in the queue")]
+    QueueWait,
+    /// The provider refused the request itself: too long for its window, a parameter it
+    /// rejects, content its filter blocks. Not a failure of the provider.
+    #[error("refused the request ({}): {detail}", kind.code())]
+    Refused {
+        /// What is wrong with the request.
+        kind: RequestFault,
+        /// The provider's own message, shortened (secrets removed).
+        detail: String,
+    },
     /// HTTP 429: the provider asks us to come back later.
     #[error("rate limited (retry after {retry_after:?})")]
     RateLimited {
@@ -86,6 +106,18 @@ pub enum ProviderError {
     /// The provider needs an API key and has none.
     #[error("no API key configured")]
     MissingKey,
+    /// The configured model does not exist (or no longer exists, or this key may not use
+    /// it): HTTP 404 `model_not_found`, or 400 `model_decommissioned`. Only the operator can
+    /// fix it, so the message names the setting to change.
+    #[error(
+        "the model `{model}` does not exist or this key may not use it: set {flag} to a current model"
+    )]
+    ModelNotFound {
+        /// The model asked for.
+        model: String,
+        /// The flag and environment variable that choose it.
+        flag: &'static str,
+    },
     /// The local engine failed (other than being overloaded).
     #[error("local engine: {0}")]
     Engine(EngineError),
@@ -94,11 +126,85 @@ pub enum ProviderError {
     Failed(String),
 }
 
+/// What is wrong with a request that a provider refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestFault {
+    /// The conversation (plus the room for the reply) does not fit the model's window.
+    ContextLengthExceeded,
+    /// A parameter or message the provider does not accept.
+    InvalidRequest,
+    /// The provider's safety filter blocked the prompt.
+    ContentBlocked,
+}
+
+impl RequestFault {
+    /// The OpenAI-style error code (also the metric label).
+    pub fn code(self) -> &'static str {
+        match self {
+            RequestFault::ContextLengthExceeded => "context_length_exceeded",
+            RequestFault::InvalidRequest => "invalid_request",
+            RequestFault::ContentBlocked => "content_filter",
+        }
+    }
+
+    /// Whether the chain stops at this refusal instead of asking the next provider.
+    ///
+    /// A prompt too long for one window may fit the next provider's larger one, and a
+    /// parameter one API rejects (each client builds its own request) may suit another:
+    /// those fall over. Content a safety filter blocked is not shopped around to find a
+    /// laxer filter: the chain stops there.
+    pub fn ends_chain(self) -> bool {
+        matches!(self, RequestFault::ContentBlocked)
+    }
+
+    /// What a chat user is told, in `lang`.
+    pub fn user_text(self, lang: crate::i18n::Lang) -> &'static str {
+        match self {
+            RequestFault::ContextLengthExceeded => crate::i18n::too_long(lang),
+            RequestFault::InvalidRequest => crate::i18n::invalid_request(lang),
+            RequestFault::ContentBlocked => crate::i18n::content_blocked(lang),
+        }
+    }
+}
+
+/// Whose fault a [`ProviderError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The provider failed: counts toward its circuit breaker.
+    Provider,
+    /// The provider is busy or rate limited: try the next, no breaker.
+    Busy,
+    /// The request itself: no breaker; see [`RequestFault::ends_chain`].
+    Request(RequestFault),
+}
+
 impl ProviderError {
+    /// Whose fault this is.
+    pub fn fault(&self) -> Fault {
+        use crate::engine::prompt::PromptError;
+        match self {
+            ProviderError::Overloaded
+            | ProviderError::QueueWait
+            | ProviderError::RateLimited { .. } => Fault::Busy,
+            ProviderError::Refused { kind, .. } => Fault::Request(*kind),
+            ProviderError::Engine(EngineError::Prompt(PromptError::TooLong { .. })) => {
+                Fault::Request(RequestFault::ContextLengthExceeded)
+            }
+            // The others depend only on the messages (none, or ones the chat template
+            // cannot render): the same request fails the same way every time.
+            ProviderError::Engine(EngineError::Prompt(_)) => {
+                Fault::Request(RequestFault::InvalidRequest)
+            }
+            _ => Fault::Provider,
+        }
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderError::Overloaded => "overloaded",
+            ProviderError::QueueWait => "queue_wait",
+            ProviderError::Refused { kind, .. } => kind.code(),
             ProviderError::RateLimited { .. } => "rate_limited",
             ProviderError::Status { status, .. } if *status >= 500 => "http_5xx",
             ProviderError::Status {
@@ -111,19 +217,17 @@ impl ProviderError {
             ProviderError::Empty => "empty",
             ProviderError::Cut(_) => "cut",
             ProviderError::MissingKey => "missing_key",
+            ProviderError::ModelNotFound { .. } => "model_not_found",
             ProviderError::Engine(e) => e.kind(),
             ProviderError::Failed(_) => "error",
         }
     }
 
     /// Whether this failure says something about the provider's health (and so counts
-    /// toward its circuit breaker). Being busy or rate limited does not: those have their
-    /// own, shorter, remedies.
+    /// toward its circuit breaker). Being busy or rate limited does not (those have their
+    /// own, shorter, remedies), nor does a request refused for what it asks.
     pub fn trips_breaker(&self) -> bool {
-        !matches!(
-            self,
-            ProviderError::Overloaded | ProviderError::RateLimited { .. }
-        )
+        self.fault() == Fault::Provider
     }
 }
 
@@ -131,6 +235,13 @@ impl ProviderError {
 pub trait Provider: Send + Sync {
     /// The provider's name in logs and metrics (`local`, `groq`, …).
     fn name(&self) -> &'static str;
+
+    /// Whether the provider queues requests and sends a [`StreamEvent::Prompt`] when one
+    /// starts (the local engine). A timeout before that event is then a wait in its queue,
+    /// [`ProviderError::QueueWait`], not a failure of the provider.
+    fn reports_start(&self) -> bool {
+        false
+    }
 
     /// Starts a reply.
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>>;
@@ -147,6 +258,31 @@ pub enum BuildError {
 /// How long a cloud client may take to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The HTTP client the cloud providers (and their checks) share.
+pub fn http_client() -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("mistral-bot/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError::Client(e.to_string()))
+}
+
+/// The start-up check: checks every cloud provider of the chain at once (each within
+/// [`probe::PROBE_TIMEOUT`]) and logs, per provider, whether its key works and its model
+/// exists, naming the flag to change. Meant to run beside the engine's loading.
+pub async fn startup_check(config: ProvidersConfig) {
+    let client = match http_client() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "start-up check of the cloud providers skipped");
+            return;
+        }
+    };
+    let reports = probe::probe_chain(&client, &config).await;
+    probe::log_startup_check(&reports);
+}
+
 /// The chain `config` describes, over `engine`, recording into `metrics`. Providers named
 /// in the chain but not configured (no API key) are left out with one log line each.
 pub fn build_chain(
@@ -154,12 +290,7 @@ pub fn build_chain(
     engine: EngineHandle,
     metrics: Arc<Metrics>,
 ) -> Result<Chain, BuildError> {
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("mistral-bot/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| BuildError::Client(e.to_string()))?;
+    let client = http_client()?;
     let mut builder = Chain::builder(metrics).breaker(BreakerPolicy {
         failures: config.breaker_failures.get(),
         cooldown: config.breaker_cooldown,

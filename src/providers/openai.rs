@@ -18,7 +18,7 @@ use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
 use super::{EventStream, Provider, ProviderError, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
-use crate::config::{CloudConfig, Secret};
+use crate::config::{CloudConfig, ProviderKind, Secret};
 
 /// Which OpenAI-compatible API this is: the name, and what each accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,81 @@ impl OpenAiFlavor {
             OpenAiFlavor::Generic => "openai",
         }
     }
+
+    /// The provider this flavor is in `--chain`.
+    pub fn kind(self) -> ProviderKind {
+        match self {
+            OpenAiFlavor::Groq => ProviderKind::Groq,
+            OpenAiFlavor::Mistral => ProviderKind::Mistral,
+            OpenAiFlavor::Generic => ProviderKind::OpenAi,
+        }
+    }
+}
+
+/// The request field that caps a reply's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenField {
+    /// `max_tokens`: Mistral's only field, and the one every self-hosted server reads.
+    MaxTokens,
+    /// `max_completion_tokens`: OpenAI's current field (reasoning models reject
+    /// `max_tokens` with 400 `unsupported_parameter`), and Groq's.
+    MaxCompletionTokens,
+}
+
+impl TokenField {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenField::MaxTokens => "max_tokens",
+            TokenField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
+/// Tokens a reasoning model may spend thinking on top of the reply's own budget: its
+/// hidden reasoning counts against `max_completion_tokens`, and without room for it a
+/// short budget ends in an empty reply with `finish_reason: length`.
+const REASONING_HEADROOM: u32 = 1024;
+
+/// Whether `model` is a reasoning model (its thinking counts against the token cap):
+/// OpenAI's o-series and GPT-5 and later, and the open-weight gpt-oss that Groq serves.
+fn is_reasoning_model(model: &str) -> bool {
+    let model = model.to_ascii_lowercase();
+    let model = model.rsplit('/').next().unwrap_or(&model);
+    let mut chars = model.chars();
+    let o_series = chars.next() == Some('o') && chars.next().is_some_and(|c| c.is_ascii_digit());
+    let gpt_n = model.strip_prefix("gpt-").is_some_and(|rest| {
+        let major: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        major.parse::<u32>().is_ok_and(|n| n >= 5)
+    });
+    o_series || gpt_n || model.starts_with("gpt-oss")
+}
+
+/// Which field caps the reply for `flavor` at `base_url` with `model`.
+///
+/// - Groq: `max_completion_tokens` (`max_tokens` is deprecated there:
+///   <https://console.groq.com/docs/api-reference#chat-create>, groq-python PR 175).
+/// - Mistral: `max_tokens`, its only field; it rejects unknown fields
+///   (<https://docs.mistral.ai/api/endpoint/chat>).
+/// - OpenAI itself: `max_completion_tokens`; `max_tokens` is deprecated and reasoning models
+///   answer 400 `unsupported_parameter` to it
+///   (<https://platform.openai.com/docs/api-reference/chat/create>,
+///   <https://github.com/openhab/openhab-addons/pull/21459>).
+/// - Any other OpenAI-compatible server: `max_tokens`, which vLLM, TGI, Ollama and every
+///   llama-server read; llama-server ignored `max_completion_tokens` (an unlimited reply)
+///   until February 2026 (<https://github.com/ggml-org/llama.cpp/pull/19831>) and Ollama
+///   still may. A reasoning model's name still gets `max_completion_tokens` (an OpenAI
+///   proxy such as Azure).
+fn token_field(flavor: OpenAiFlavor, base_url: &Url, model: &str) -> TokenField {
+    match flavor {
+        OpenAiFlavor::Groq => TokenField::MaxCompletionTokens,
+        OpenAiFlavor::Mistral => TokenField::MaxTokens,
+        OpenAiFlavor::Generic
+            if base_url.host_str() == Some("api.openai.com") || is_reasoning_model(model) =>
+        {
+            TokenField::MaxCompletionTokens
+        }
+        OpenAiFlavor::Generic => TokenField::MaxTokens,
+    }
 }
 
 /// A client of one OpenAI-compatible chat completions API.
@@ -50,6 +125,10 @@ pub struct OpenAiProvider {
     api_key: Option<Secret>,
     key_required: bool,
     model: String,
+    /// The field that caps the reply's length for this API and model.
+    token_field: TokenField,
+    /// Whether the model reasons before answering (see [`is_reasoning_model`]).
+    reasoning: bool,
 }
 
 impl std::fmt::Debug for OpenAiProvider {
@@ -79,6 +158,29 @@ impl OpenAiProvider {
             api_key: config.api_key.clone(),
             key_required: config.key_required,
             model: config.model.clone(),
+            token_field: token_field(flavor, &config.base_url, &config.model),
+            reasoning: is_reasoning_model(&config.model),
+        }
+    }
+
+    /// A failed call as the chain should see it: an unknown or retired model is the
+    /// operator's to fix (it names the flag), not a passing fault of the provider.
+    fn classify(&self, error: ProviderError) -> ProviderError {
+        match error {
+            ProviderError::Status { status: 404, .. } => self.model_not_found(),
+            // Groq: 400 `model_decommissioned` for a model it has shut down.
+            ProviderError::Status {
+                status: 400,
+                detail,
+            } if detail.contains("decommissioned") => self.model_not_found(),
+            other => other,
+        }
+    }
+
+    fn model_not_found(&self) -> ProviderError {
+        ProviderError::ModelNotFound {
+            model: self.model.clone(),
+            flag: self.flavor.kind().model_flag(),
         }
     }
 
@@ -101,10 +203,31 @@ impl OpenAiProvider {
             "model": self.model,
             "messages": messages,
             "stream": true,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
         });
+        let max_tokens = if self.reasoning {
+            params.max_tokens.saturating_add(REASONING_HEADROOM)
+        } else {
+            params.max_tokens
+        };
+        body[self.token_field.as_str()] = json!(max_tokens);
+        match (self.flavor, self.reasoning) {
+            // OpenAI's reasoning models accept only the default sampling ("Unsupported
+            // value: 'temperature' does not support 0.7 with this model"); a little
+            // reasoning keeps a chat reply quick.
+            (OpenAiFlavor::Generic, true) => body["reasoning_effort"] = json!("low"),
+            // Groq's gpt-oss: low effort, and the reasoning left out of the stream
+            // (https://console.groq.com/docs/reasoning).
+            (OpenAiFlavor::Groq, true) => {
+                body["temperature"] = json!(params.temperature);
+                body["top_p"] = json!(params.top_p);
+                body["reasoning_effort"] = json!("low");
+                body["include_reasoning"] = json!(false);
+            }
+            _ => {
+                body["temperature"] = json!(params.temperature);
+                body["top_p"] = json!(params.top_p);
+            }
+        }
         if let Some(seed) = params.seed {
             let field = match self.flavor {
                 OpenAiFlavor::Mistral => "random_seed",
@@ -141,7 +264,7 @@ impl Provider for OpenAiProvider {
             if let Some(key) = &self.api_key {
                 http = http.bearer_auth(key.expose());
             }
-            let response = cloud::send(http).await?;
+            let response = cloud::send(http).await.map_err(|e| self.classify(e))?;
             let is_json = response
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -181,7 +304,46 @@ struct Choice {
 
 #[derive(Debug, Deserialize)]
 struct Message {
-    content: Option<String>,
+    /// A string, or (Mistral's reasoning models) an array of typed chunks.
+    content: Option<serde_json::Value>,
+}
+
+/// The answer text of a message's `content`: a string as it is, or the `text` chunks of a
+/// chunk array, in order. Mistral's reasoning models send `[{"type":"thinking",
+/// "thinking":[…]}, {"type":"text","text":"…"}]`, streamed and whole
+/// (<https://docs.mistral.ai/capabilities/reasoning/>); thinking and any other chunk kind
+/// (references, images) are not the answer and are skipped. `null` is no text.
+fn content_text(content: &serde_json::Value) -> Result<String, ProviderError> {
+    use serde_json::Value;
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(text) => Ok(text.clone()),
+        Value::Array(chunks) => {
+            let mut text = String::new();
+            for chunk in chunks {
+                match chunk {
+                    // Some servers put plain strings in the array.
+                    Value::String(piece) => text.push_str(piece),
+                    Value::Object(fields) => {
+                        if fields.get("type").and_then(Value::as_str) == Some("text")
+                            && let Some(piece) = fields.get("text").and_then(Value::as_str)
+                        {
+                            text.push_str(piece);
+                        }
+                    }
+                    _ => {
+                        return Err(ProviderError::Malformed(
+                            "a content chunk is neither an object nor a string".into(),
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ProviderError::Malformed(
+            "message content is neither a string nor an array of chunks".into(),
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -217,6 +379,8 @@ impl From<WireUsage> for Usage {
 fn finish_reason(reason: &str) -> FinishReason {
     match reason {
         "length" | "model_length" => FinishReason::Length,
+        // OpenAI's (and Azure's) moderation stopped the reply.
+        "content_filter" => FinishReason::ContentFilter,
         _ => FinishReason::Stop,
     }
 }
@@ -237,11 +401,10 @@ fn whole_completion(body: &[u8]) -> Result<Vec<Result<StreamEvent, ProviderError
         .choices
         .first()
         .ok_or_else(|| ProviderError::Malformed("completion without choices".into()))?;
-    let text = choice
-        .message
-        .as_ref()
-        .and_then(|m| m.content.clone())
-        .unwrap_or_default();
+    let text = match choice.message.as_ref().and_then(|m| m.content.as_ref()) {
+        Some(content) => content_text(content)?,
+        None => String::new(),
+    };
     let finish = choice.finish_reason.as_deref().map(finish_reason);
     let usage = chunk.usage.map(Usage::from).unwrap_or_default();
     Ok(vec![Ok(StreamEvent::Delta(text)), Ok(done(finish, usage))])
@@ -311,8 +474,11 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                 if let Some(reason) = &choice.finish_reason {
                     reading.finish = Some(finish_reason(reason));
                 }
-                if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
-                    text.push_str(content);
+                if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_ref()) {
+                    match content_text(content) {
+                        Ok(piece) => text.push_str(&piece),
+                        Err(e) => return Some((Err(e), None)),
+                    }
                 }
             }
             if !text.is_empty() {
@@ -443,5 +609,111 @@ mod tests {
             }))
         ));
         assert!(whole_completion(b"<html>").is_err());
+    }
+
+    #[test]
+    fn reasoning_models_are_told_apart_by_name() {
+        for model in [
+            "o1",
+            "o3-mini",
+            "o4-mini-2025-04-16",
+            "gpt-5",
+            "gpt-5.6-luna",
+            "gpt-6-luna",
+            "openai/gpt-oss-120b",
+            "GPT-5-mini",
+        ] {
+            assert!(is_reasoning_model(model), "{model}");
+        }
+        for model in [
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "omni-x",
+            "o",
+            "mistral-small-latest",
+            "llama-3.1-8b-instant",
+            "ö1",
+            "",
+        ] {
+            assert!(!is_reasoning_model(model), "{model}");
+        }
+    }
+
+    #[test]
+    fn the_token_field_follows_the_api() {
+        let url = |u: &str| Url::parse(u).unwrap();
+        let openai = url("https://api.openai.com/v1");
+        let fleet = url("http://10.0.0.5:8080/v1");
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &openai, "gpt-4o-mini"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &fleet, "mistral-7b"),
+            TokenField::MaxTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Generic, &fleet, "o3-mini"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Groq, &fleet, "x"),
+            TokenField::MaxCompletionTokens
+        );
+        assert_eq!(
+            token_field(OpenAiFlavor::Mistral, &openai, "x"),
+            TokenField::MaxTokens
+        );
+    }
+
+    #[tokio::test]
+    async fn mistral_chunk_arrays_stream_only_their_text() {
+        let events = run(&[
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"thinking","thinking":[{"type":"text","text":"hmm"}]}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"text","text":"Par"},{"type":"reference","reference_ids":[1]}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"is."},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ])
+        .await;
+        assert_eq!(events[0], Ok(StreamEvent::Delta("Par".into())));
+        assert_eq!(events[1], Ok(StreamEvent::Delta("is.".into())));
+        let whole = whole_completion(
+            br#"{"choices":[{"message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"x"}]},{"type":"text","text":"Hi"}]},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(whole[0], Ok(StreamEvent::Delta("Hi".into())));
+        let bad = run(&[r#"{"choices":[{"delta":{"content":42}}]}"#]).await;
+        assert!(
+            matches!(bad[0], Err(ProviderError::Malformed(_))),
+            "{bad:?}"
+        );
+    }
+
+    fn chunk_strategy() -> impl proptest::strategy::Strategy<Value = (bool, String)> {
+        use proptest::prelude::*;
+        (any::<bool>(), "\\PC{0,12}")
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of text and thinking chunks, the text is the text chunks in
+        /// order, and no thought leaks.
+        #[test]
+        fn chunk_arrays_give_exactly_their_text(chunks in proptest::collection::vec(chunk_strategy(), 0..12)) {
+            let value = serde_json::Value::Array(chunks.iter().map(|(is_text, s)| if *is_text {
+                json!({"type": "text", "text": s})
+            } else {
+                json!({"type": "thinking", "thinking": [{"type": "text", "text": format!("THOUGHT{s}")}]})
+            }).collect());
+            let expected: String = chunks.iter().filter(|(t, _)| *t).map(|(_, s)| s.as_str()).collect();
+            proptest::prop_assert_eq!(content_text(&value).unwrap(), expected);
+        }
+
+        /// Any JSON value is text or a clean error, never a panic.
+        #[test]
+        fn any_content_value_is_text_or_an_error(raw in "\\PC{0,64}") {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&raw) {
+                let _ = content_text(&value);
+            }
+        }
     }
 }

@@ -49,6 +49,9 @@ pub enum ApiCallError {
     /// Another process polls with this token (409 Conflict).
     #[error("another bot instance is polling with this token (409 Conflict)")]
     Conflict,
+    /// The message to edit is gone (the user deleted it): send a new one instead.
+    #[error("the message to edit is gone")]
+    MessageGone,
     /// Anything else Telegram refused (chat not found, bot blocked…): not retried.
     #[error("Telegram refused the call: {0}")]
     Refused(String),
@@ -63,8 +66,77 @@ impl ApiCallError {
             ApiCallError::Transient(_) => "transient",
             ApiCallError::Unauthorized => "unauthorized",
             ApiCallError::Conflict => "conflict",
+            ApiCallError::MessageGone => "message_gone",
             ApiCallError::Refused(_) => "refused",
         }
+    }
+}
+
+impl ApiCallError {
+    /// Whether retrying can never help: Telegram refused the call for good (the user
+    /// blocked the bot, the chat is gone, the bot was removed) or the token is rejected.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ApiCallError::Refused(_) | ApiCallError::Unauthorized | ApiCallError::MessageGone
+        )
+    }
+}
+
+/// How long a delivery that must succeed keeps retrying (beyond it the update stays
+/// pending and is answered after a restart).
+pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(600);
+/// The longest pause between two attempts of a delivery that must succeed.
+const MAX_DELIVERY_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The retry schedule of a delivery that must succeed: transient failures and flood
+/// control are waited out (Telegram's `retry_after` honoured, else a doubling backoff)
+/// until [`DELIVERY_DEADLINE`]; permanent refusals end it at once.
+#[derive(Debug)]
+pub struct DeliveryRetry {
+    deadline: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl Default for DeliveryRetry {
+    fn default() -> Self {
+        Self::new(DELIVERY_DEADLINE)
+    }
+}
+
+impl DeliveryRetry {
+    /// A schedule that gives up after `budget`.
+    pub fn new(budget: Duration) -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + budget,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// After `error`: waits before the next attempt, or returns the error if it is
+    /// permanent or the deadline has passed.
+    pub async fn wait(
+        &mut self,
+        what: &'static str,
+        error: ApiCallError,
+    ) -> Result<(), ApiCallError> {
+        if error.is_permanent() {
+            return Err(error);
+        }
+        let wait = match &error {
+            ApiCallError::RetryAfter(wait) => *wait,
+            _ => {
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_DELIVERY_BACKOFF);
+                wait
+            }
+        };
+        if tokio::time::Instant::now() + wait > self.deadline {
+            return Err(error);
+        }
+        tracing::warn!(call = what, error = %error, wait_ms = wait.as_millis() as u64, "delivery failed; trying again");
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 }
 
@@ -78,6 +150,7 @@ fn sort<T>(result: Result<T, RequestError>) -> Result<Option<T>, ApiCallError> {
             RequestError::Api(ApiError::CantParseEntities(_)) => {
                 Err(ApiCallError::CantParseEntities)
             }
+            RequestError::Api(ApiError::MessageToEditNotFound) => Err(ApiCallError::MessageGone),
             RequestError::Api(ApiError::InvalidToken) => Err(ApiCallError::Unauthorized),
             RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => Err(ApiCallError::Conflict),
             RequestError::Api(ApiError::Unknown(description)) if is_server_error(&description) => {
@@ -378,6 +451,38 @@ mod tests {
         .await;
         assert_eq!(result, Ok(Some(3)));
         assert_eq!(started.elapsed(), Duration::from_secs(7) + FIRST_BACKOFF);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_retry_honours_retry_after_and_stops_at_permanent_errors() {
+        let started = tokio::time::Instant::now();
+        let mut retry = DeliveryRetry::new(Duration::from_secs(60));
+        retry
+            .wait("t", ApiCallError::RetryAfter(Duration::from_secs(9)))
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(9));
+        retry
+            .wait("t", ApiCallError::Transient("502".into()))
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(9) + FIRST_BACKOFF);
+        assert!(
+            retry
+                .wait(
+                    "t",
+                    ApiCallError::Refused("Forbidden: bot was blocked by the user".into())
+                )
+                .await
+                .is_err()
+        );
+        // Past the deadline, a transient error ends it too.
+        assert!(
+            retry
+                .wait("t", ApiCallError::RetryAfter(Duration::from_secs(120)))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -287,4 +287,120 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use crate::telegram::split::telegram_len;
+        use proptest::prelude::*;
+
+        /// Checks `html` as Telegram's HTML parse mode would, stricter where Telegram is
+        /// lenient: only the tags we may emit, properly nested and closed, `pre`/`code`
+        /// holding no other tag (but `<pre><code class>`), only the four entities.
+        /// Returns the visible text.
+        fn telegram_visible(html: &str) -> Result<String, String> {
+            let mut visible = String::new();
+            let mut stack: Vec<&str> = Vec::new();
+            let mut rest = html;
+            while let Some(c) = rest.chars().next() {
+                match c {
+                    '<' => {
+                        let end = rest.find('>').ok_or("unclosed tag")?;
+                        let tag = &rest[1..end];
+                        rest = &rest[end + 1..];
+                        if let Some(name) = tag.strip_prefix('/') {
+                            if stack.pop() != Some(name) {
+                                return Err(format!("unmatched </{name}>"));
+                            }
+                            continue;
+                        }
+                        let (name, attrs) = tag.split_once(' ').unwrap_or((tag, ""));
+                        let ok = match name {
+                            "b" | "i" | "s" | "pre" => attrs.is_empty(),
+                            "code" => {
+                                attrs.is_empty()
+                                    || (stack.last() == Some(&"pre")
+                                        && attrs.starts_with("class=\"language-")
+                                        && attrs.ends_with('"'))
+                            }
+                            "a" => attrs.starts_with("href=\"") && attrs.ends_with('"'),
+                            _ => false,
+                        };
+                        if !ok {
+                            return Err(format!("bad tag <{tag}>"));
+                        }
+                        if let Some(&outer) = stack.last()
+                            && (outer == "code" || (outer == "pre" && name != "code"))
+                        {
+                            return Err(format!("<{name}> inside <{outer}>"));
+                        }
+                        if attrs.contains(['<', '>']) {
+                            return Err("raw < or > in an attribute".into());
+                        }
+                        stack.push(name);
+                    }
+                    '&' => {
+                        let end = rest.find(';').ok_or("bare &")?;
+                        visible.push_str(match &rest[1..end] {
+                            "lt" => "<",
+                            "gt" => ">",
+                            "amp" => "&",
+                            "quot" => "\"",
+                            other => return Err(format!("entity &{other};")),
+                        });
+                        rest = &rest[end + 1..];
+                    }
+                    '>' => return Err("raw >".into()),
+                    c => {
+                        visible.push(c);
+                        rest = &rest[c.len_utf8()..];
+                    }
+                }
+            }
+            if let Some(open) = stack.pop() {
+                return Err(format!("<{open}> never closed"));
+            }
+            Ok(visible)
+        }
+
+        /// Markdown-ish text: markers, brackets, fences, entities-to-be, any Unicode.
+        fn markdown() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    3 => prop::sample::select(vec![
+                        "*", "**", "_", "__", "~~", "`", "```", "```rust\n", "[", "](", "](http://x.org/?a=1&b=<2>)",
+                        ")", "# ", "## ", "- ", "* ", "\n", " ", "<", ">", "&", "\"", "&amp;", "<b>",
+                        "word", "snake_case", "İ", "😀", "\u{200d}", "\u{202e}",
+                    ]).prop_map(str::to_string),
+                    1 => any::<char>().prop_map(String::from),
+                ],
+                0..60,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Whatever the model writes, Telegram accepts the HTML, and the visible
+            /// text is never longer than the Markdown (so a part that fits the message
+            /// limit still fits once formatted).
+            #[test]
+            fn output_is_always_valid_telegram_html(md in markdown()) {
+                let html = markdown_to_html(&md);
+                let visible = telegram_visible(&html);
+                prop_assert!(visible.is_ok(), "{md:?} → {html:?}: {visible:?}");
+                let visible = visible.unwrap_or_default();
+                prop_assert!(
+                    telegram_len(&visible) <= telegram_len(&md),
+                    "{md:?} → {html:?} shows {visible:?}"
+                );
+            }
+
+            /// Text without markup comes out as itself, escaped.
+            #[test]
+            fn plain_text_is_only_escaped(text in "[a-zA-Z0-9 ,.!?<>&\"'()]{0,80}") {
+                prop_assert_eq!(markdown_to_html(&text), escape_html(&text));
+            }
+        }
+    }
 }

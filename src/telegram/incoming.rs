@@ -214,44 +214,44 @@ pub fn is_allowed(allowed: &[AllowedUser], id: u64, username: Option<&str>) -> b
 }
 
 /// The text without `@username` if it mentions the bot; `None` if it does not.
+///
+/// Matching walks the original text character by character (Telegram usernames are
+/// ASCII, compared without case), so every cut falls on a character boundary of the text
+/// itself: no offset is ever carried over from a case-mapped copy, whose byte lengths can
+/// differ (`İ`, the Kelvin sign, the ohm sign). A mention is `@name` not preceded by a
+/// word character and not followed by one.
 pub fn strip_mention(text: &str, username: &str) -> Option<String> {
     if username.is_empty() {
         return None;
     }
-    let mention = format!("@{username}");
-    let lower = text.to_lowercase();
-    let needle = mention.to_lowercase();
-    // Lowercasing can change byte lengths outside ASCII: find matches in the lowered text
-    // only when it kept the layout, else compare case-sensitively.
-    let haystack = if lower.len() == text.len() {
-        lower.as_str()
-    } else {
-        text
-    };
-    let needle = if lower.len() == text.len() {
-        needle.as_str()
-    } else {
-        mention.as_str()
-    };
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
     let mut out = String::with_capacity(text.len());
     let mut found = false;
-    let mut last = 0;
-    let mut from = 0;
-    while let Some(pos) = haystack[from..].find(needle) {
-        let start = from + pos;
-        let end = start + needle.len();
-        let word_end = !haystack[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_');
-        if word_end {
-            out.push_str(&text[last..start]);
-            last = end;
-            found = true;
+    let mut previous: Option<char> = None;
+    let mut chars = text.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        if c == '@' && !previous.is_some_and(is_word) {
+            // Try to match the username right after the `@`.
+            let mut lookahead = chars.clone();
+            let matched = username.chars().all(|want| {
+                lookahead
+                    .next()
+                    .is_some_and(|(_, got)| got.eq_ignore_ascii_case(&want))
+            });
+            let word_end = !lookahead.peek().is_some_and(|&(_, next)| is_word(next));
+            if matched && word_end {
+                found = true;
+                chars = lookahead;
+                previous = Some('@');
+                continue;
+            }
         }
-        from = end;
+        out.push(c);
+        previous = Some(c);
     }
     if !found {
         return None;
     }
-    out.push_str(&text[last..]);
     let cleaned = out.trim().trim_start_matches([',', ':']).trim().to_string();
     Some(cleaned)
 }
@@ -485,5 +485,123 @@ mod tests {
             strip_mention("Привет @llm_bot", "llm_bot").as_deref(),
             Some("Привет")
         );
+        assert_eq!(strip_mention("mail@llm_bot hi", "llm_bot"), None);
+        assert_eq!(
+            strip_mention("@llm_bot@LLM_BOT x", "llm_bot").as_deref(),
+            Some("x")
+        );
+    }
+
+    /// Issue 7, found item 1: characters whose lowercase has another UTF-8 length shifted
+    /// the offsets used to slice the original text, and the slicing panicked on the poll
+    /// loop.
+    #[test]
+    fn case_mapping_that_changes_length_does_not_break_mentions() {
+        for text in [
+            "İİİİ @llm_bot what is this?",
+            "\u{212A}elvin @LLM_BOT hi \u{2126}hm",
+            "@llm_bot İstanbul \u{212A}\u{2126}",
+            "ẞ ß İ @llm_bot",
+            // İ grows by a byte when lowercased and the Kelvin sign shrinks by two: the
+            // lowercased copy kept the length, but its offsets put the cut inside `…`.
+            "İİ @llm_bot…\u{212A} what is this?",
+        ] {
+            let stripped = strip_mention(text, "llm_bot").unwrap();
+            assert!(!stripped.to_lowercase().contains("@llm_bot"), "{stripped}");
+            let incoming = classify(&group(json!({ "text": text })), &me(), &[]);
+            assert!(matches!(incoming.action, Action::Ask(_)), "{text}");
+        }
+        assert_eq!(
+            strip_mention("İ \u{212A} @llm_bot", "llm_bot").as_deref(),
+            Some("İ \u{212A}")
+        );
+        // A username that only matches after Unicode case mapping is not ours.
+        assert_eq!(strip_mention("@llm_bo\u{212A}", "llm_bok"), None);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Telegram usernames: 5–32 of `[A-Za-z0-9_]`, starting with a letter.
+        fn username() -> impl Strategy<Value = String> {
+            "[A-Za-z][A-Za-z0-9_]{4,31}"
+        }
+
+        /// Text that leans on the awkward characters: case mappings that change length,
+        /// `@`, word characters, combining marks, emoji.
+        fn text() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    any::<char>(),
+                    prop::sample::select(vec![
+                        'İ', '\u{212A}', '\u{2126}', 'ẞ', 'ß', 'ﬃ', '@', '_', 'a', ' ', '\u{301}',
+                        '😀', 'Σ', 'ς',
+                    ]),
+                ],
+                0..40,
+            )
+            .prop_map(|chars| chars.into_iter().collect())
+        }
+
+        /// Randomly upper- or lower-cases each ASCII letter.
+        fn recase(name: &str, mask: u64) -> String {
+            name.chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if mask >> (i % 64) & 1 == 1 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Never panics; whatever it returns is the text's own characters, in order.
+            #[test]
+            fn never_panics_and_invents_nothing(text in text(), name in username()) {
+                if let Some(stripped) = strip_mention(&text, &name) {
+                    let mut rest = text.chars();
+                    for c in stripped.chars() {
+                        prop_assert!(rest.any(|t| t == c), "{c:?} not in {text:?}");
+                    }
+                }
+                // Arbitrary usernames too (the bot's own name comes from getMe).
+                let _ = strip_mention(&text, &text);
+            }
+
+            /// A mention between arbitrary texts is found in any letter case and removed.
+            #[test]
+            fn a_mention_is_always_found(before in text(), after in text(), name in username(), mask in any::<u64>()) {
+                let message = format!("{before} @{} {after}", recase(&name, mask));
+                let stripped = strip_mention(&message, &name);
+                prop_assert!(stripped.is_some(), "{message:?}");
+                let stripped = stripped.unwrap_or_default();
+                let expected_chars = message.chars().count() - name.chars().count() - 1;
+                prop_assert!(stripped.chars().count() <= expected_chars);
+            }
+
+            /// Text without `@` never mentions anyone.
+            #[test]
+            fn no_at_sign_no_mention(text in text(), name in username()) {
+                let text = text.replace('@', "");
+                prop_assert_eq!(strip_mention(&text, &name), None);
+            }
+
+            /// Classifying any group or private text never panics.
+            #[test]
+            fn classify_never_panics(text in text(), private_chat in any::<bool>()) {
+                let update = if private_chat {
+                    private(json!({ "text": text }))
+                } else {
+                    group(json!({ "text": text }))
+                };
+                let _ = classify(&update, &me(), &[]);
+            }
+        }
     }
 }

@@ -15,10 +15,21 @@
 //! that is full the chain answers with the "busy" apology). `/stop` and `/stats` bypass
 //! the queue, so they are never stuck behind an answer.
 //!
+//! # Failures
+//! Every piece of per-update work (classifying, a quick reply, a conversation's job) runs
+//! behind the panic boundary of [`guard`]: a panic is logged with the update id, the user
+//! gets an apology, and the update is marked done, so a restart cannot crash-loop on a
+//! "poison" update. A task that still dies is logged with what it was doing, and its
+//! chat gets the apology. An update is marked done only once its reply was delivered, or
+//! can never be (the user blocked the bot, the chat is gone); a reply Telegram kept
+//! refusing with transient errors until [`api::DELIVERY_DEADLINE`] stays pending and is
+//! answered after the next restart.
+//!
 //! May use: `providers`, `conversation`, `engine` (stats only), `i18n`, `config`, `chat`.
 
 pub mod api;
 pub mod format;
+pub mod guard;
 pub mod incoming;
 pub mod split;
 pub mod state;
@@ -30,9 +41,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use teloxide::Bot;
-use teloxide::types::{BotCommand, ChatId, Update};
+use teloxide::types::{BotCommand, ChatId, Update, UpdateKind};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
 use crate::chat::{ChatMessage, ChatRequest, GenerateParams};
@@ -41,10 +52,10 @@ use crate::conversation::{ConversationKey, ConversationStore, HistoryLimits};
 use crate::engine::EngineHandle;
 use crate::i18n::{self, Lang};
 use crate::providers::Chain;
-use api::{ApiCallError, Persistence, Target, TelegramApi};
+use api::{ApiCallError, DeliveryRetry, Persistence, Target, TelegramApi};
 use incoming::{Action, BotIdentity, Command, Origin};
-use state::{PollState, StateError};
-use stream::Pacing;
+use state::{PollState, Seq, StateError};
+use stream::{DeliveryError, Pacing};
 
 /// Messages that may wait in one conversation behind the answer being written.
 pub const CHAT_QUEUE: usize = 4;
@@ -103,7 +114,14 @@ pub async fn run(
         bot = bot.set_api_url(url.clone());
     }
     let api = TelegramApi::new(bot);
-    let state = PollState::load(&config.data_dir)?;
+    let data_dir = config.data_dir.clone();
+    let state = tokio::task::spawn_blocking(move || PollState::load(&data_dir))
+        .await
+        .map_err(|e| {
+            StateError::Thread(std::io::Error::other(format!(
+                "loading the state failed: {e}"
+            )))
+        })??;
     tokio::pin!(shutdown);
 
     let me = tokio::select! {
@@ -139,23 +157,30 @@ pub async fn run(
         state: Mutex::new(state),
         chats: Mutex::new(HashMap::new()),
     });
-    let mut tasks = JoinSet::new();
+    let mut tasks = Tasks::default();
     if !pending.is_empty() {
         tracing::info!(
             count = pending.len(),
             "answering updates left unanswered before the restart"
         );
     }
-    for update in pending {
-        bot.dispatch(update, Instant::now(), &mut tasks);
+    for (seq, update) in pending {
+        bot.dispatch(seq, update, Instant::now(), &mut tasks);
     }
     let mut backoff = Duration::from_secs(1);
     loop {
-        while tasks.try_join_next().is_some() {}
-        if bot.state().pending_len() >= MAX_PENDING && !tasks.is_empty() {
+        while let Some(joined) = tasks.set.try_join_next_with_id() {
+            bot.reap(joined, &mut tasks);
+        }
+        if bot.state().pending_len() >= MAX_PENDING && !tasks.set.is_empty() {
             // Backpressure: Telegram keeps the updates until we ask for them.
             tokio::select! {
-                _ = tasks.join_next() => continue,
+                joined = tasks.set.join_next_with_id() => {
+                    if let Some(joined) = joined {
+                        bot.reap(joined, &mut tasks);
+                    }
+                    continue;
+                }
                 () = &mut shutdown => break,
             }
         }
@@ -168,17 +193,27 @@ pub async fn run(
         let wait = match result {
             Ok(updates) => {
                 backoff = Duration::from_secs(1);
-                let fresh = bot.state().receive(updates.clone());
-                let fresh = match fresh {
-                    Ok(fresh) => fresh,
-                    Err(e) => {
-                        // Answer anyway; only the restart guarantee is lost.
-                        tracing::error!(error = %e, "cannot save the polling state");
-                        updates
-                    }
-                };
-                for update in fresh {
-                    bot.dispatch(update, received, &mut tasks);
+                let batch = bot.state().receive(offset, updates);
+                if let Some((asked, lowest)) = batch.restarted {
+                    tracing::warn!(
+                        asked,
+                        lowest,
+                        "Telegram restarted its update_id sequence lower; adopting it"
+                    );
+                }
+                if batch.duplicates > 0 {
+                    tracing::info!(
+                        count = batch.duplicates,
+                        "updates received before were dropped"
+                    );
+                }
+                for (seq, update) in batch.fresh {
+                    bot.dispatch(seq, update, received, &mut tasks);
+                }
+                // The next poll confirms this batch to Telegram: it must be on disk first.
+                if let Err(e) = batch.saved.wait().await {
+                    // Answer anyway; only the restart guarantee is lost.
+                    tracing::error!(error = %e, "cannot save the polling state");
                 }
                 continue;
             }
@@ -201,16 +236,46 @@ pub async fn run(
     // Closing the queues lets each worker finish what it holds and exit.
     bot.lock_chats().clear();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
+        while let Some(joined) = tasks.set.join_next_with_id().await {
+            bot.reap(joined, &mut tasks);
+        }
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             "answers still being written at shutdown; they will be answered again after restart"
         );
-        tasks.shutdown().await;
+        tasks.set.shutdown().await;
+    }
+    let flushed = bot.state().flush();
+    if let Err(e) = flushed.wait().await {
+        tracing::error!(error = %e, "cannot save the polling state at shutdown");
     }
     Ok(())
+}
+
+/// The bot's tasks, and what each is doing (for the log when one dies).
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    running: HashMap<tokio::task::Id, TaskInfo>,
+}
+
+/// What a task is doing.
+#[derive(Debug, Clone)]
+struct TaskInfo {
+    what: &'static str,
+    /// The update it answers, if it answers one.
+    update_id: Option<u32>,
+    /// The chat to apologise to if it dies.
+    origin: Origin,
+}
+
+impl Tasks {
+    fn spawn(&mut self, info: TaskInfo, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.running.insert(handle.id(), info);
+    }
 }
 
 /// What a conversation's worker does next.
@@ -227,6 +292,9 @@ enum Work {
 /// One queued piece of work.
 #[derive(Debug)]
 struct Job {
+    /// The update's local sequence number (what marks it done).
+    seq: Seq,
+    /// The update's id, for logs.
     update_id: u32,
     origin: Origin,
     work: Work,
@@ -268,19 +336,136 @@ impl BotCore {
         lock(&self.chats)
     }
 
-    /// Marks an update answered.
-    fn done(&self, update_id: u32) {
-        if let Err(e) = self.state().done(update_id) {
+    /// Marks an update answered, and waits until that is on disk.
+    async fn done(&self, seq: Seq) {
+        let durable = self.state().done(seq);
+        if let Err(e) = durable.wait().await {
             tracing::error!(error = %e, "cannot save the polling state");
         }
     }
 
+    /// Settles an update after its work: done when delivered or undeliverable for good;
+    /// after a panic, an apology and done (a poison update must not come back); after
+    /// transient failures past the deadline, left pending for the next start.
+    async fn settle(
+        &self,
+        seq: Seq,
+        update_id: u32,
+        origin: &Origin,
+        result: Result<Result<(), DeliveryError>, String>,
+    ) {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_permanent() => {
+                tracing::warn!(
+                    update_id,
+                    chat = origin.chat_id,
+                    error = %e,
+                    "the reply can never be delivered (bot blocked, chat gone); dropping it"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(
+                    update_id,
+                    chat = origin.chat_id,
+                    error = %e,
+                    "the reply was not delivered; it stays pending and is answered after a restart"
+                );
+                return;
+            }
+            Err(panic) => {
+                tracing::error!(
+                    update_id,
+                    chat = origin.chat_id,
+                    panic = %panic,
+                    "handling an update panicked; apologising and marking it done"
+                );
+                self.apologise(origin).await;
+            }
+        }
+        self.done(seq).await;
+    }
+
+    /// Tells the user something went wrong on our side (a failure to deliver it is only
+    /// logged).
+    async fn apologise(&self, origin: &Origin) {
+        let text = i18n::internal_error(origin.lang);
+        match guard::guarded(self.say(origin, text)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(chat = origin.chat_id, error = %e, "could not send the apology")
+            }
+            Err(panic) => {
+                tracing::error!(chat = origin.chat_id, panic = %panic, "sending the apology panicked")
+            }
+        }
+    }
+
+    /// Handles a finished task: a task that died is logged with what it was doing, and
+    /// its chat gets an apology.
+    fn reap(self: &Arc<Self>, joined: Result<(tokio::task::Id, ()), JoinError>, tasks: &mut Tasks) {
+        let error = match joined {
+            Ok((id, ())) => {
+                tasks.running.remove(&id);
+                return;
+            }
+            Err(error) => error,
+        };
+        let info = tasks.running.remove(&error.id());
+        if !error.is_panic() {
+            // Cancelled: only at shutdown.
+            return;
+        }
+        let panic = guard::panic_message(error.into_panic().as_ref());
+        let Some(info) = info else {
+            tracing::error!(panic = %panic, "an unknown Telegram task panicked");
+            return;
+        };
+        tracing::error!(
+            task = info.what,
+            update_id = info.update_id,
+            chat = info.origin.chat_id,
+            panic = %panic,
+            "a Telegram task panicked; its unanswered updates stay pending until a restart"
+        );
+        let bot = Arc::clone(self);
+        let origin = info.origin.clone();
+        tasks.spawn(
+            TaskInfo {
+                what: "apology",
+                update_id: None,
+                origin: info.origin,
+            },
+            async move { bot.apologise(&origin).await },
+        );
+    }
+
     /// Routes one update.
-    fn dispatch(self: &Arc<Self>, update: Update, received: Instant, tasks: &mut JoinSet<()>) {
+    fn dispatch(self: &Arc<Self>, seq: Seq, update: Update, received: Instant, tasks: &mut Tasks) {
         let update_id = update.id.0;
-        let incoming = incoming::classify(&update, &self.me, &self.allowed);
+        let classified =
+            guard::guarded_sync(|| incoming::classify(&update, &self.me, &self.allowed));
+        let incoming = match classified {
+            Ok(incoming) => incoming,
+            Err(panic) => {
+                tracing::error!(update_id, panic = %panic, "classifying an update panicked");
+                let bot = Arc::clone(self);
+                match raw_origin(&update) {
+                    Some(origin) => tasks.spawn(
+                        TaskInfo {
+                            what: "poison update",
+                            update_id: Some(update_id),
+                            origin: origin.clone(),
+                        },
+                        async move { bot.settle(seq, update_id, &origin, Err(panic)).await },
+                    ),
+                    None => drop(self.state().done(seq)),
+                }
+                return;
+            }
+        };
         let Some(origin) = incoming.origin else {
-            self.done(update_id);
+            drop(self.state().done(seq));
             return;
         };
         tracing::debug!(
@@ -290,16 +475,22 @@ impl BotCore {
             "update"
         );
         let lang = origin.lang;
-        let quick = |text: String, tasks: &mut JoinSet<()>| {
+        let quick = |text: String, tasks: &mut Tasks| {
             let bot = Arc::clone(self);
+            let info = TaskInfo {
+                what: "quick reply",
+                update_id: Some(update_id),
+                origin: origin.clone(),
+            };
             let origin = origin.clone();
-            tasks.spawn(async move {
-                bot.say(&origin, &text).await;
-                bot.done(update_id);
+            tasks.spawn(info, async move {
+                let result = guard::guarded(bot.say(&origin, &text)).await;
+                let result = result.map(|sent| sent.map_err(DeliveryError::from));
+                bot.settle(seq, update_id, &origin, result).await;
             });
         };
         match incoming.action {
-            Action::Ignore => self.done(update_id),
+            Action::Ignore => drop(self.state().done(seq)),
             Action::Refuse => quick(i18n::refused(lang).into(), tasks),
             Action::NotText => quick(i18n::text_only(lang).into(), tasks),
             Action::Edited => quick(i18n::edited_ignored(lang).into(), tasks),
@@ -323,12 +514,14 @@ impl BotCore {
                 quick(text.into(), tasks);
             }
             Action::Command(Command::Reset) => {
-                self.enqueue(update_id, origin, Work::Reset, received, tasks)
+                self.enqueue(seq, update_id, origin, Work::Reset, received, tasks)
             }
             Action::Command(Command::Retry) => {
-                self.enqueue(update_id, origin, Work::Retry, received, tasks)
+                self.enqueue(seq, update_id, origin, Work::Retry, received, tasks)
             }
-            Action::Ask(text) => self.enqueue(update_id, origin, Work::Ask(text), received, tasks),
+            Action::Ask(text) => {
+                self.enqueue(seq, update_id, origin, Work::Ask(text), received, tasks)
+            }
         }
     }
 
@@ -350,14 +543,16 @@ impl BotCore {
     /// Puts work in its conversation's queue, starting a worker if there is none.
     fn enqueue(
         self: &Arc<Self>,
+        seq: Seq,
         update_id: u32,
         origin: Origin,
         work: Work,
         received: Instant,
-        tasks: &mut JoinSet<()>,
+        tasks: &mut Tasks,
     ) {
         let key = origin.conversation();
         let mut job = Job {
+            seq,
             update_id,
             origin,
             work,
@@ -370,22 +565,34 @@ impl BotCore {
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     drop(chats);
                     let bot = Arc::clone(self);
-                    tasks.spawn(async move {
-                        bot.say(&back.origin, i18n::chat_busy(back.origin.lang))
+                    let info = TaskInfo {
+                        what: "chat busy reply",
+                        update_id: Some(back.update_id),
+                        origin: back.origin.clone(),
+                    };
+                    tasks.spawn(info, async move {
+                        let text = i18n::chat_busy(back.origin.lang);
+                        let result = guard::guarded(bot.say(&back.origin, text)).await;
+                        let result = result.map(|sent| sent.map_err(DeliveryError::from));
+                        bot.settle(back.seq, back.update_id, &back.origin, result)
                             .await;
-                        bot.done(back.update_id);
                     });
                     return;
                 }
-                // The worker went idle and exited: start a new one.
+                // The worker went idle and exited (or died): start a new one.
                 Err(mpsc::error::TrySendError::Closed(back)) => job = back,
             }
         }
         let (jobs_tx, jobs_rx) = mpsc::channel(CHAT_QUEUE);
         let stop = Arc::new(Mutex::new(None));
-        if jobs_tx.try_send(job).is_err() {
+        let info = TaskInfo {
+            what: "conversation worker",
+            update_id: None,
+            origin: job.origin.clone(),
+        };
+        if let Err(e) = jobs_tx.try_send(job) {
             // Cannot happen with a fresh channel of capacity ≥ 1.
-            tracing::error!("a new conversation queue refused its first job");
+            tracing::error!(error = %e, "a new conversation queue refused its first job");
             return;
         }
         chats.insert(
@@ -397,7 +604,7 @@ impl BotCore {
         );
         drop(chats);
         let bot = Arc::clone(self);
-        tasks.spawn(async move { bot.worker(key, jobs_rx, stop).await });
+        tasks.spawn(info, async move { bot.worker(key, jobs_rx, stop).await });
     }
 
     /// A conversation's worker: answers its jobs in order; exits when idle.
@@ -426,21 +633,36 @@ impl BotCore {
         }
     }
 
+    /// Does one job behind the panic boundary, then settles its update.
     async fn handle(&self, job: Job, stop: &Mutex<Option<oneshot::Sender<()>>>) {
+        let result = guard::guarded(self.work(&job, stop)).await;
+        // A panic may have left the stop handle set.
+        lock(stop).take();
+        self.settle(job.seq, job.update_id, &job.origin, result)
+            .await;
+    }
+
+    async fn work(
+        &self,
+        job: &Job,
+        stop: &Mutex<Option<oneshot::Sender<()>>>,
+    ) -> Result<(), DeliveryError> {
         let key = job.origin.conversation();
         let lang = job.origin.lang;
-        match job.work {
+        match &job.work {
             Work::Reset => {
                 self.conversations.reset(key);
-                self.say(&job.origin, i18n::reset_done(lang)).await;
+                Ok(self.say(&job.origin, i18n::reset_done(lang)).await?)
             }
             Work::Retry => match self.conversations.pop_last_exchange(key) {
                 Some(question) => self.answer(&job.origin, question, job.received, stop).await,
-                None => self.say(&job.origin, i18n::nothing_to_retry(lang)).await,
+                None => Ok(self.say(&job.origin, i18n::nothing_to_retry(lang)).await?),
             },
-            Work::Ask(question) => self.answer(&job.origin, question, job.received, stop).await,
+            Work::Ask(question) => {
+                self.answer(&job.origin, question.clone(), job.received, stop)
+                    .await
+            }
         }
-        self.done(job.update_id);
     }
 
     /// Where replies to `origin` go.
@@ -452,14 +674,19 @@ impl BotCore {
         }
     }
 
-    /// Sends one of the bot's own messages.
-    async fn say(&self, origin: &Origin, text: &str) {
-        if let Err(e) = self
-            .api
-            .send(Self::target(origin), text, false, Persistence::Deliver)
-            .await
-        {
-            tracing::warn!(chat = origin.chat_id, error = %e, "could not send a message");
+    /// Sends one of the bot's own messages, retrying until delivered, refused for good,
+    /// or the deadline.
+    async fn say(&self, origin: &Origin, text: &str) -> Result<(), ApiCallError> {
+        let mut retry = DeliveryRetry::default();
+        loop {
+            match self
+                .api
+                .send(Self::target(origin), text, false, Persistence::Deliver)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => retry.wait("sendMessage", e).await?,
+            }
         }
     }
 
@@ -470,7 +697,7 @@ impl BotCore {
         question: String,
         received: Instant,
         stop: &Mutex<Option<oneshot::Sender<()>>>,
-    ) {
+    ) -> Result<(), DeliveryError> {
         let key = origin.conversation();
         let target = Self::target(origin);
         let typing = stream::typing(&self.api, target);
@@ -497,6 +724,19 @@ impl BotCore {
             reply = self.deps.chain.reply(request, origin.lang) => reply,
             _ = &mut stop_rx => {
                 lock(stop).take();
+                return Ok(());
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(refused) => {
+                // The user's own message was refused (too long, blocked…): a polite,
+                // specific reply, and nothing enters the conversation.
+                lock(stop).take();
+                drop(typing);
+                tracing::info!(chat = origin.chat_id, error = %refused, "request refused");
+                self.say(origin, refused.fault().user_text(origin.lang))
+                    .await;
                 return;
             }
         };
@@ -511,38 +751,55 @@ impl BotCore {
         )
         .await;
         lock(stop).take();
-        match delivered {
-            Ok(delivered) => {
-                let answer = delivered.text.trim();
-                // The canned apology is not part of the conversation: /retry can then
-                // ask again.
-                if provider != "canned" && !answer.is_empty() {
-                    self.conversations.push_exchange(key, &question, answer);
-                }
-                self.answers.fetch_add(1, Ordering::Relaxed);
-                let to_first_send = delivered.first_send.map(|t| t.duration_since(received));
-                let ttft = delivered
-                    .completion
-                    .map(|c| c.timings.queued + c.timings.prompt);
-                let overhead = match (to_first_send, ttft) {
-                    (Some(send), Some(ttft)) => Some(send.saturating_sub(ttft)),
-                    _ => None,
-                };
-                tracing::info!(
-                    chat = origin.chat_id,
-                    provider,
-                    chars = answer.chars().count(),
-                    messages = delivered.messages,
-                    stopped = delivered.stopped,
-                    to_first_send_us = to_first_send.map(|d| d.as_micros() as u64),
-                    ttft_us = ttft.map(|d| d.as_micros() as u64),
-                    overhead_us = overhead.map(|d| d.as_micros() as u64),
-                    "answer delivered"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(chat = origin.chat_id, error = %e, "answer not delivered");
-            }
+        let delivered = delivered?;
+        let answer = delivered.text.trim();
+        // The canned apology is not part of the conversation: /retry can then ask again.
+        if provider != "canned" && !answer.is_empty() {
+            self.conversations.push_exchange(key, &question, answer);
         }
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        let to_first_send = delivered.first_send.map(|t| t.duration_since(received));
+        let ttft = delivered
+            .completion
+            .map(|c| c.timings.queued + c.timings.prompt);
+        let overhead = match (to_first_send, ttft) {
+            (Some(send), Some(ttft)) => Some(send.saturating_sub(ttft)),
+            _ => None,
+        };
+        tracing::info!(
+            chat = origin.chat_id,
+            provider,
+            chars = answer.chars().count(),
+            messages = delivered.messages,
+            stopped = delivered.stopped,
+            to_first_send_us = to_first_send.map(|d| d.as_micros() as u64),
+            ttft_us = ttft.map(|d| d.as_micros() as u64),
+            overhead_us = overhead.map(|d| d.as_micros() as u64),
+            "answer delivered"
+        );
+        Ok(())
     }
+}
+
+/// Where to apologise for an update that could not even be classified: its chat and
+/// message, from the raw update.
+fn raw_origin(update: &Update) -> Option<Origin> {
+    let (UpdateKind::Message(message) | UpdateKind::EditedMessage(message)) = &update.kind else {
+        return None;
+    };
+    Some(Origin {
+        chat_id: message.chat.id.0,
+        thread: message
+            .is_topic_message
+            .then_some(message.thread_id)
+            .flatten(),
+        message_id: message.id,
+        private: message.chat.is_private(),
+        lang: Lang::from_code(
+            message
+                .from
+                .as_ref()
+                .and_then(|u| u.language_code.as_deref()),
+        ),
+    })
 }

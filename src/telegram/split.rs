@@ -141,4 +141,60 @@ mod tests {
         let odd = format!("a{emoji}");
         assert_eq!(telegram_len(&odd[..split_point(&odd, MESSAGE_LIMIT)]), 4095);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text with every kind of boundary and wide characters (surrogate pairs, ZWJ
+        /// sequences, combining marks, CJK, wide spaces).
+        fn text() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    3 => prop::sample::select(vec![
+                        "a", "word", " ", "\n", "\n\n", ". ", "! ", "… ", "。", "\u{3000}", "😀",
+                        "👩\u{200d}💻", "e\u{301}", "я", "\t", "𝕏",
+                    ]).prop_map(str::to_string),
+                    1 => any::<char>().prop_map(String::from),
+                ],
+                0..200,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Cutting again and again at `split_point` (as the streamer does): every part
+            /// fits the limit in UTF-16 units, no part is empty, the parts put together
+            /// are the input exactly, and no cut falls inside a character (so never
+            /// inside a surrogate pair).
+            #[test]
+            fn parts_fit_and_concatenate_to_the_input(text in text(), limit in 2usize..64) {
+                let mut parts = Vec::new();
+                let mut rest = text.as_str();
+                while !rest.is_empty() {
+                    let cut = split_point(rest, limit);
+                    prop_assert!(cut > 0 && rest.is_char_boundary(cut));
+                    let (part, tail) = rest.split_at(cut);
+                    prop_assert!(telegram_len(part) <= limit, "{part:?} over {limit}");
+                    parts.push(part);
+                    rest = tail;
+                }
+                prop_assert_eq!(parts.concat(), text);
+            }
+
+            /// `split_message` drops only whitespace at the cuts.
+            #[test]
+            fn split_message_loses_only_whitespace(text in text(), limit in 2usize..64) {
+                let parts = split_message(&text, limit);
+                for part in &parts {
+                    prop_assert!(telegram_len(part) <= limit);
+                    prop_assert!(!part.trim().is_empty());
+                }
+                let squeeze = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+                prop_assert_eq!(squeeze(&parts.concat()), squeeze(&text));
+            }
+        }
+    }
 }

@@ -4,8 +4,11 @@
 //! new messages past Telegram's 4096-character limit.
 //!
 //! Each chat's answer runs in that chat's own task, so a `retry_after` here delays only
-//! this chat: an intermediate edit hit by flood control is skipped and the next edit is
-//! scheduled after the wait, while tokens keep arriving; the final edit waits it out.
+//! this chat: a first send or an intermediate edit hit by flood control or a transient
+//! failure is skipped and tried again later, while tokens keep arriving; the text that
+//! ends a message (its final edit, or its first send if none succeeded) is retried with
+//! [`DeliveryRetry`] until it is delivered, refused for good, or the deadline passes. The
+//! generation is never restarted for a failed send: the answer is kept and delivered.
 
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use futures::stream::BoxStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::api::{ApiCallError, Persistence, Target, TelegramApi};
+use super::api::{ApiCallError, DeliveryRetry, Persistence, Target, TelegramApi};
 use super::format::markdown_to_html;
 use super::split::{MESSAGE_LIMIT, split_point, telegram_len};
 use crate::chat::{Completion, StreamEvent};
@@ -65,6 +68,13 @@ pub struct Delivered {
 #[derive(Debug, thiserror::Error)]
 #[error("could not deliver the answer: {0}")]
 pub struct DeliveryError(#[from] pub ApiCallError);
+
+impl DeliveryError {
+    /// Whether delivery can never succeed (blocked by the user, chat gone).
+    pub fn is_permanent(&self) -> bool {
+        self.0.is_permanent()
+    }
+}
 
 /// The message being written now.
 struct Current {
@@ -126,6 +136,8 @@ pub async fn deliver(
     let mut completion = None;
     let mut stopped = false;
     let mut next_edit = Instant::now();
+    // When the first message may be tried again after a failed send.
+    let mut send_after = Instant::now();
     loop {
         let due = current.id.is_some() && visible(&text[current.start..]) != current.shown;
         tokio::select! {
@@ -141,19 +153,33 @@ pub async fn deliver(
                     while telegram_len(&text[current.start..]) > pacing.message_limit {
                         let cut = current.start + split_point(&text[current.start..], pacing.message_limit);
                         let start = current.start;
-                        finish(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
+                        finish_persistently(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
                         typing = None;
                         let rest = &text[cut..];
                         current = Current { id: None, start: cut + (rest.len() - rest.trim_start().len()), shown: String::new() };
                     }
-                    if current.id.is_none() && !visible(&text[current.start..]).is_empty() {
+                    if current.id.is_none()
+                        && !visible(&text[current.start..]).is_empty()
+                        && Instant::now() >= send_after
+                    {
                         let shown = visible(&text[current.start..]).to_string();
                         first_send.get_or_insert_with(Instant::now);
-                        current.id = Some(api.send(target, &shown, false, Persistence::Deliver).await?);
-                        messages += 1;
-                        typing = None;
-                        current.shown = shown;
-                        next_edit = Instant::now() + pacing.edit_interval;
+                        match api.send(target, &shown, false, Persistence::Once).await {
+                            Ok(id) => {
+                                current.id = Some(id);
+                                messages += 1;
+                                typing = None;
+                                current.shown = shown;
+                                next_edit = Instant::now() + pacing.edit_interval;
+                            }
+                            Err(e) if e.is_permanent() => return Err(e.into()),
+                            // Tried again with a later piece of text, or at the end.
+                            Err(ApiCallError::RetryAfter(wait)) => send_after = Instant::now() + wait,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "first send failed; trying again later");
+                                send_after = Instant::now() + pacing.edit_interval;
+                            }
+                        }
                     }
                 }
                 Some(StreamEvent::Done(done)) => {
@@ -185,7 +211,7 @@ pub async fn deliver(
     drop(typing);
     let tail = text[current.start..].to_string();
     if !visible(&tail).is_empty() || current.id.is_some() {
-        finish(
+        finish_persistently(
             api,
             target,
             &mut current,
@@ -202,6 +228,24 @@ pub async fn deliver(
         first_send,
         messages,
     })
+}
+
+/// [`finish`], retried until delivered, refused for good, or the deadline.
+async fn finish_persistently(
+    api: &TelegramApi,
+    target: Target,
+    current: &mut Current,
+    part: &str,
+    messages: &mut usize,
+    first_send: &mut Option<Instant>,
+) -> Result<(), DeliveryError> {
+    let mut retry = DeliveryRetry::default();
+    loop {
+        match finish(api, target, current, part, messages, first_send).await {
+            Ok(()) => return Ok(()),
+            Err(DeliveryError(e)) => retry.wait("finish a message", e).await?,
+        }
+    }
 }
 
 /// The text of a message as shown: without surrounding whitespace.
@@ -223,16 +267,21 @@ async fn finish(
         return Ok(());
     }
     let html = markdown_to_html(plain);
-    match current.id {
-        Some(id) => {
-            api.edit_html_or_plain(target.chat, id, &html, plain)
-                .await?
-        }
-        None => {
-            first_send.get_or_insert_with(Instant::now);
-            current.id = Some(api.send_html_or_plain(target, &html, plain).await?);
-            *messages += 1;
-        }
+    let edited = match current.id {
+        Some(id) => match api.edit_html_or_plain(target.chat, id, &html, plain).await {
+            // The user deleted the message being written: the text goes in a new one.
+            Err(ApiCallError::MessageGone) => false,
+            other => {
+                other?;
+                true
+            }
+        },
+        None => false,
+    };
+    if !edited {
+        first_send.get_or_insert_with(Instant::now);
+        current.id = Some(api.send_html_or_plain(target, &html, plain).await?);
+        *messages += 1;
     }
     current.shown = plain.to_string();
     Ok(())

@@ -282,11 +282,9 @@ async fn an_empty_conversation_is_a_clear_error() {
     let mut config = engine_config();
     config.slots = NonZeroUsize::new(1).unwrap();
     let engine = start_engine(config).await;
+    // Refused at submission: prompts are prepared before they are queued.
     let err = engine
         .submit(ChatRequest::new(Vec::new(), greedy(4)))
-        .unwrap()
-        .collect()
-        .await
         .unwrap_err();
     assert!(matches!(err, EngineError::Prompt(_)), "{err:?}");
 }
@@ -335,4 +333,131 @@ async fn a_long_prompt_is_read_in_chunks_while_another_reply_streams() {
         stats.tokens_generated - generated_before
     );
     drop(streaming);
+}
+
+/// Issue 9: a chat longer than the window is trimmed in blocks, so most turns reuse the
+/// slot's KV cache instead of re-reading the whole (shifted) history.
+#[tokio::test]
+async fn a_long_chat_past_the_window_reuses_the_cache_on_most_turns() {
+    let mut config = engine_config();
+    config.slots = NonZeroUsize::new(1).unwrap();
+    let engine = start_engine(config).await;
+    let mut messages = vec![ChatMessage::system("You are a helpful assistant.")];
+    let mut prompt_sizes = Vec::new();
+    let mut rereads = Vec::new();
+    let mut previous_reply_tokens = 0;
+    for turn in 0..40 {
+        let question = format!("Tell me one short fact about the number {turn}.");
+        let question_tokens = engine.count_tokens(&question) as u32;
+        messages.push(ChatMessage::user(question));
+        let (reply, done) = engine
+            .submit_async(ChatRequest::new(messages.clone(), greedy(32)), false)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert!(done.usage.prompt_tokens + 32 <= 1024, "{:?}", done.usage);
+        // New this turn: the last reply as text (it may tokenize differently from what
+        // was generated), the question and the template's few tokens around them.
+        let new_tokens = previous_reply_tokens + question_tokens + 16;
+        if turn > 0 && done.usage.processed_tokens > new_tokens {
+            rereads.push((turn, done.usage.processed_tokens));
+        }
+        prompt_sizes.push(done.usage.prompt_tokens);
+        previous_reply_tokens = done.usage.completion_tokens;
+        messages.push(ChatMessage::assistant(reply));
+    }
+    let peak = prompt_sizes.iter().copied().max().unwrap_or(0);
+    assert!(peak > 700, "the chat outgrew the window: {prompt_sizes:?}");
+    assert!(!rereads.is_empty(), "the history was cut at least once");
+    eprintln!("turns that re-read old history: {rereads:?}; prompt sizes: {prompt_sizes:?}");
+    assert!(
+        rereads.len() * 5 <= 40,
+        "{} of 40 turns re-read old history: {rereads:?} (prompt sizes {prompt_sizes:?})",
+        rereads.len()
+    );
+}
+
+/// Issue 9: a system message no longer makes an oversized message fail as "too long".
+#[tokio::test]
+async fn a_100_kb_message_with_a_system_message_is_truncated_and_answered() {
+    let engine = start_engine(engine_config()).await;
+    let huge = format!("{} {CAPITAL}", "lorem ipsum dolor sit amet ".repeat(4000));
+    let request = ChatRequest::new(
+        vec![
+            ChatMessage::system("You are a helpful assistant."),
+            ChatMessage::user(huge),
+        ],
+        greedy(16),
+    );
+    let mut stream = engine.submit_async(request, true).await.unwrap();
+    let Some(Ok(StreamEvent::Prompt(tokens))) = stream.next_event().await else {
+        panic!("expected the prompt first");
+    };
+    let prompt: String = tokens.iter().map(|t| t.piece.as_str()).collect();
+    assert!(
+        prompt.contains("You are a helpful assistant."),
+        "{prompt:.200}"
+    );
+    assert!(prompt.contains("message truncated"));
+    assert!(prompt.contains("capital of France"));
+    assert!(tokens.len() as u32 + 16 <= engine.ctx_size());
+    let (text, _) = stream.collect().await.unwrap();
+    assert!(!text.trim().is_empty());
+}
+
+/// Issue 7 item 7: with more slots than a batch holds, every batch used to fail.
+#[tokio::test]
+async fn more_slots_than_the_batch_holds_still_answer_every_request() {
+    let mut config = engine_config();
+    config.slots = NonZeroUsize::new(4).unwrap();
+    config.batch_size = NonZeroU32::new(2).unwrap();
+    config.prefill_chunk = NonZeroU32::new(2).unwrap();
+    let engine = start_engine(config).await;
+    let streams: Vec<_> = ["Hi!", "Hello!", "Good morning!", "Hey there!"]
+        .into_iter()
+        .map(|q| engine.submit(ask(q, 6)).unwrap())
+        .collect();
+    for stream in streams {
+        let (_, done) = stream.collect().await.expect("answered");
+        assert!(done.usage.completion_tokens >= 1, "{done:?}");
+    }
+    assert!(engine.stats().max_sequences_per_step <= 2);
+}
+
+/// Issue 7 item 7: `[INST]` is Mistral's turn marker; in a ChatML chat it is plain text
+/// and must not end the reply.
+#[tokio::test]
+async fn a_chatml_reply_may_contain_mistral_turn_markers() {
+    let engine = start_engine(engine_config()).await;
+    assert_ne!(engine.info().chat_format, "mistral");
+    let request = ChatRequest::new(
+        vec![
+            ChatMessage::user("Say: [INST] ok"),
+            ChatMessage::assistant("[INST] ok"),
+            ChatMessage::user("Say it again, exactly the same."),
+        ],
+        greedy(12),
+    );
+    let (text, _) = engine.submit(request).unwrap().collect().await.unwrap();
+    assert!(text.contains("[INST]"), "{text:?}");
+}
+
+/// Issue 7 item 7: a panic on the engine thread is logged, and the handle knows:
+/// requests are refused with `Stopped` (the chain falls over on it) instead of hanging.
+#[tokio::test]
+async fn a_dead_engine_thread_refuses_requests_with_stopped() {
+    let engine = start_engine(engine_config()).await;
+    assert!(engine.is_alive());
+    let waiting = engine.submit(ask(CAPITAL, 4)).unwrap();
+    engine.crash_for_tests();
+    wait_until("the engine thread ends", Duration::from_secs(30), || {
+        !engine.is_alive()
+    })
+    .await;
+    // Whatever it was doing ends with an error, not a hang.
+    let _ = waiting.collect().await;
+    let err = engine.submit(ask(CAPITAL, 4)).unwrap_err();
+    assert_eq!(err, EngineError::Stopped);
 }

@@ -350,6 +350,37 @@ async fn ready_is_503_until_the_model_is_loaded() {
     assert_eq!(body["data"]["chain"], json!(["local"]));
 }
 
+/// Issue 7 item 7: a dead engine thread used to leave `/ready` at 200.
+#[tokio::test]
+async fn ready_is_503_when_the_engine_thread_died_and_chats_fall_over() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["from groq"])).await;
+    let fakes = Fakes {
+        groq: Some(groq),
+        ..Fakes::default()
+    };
+    let engine = crate::util::start_engine(crate::util::engine_config()).await;
+    let app = start_app(
+        &providers_config(&[Local, Groq], &fakes),
+        engine.clone(),
+        http_settings(),
+    )
+    .await;
+    assert_eq!(app.get_json("/ready").await.0, 200);
+    engine.crash_for_tests();
+    crate::util::wait_until("the engine thread ends", Duration::from_secs(30), || {
+        !engine.is_alive()
+    })
+    .await;
+    let (status, body) = app.get_json("/ready").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("engine stopped"))
+    );
+    let (status, _, body) = app.ask("hi").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(content(&body), "from groq");
+}
+
 #[tokio::test]
 async fn metrics_are_valid_prometheus_text_matching_the_json() {
     let groq = FakeProvider::start(Shape::OpenAi, Behavior::ServerError).await;

@@ -6,9 +6,17 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod chaos;
 mod cli;
+mod cloud_apis;
+mod corpus;
+mod dashboard;
+mod doctor;
 mod engine;
 mod http;
 mod providers;
+mod refusals;
+mod restart;
+mod secrets;
 mod telegram;
 mod util;

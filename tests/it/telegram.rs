@@ -14,17 +14,17 @@ use crate::util::fake_telegram::{
 };
 
 /// A token shaped like a real one; it must never appear in the bot's logs.
-const TOKEN: &str = "4242424242:AAE-secret_TEST-token-never-logged";
+pub(crate) const TOKEN: &str = "4242424242:AAE-secret_TEST-token-never-logged";
 /// The part of the token that is secret.
 const TOKEN_SECRET: &str = "AAE-secret_TEST-token-never-logged";
 const CAPITAL_Q: &str = "What is the capital of France? Answer in one word.";
 const CAPITAL_A: &str = "The capital of France is Paris.";
 const STORY_Q: &str = "Tell me a story about a cat.";
-const LONG: Duration = Duration::from_secs(300);
+pub(crate) const LONG: Duration = Duration::from_secs(300);
 
 /// Bot processes running at once: each decodes on one thread, and the machine may have
 /// only 2 cores.
-static BOTS: Semaphore = Semaphore::const_new(2);
+pub(crate) static BOTS: Semaphore = Semaphore::const_new(2);
 
 /// The fake, a data directory, and the bot started against them.
 struct Setup {

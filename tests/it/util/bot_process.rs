@@ -73,7 +73,19 @@ impl BotProcess {
         extra: &[&str],
         rust_log: &str,
     ) -> Self {
+        Self::start_with_env(fake, data_dir, extra, rust_log, &[]).await
+    }
+
+    /// As [`start`](Self::start), with `env` (name, value) pairs set too (API keys).
+    pub async fn start_with_env(
+        fake: &FakeTelegram,
+        data_dir: &Path,
+        extra: &[&str],
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mistral-bot"));
+        command.envs(env.iter().copied());
         command
             .arg("--model")
             .arg(test_model())

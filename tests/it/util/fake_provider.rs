@@ -2,6 +2,11 @@
 //! completions (Groq, Mistral, generic) with SSE `data: {…}` chunks and `data: [DONE]`, and
 //! Gemini `streamGenerateContent?alt=sse`. Each serves a [`Behavior`] the test can change,
 //! checks the API key like the real service, and records what it was sent.
+//!
+//! Like the real services they also list their models (`GET /v1/models`, Gemini
+//! `GET /v1beta/models[/{model}]`), answer an unknown model with 404 (`model_not_found`,
+//! Gemini `NOT_FOUND`), and reject `max_tokens` for a reasoning model ([`REASONING_MODEL`])
+//! with OpenAI's 400 `unsupported_parameter`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,13 +16,22 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
+use super::fake_telegram::SplitMix;
+
 /// The key every fake accepts.
 pub const FAKE_KEY: &str = "test-key-123";
+
+/// The model every fake offers (what the tests configure).
+pub const FAKE_MODEL: &str = "fake-model";
+
+/// A reasoning model the fakes offer: like OpenAI's o-series it takes
+/// `max_completion_tokens` and answers 400 to `max_tokens`.
+pub const REASONING_MODEL: &str = "o9-fake";
 
 /// Which API a fake speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +57,59 @@ pub enum Behavior {
     Garbage,
     /// Streams these pieces, then the connection breaks (no end marker).
     CutAfter(Vec<String>),
+    /// Thinks first, then answers: Mistral's reasoning models stream `content` as arrays of
+    /// chunks (`thinking`, then `text`); Gemini sends parts marked `thought: true`. The
+    /// pieces are the answer; the thoughts are never part of it.
+    Thinking {
+        /// The thoughts.
+        thoughts: Vec<String>,
+        /// The answer.
+        answer: Vec<String>,
+    },
+    /// Streams these pieces, then the provider's filter stops the reply (Gemini
+    /// `finishReason: SAFETY` with no content; OpenAI `finish_reason: content_filter`).
+    Filtered(Vec<String>),
+    /// This status with this JSON body (an API's error for a bad request, say).
+    Reject {
+        /// The status code.
+        status: u16,
+        /// The body.
+        body: Value,
+    },
+    /// The safety filter blocks the prompt: Gemini answers 200 with
+    /// `promptFeedback.blockReason`; OpenAI-compatible APIs 400 `content_filter`.
+    Blocked,
+    /// This status with an error message quoting the key header as received (some
+    /// services do).
+    EchoKey(u16),
+    /// Answers `Echo: <the last user message>`, a word a piece.
+    Echo,
+    /// Each request draws one of the faults at random from a seed, else echoes.
+    Chaos(ProviderChaos),
+}
+
+/// Odds (per thousand) of each fault of [`Behavior::Chaos`]; the rest is [`Behavior::Echo`].
+#[derive(Debug, Clone)]
+pub struct ProviderChaos {
+    /// The seed of the fault sequence.
+    pub seed: u64,
+    /// 429 with `Retry-After: 1`.
+    pub rate_limited: u64,
+    /// 500.
+    pub server_error: u64,
+    /// Never answers.
+    pub hang: u64,
+    /// Not JSON.
+    pub garbage: u64,
+    /// Half the echo, then the connection breaks.
+    pub cut: u64,
+}
+
+/// The echo answer to `question`, in pieces.
+pub fn echo_pieces(question: &str) -> Vec<String> {
+    let mut pieces = vec!["Echo:".to_string()];
+    pieces.extend(question.split_whitespace().map(|w| format!(" {w}")));
+    pieces
 }
 
 impl Behavior {
@@ -65,8 +132,15 @@ pub struct Recorded {
 
 struct FakeState {
     shape: Shape,
+    key: String,
     behavior: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
+    /// The chaos generator, seeded when a [`Behavior::Chaos`] is set.
+    rng: Mutex<SplitMix>,
+    /// Faults served by [`Behavior::Chaos`], by kind.
+    faults: Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    /// The models it offers.
+    models: Mutex<Vec<String>>,
 }
 
 /// A running fake provider.
@@ -78,16 +152,30 @@ pub struct FakeProvider {
 }
 
 impl FakeProvider {
-    /// Starts a fake of `shape` doing `behavior`.
+    /// Starts a fake of `shape` doing `behavior`, accepting [`FAKE_KEY`].
     pub async fn start(shape: Shape, behavior: Behavior) -> Self {
+        Self::start_with_key(shape, behavior, FAKE_KEY).await
+    }
+
+    /// Starts a fake of `shape` doing `behavior`, accepting only `key`.
+    pub async fn start_with_key(shape: Shape, behavior: Behavior, key: &str) -> Self {
         let state = Arc::new(FakeState {
             shape,
+            rng: Mutex::new(SplitMix(match &behavior {
+                Behavior::Chaos(chaos) => chaos.seed,
+                _ => 0,
+            })),
+            key: key.to_string(),
             behavior: Mutex::new(behavior),
             requests: Mutex::default(),
+            faults: Mutex::default(),
+            models: Mutex::new(vec![FAKE_MODEL.into(), REASONING_MODEL.into()]),
         });
         let app = Router::new()
+            .route("/v1/models", get(list_models))
             .route("/v1/{*rest}", post(handle))
-            .route("/v1beta/models/{*rest}", post(handle))
+            .route("/v1beta/models", get(list_models))
+            .route("/v1beta/models/{*rest}", post(handle).get(get_model))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -104,7 +192,15 @@ impl FakeProvider {
 
     /// Changes what the next requests get.
     pub fn set(&self, behavior: Behavior) {
+        if let Behavior::Chaos(chaos) = &behavior {
+            *self.state.rng.lock().unwrap() = SplitMix(chaos.seed);
+        }
         *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    /// Faults served by [`Behavior::Chaos`] so far, by kind.
+    pub fn faults(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.state.faults.lock().unwrap().clone()
     }
 
     /// What it received so far.
@@ -116,6 +212,107 @@ impl FakeProvider {
     pub fn hits(&self) -> usize {
         self.state.requests.lock().unwrap().len()
     }
+
+    /// Changes the models it offers (a model not offered gets 404, as when retired).
+    pub fn set_models(&self, models: &[&str]) {
+        *self.state.models.lock().unwrap() = models.iter().map(|m| m.to_string()).collect();
+    }
+}
+
+/// The key header the fake's API uses, as sent.
+fn key_of(shape: Shape, headers: &HeaderMap) -> Option<String> {
+    match shape {
+        Shape::OpenAi => headers.get(header::AUTHORIZATION),
+        Shape::Gemini => headers.get("x-goog-api-key"),
+    }
+    .and_then(|v| v.to_str().ok())
+    .map(str::to_string)
+}
+
+/// The real services' answer to a wrong key (OpenAI-style 401, Gemini's 400); `None` for
+/// the right key.
+fn refusal(shape: Shape, key: Option<&str>, expected: &str) -> Option<Response> {
+    match shape {
+        Shape::OpenAi if key == Some(&format!("Bearer {expected}")) => None,
+        Shape::Gemini if key == Some(expected) => None,
+        Shape::OpenAi => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": {"message": "Invalid API Key",
+                "type": "invalid_request_error", "code": "invalid_api_key"}})),
+            )
+                .into_response(),
+        ),
+        Shape::Gemini => Some(
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT", "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})),
+            )
+                .into_response(),
+        ),
+    }
+}
+
+/// The real services' 404 for a model they do not (or no longer) serve.
+fn model_not_found(shape: Shape, model: &str) -> Response {
+    let body = match shape {
+        Shape::OpenAi => json!({"error": {
+            "message": format!("The model `{model}` does not exist or you do not have access to it."),
+            "type": "invalid_request_error", "code": "model_not_found"}}),
+        Shape::Gemini => json!({"error": {"code": 404,
+            "message": format!("models/{model} is not found for API version v1beta, or is not supported for generateContent."),
+            "status": "NOT_FOUND"}}),
+    };
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+/// `GET /v1/models` (OpenAI's list) or `GET /v1beta/models` (Gemini's).
+async fn list_models(State(state): State<Arc<FakeState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(
+        state.shape,
+        key_of(state.shape, &headers).as_deref(),
+        &state.key,
+    ) {
+        return refused;
+    }
+    let models = state.models.lock().unwrap().clone();
+    let body = match state.shape {
+        Shape::OpenAi => json!({"object": "list", "data": models.iter().map(|m| json!({
+            "id": m, "object": "model", "created": 1, "owned_by": "fake"})).collect::<Vec<_>>()}),
+        Shape::Gemini => json!({"models": models.iter().map(|m| json!({
+            "name": format!("models/{m}"), "displayName": m,
+            "supportedGenerationMethods": ["generateContent", "countTokens"]}))
+            .collect::<Vec<_>>()}),
+    };
+    axum::Json(body).into_response()
+}
+
+/// Gemini's `GET /v1beta/models/{model}`.
+async fn get_model(
+    State(state): State<Arc<FakeState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refusal(
+        state.shape,
+        key_of(state.shape, &headers).as_deref(),
+        &state.key,
+    ) {
+        return refused;
+    }
+    if !state.models.lock().unwrap().contains(&model) {
+        return model_not_found(state.shape, &model);
+    }
+    axum::Json(
+        json!({"name": format!("models/{model}"), "displayName": model,
+        "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+        "supportedGenerationMethods": ["generateContent", "countTokens"], "thinking": true}),
+    )
+    .into_response()
 }
 
 async fn handle(
@@ -125,48 +322,135 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key_header = match state.shape {
-        Shape::OpenAi => headers.get(header::AUTHORIZATION),
-        Shape::Gemini => headers.get("x-goog-api-key"),
-    }
-    .and_then(|v| v.to_str().ok())
-    .map(str::to_string);
+    let key_header = key_of(state.shape, &headers);
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     state.requests.lock().unwrap().push(Recorded {
         path: rest.clone(),
         key_header: key_header.clone(),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        body: json.clone(),
     });
-    match state.shape {
+    let model = match state.shape {
         Shape::OpenAi => {
             if rest != "chat/completions" {
                 return StatusCode::NOT_FOUND.into_response();
             }
-            if key_header.as_deref() != Some(&format!("Bearer {FAKE_KEY}")) {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    axum::Json(json!({"error": {"message": "Invalid API Key",
-                        "type": "invalid_request_error", "code": "invalid_api_key"}})),
-                )
-                    .into_response();
-            }
+            json["model"].as_str().unwrap_or("").to_string()
         }
         Shape::Gemini => {
-            if !rest.ends_with(":streamGenerateContent") || query.as_deref() != Some("alt=sse") {
+            let Some(model) = rest.strip_suffix(":streamGenerateContent") else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            if query.as_deref() != Some("alt=sse") {
                 return StatusCode::NOT_FOUND.into_response();
             }
-            if key_header.as_deref() != Some(FAKE_KEY) {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    axum::Json(json!({"error": {"code": 400,
-                        "message": "API key not valid. Please pass a valid API key.",
-                        "status": "INVALID_ARGUMENT"}})),
-                )
-                    .into_response();
-            }
+            model.to_string()
+        }
+    };
+    if let Some(refused) = refusal(state.shape, key_header.as_deref(), &state.key) {
+        return refused;
+    }
+    if !state.models.lock().unwrap().contains(&model) {
+        return model_not_found(state.shape, &model);
+    }
+    if state.shape == Shape::OpenAi && model == REASONING_MODEL {
+        // OpenAI's answer to `max_tokens` (or a non-default temperature) on o1/o3/gpt-5.
+        let unsupported = |param: &str, message: String| {
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": message,
+                    "type": "invalid_request_error", "param": param,
+                    "code": "unsupported_parameter"}})),
+            )
+                .into_response()
+        };
+        if json.get("max_tokens").is_some() {
+            return unsupported(
+                "max_tokens",
+                "Unsupported parameter: 'max_tokens' is not supported with this model. \
+                 Use 'max_completion_tokens' instead."
+                    .into(),
+            );
+        }
+        if let Some(t) = json
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .filter(|t| *t != 1.0)
+        {
+            return unsupported(
+                "temperature",
+                format!(
+                    "Unsupported value: 'temperature' does not support {t} with this model. Only the default (1) value is supported."
+                ),
+            );
         }
     }
     let behavior = state.behavior.lock().unwrap().clone();
+    let question = last_user_text(
+        state.shape,
+        &serde_json::from_slice(&body).unwrap_or(Value::Null),
+    );
+    let behavior = match behavior {
+        Behavior::Echo => Behavior::Answer(echo_pieces(&question)),
+        Behavior::Chaos(chaos) => {
+            let roll = state.rng.lock().unwrap().below(1000);
+            let mut bound = 0;
+            let mut pick = None;
+            for (odds, kind) in [
+                (chaos.rate_limited, "rate_limited"),
+                (chaos.server_error, "server_error"),
+                (chaos.hang, "hang"),
+                (chaos.garbage, "garbage"),
+                (chaos.cut, "cut"),
+            ] {
+                bound += odds;
+                if pick.is_none() && roll < bound {
+                    pick = Some(kind);
+                }
+            }
+            if let Some(kind) = pick {
+                *state.faults.lock().unwrap().entry(kind).or_default() += 1;
+            }
+            let echo = echo_pieces(&question);
+            match pick {
+                Some("rate_limited") => Behavior::RateLimited {
+                    retry_after_secs: 1,
+                },
+                Some("server_error") => Behavior::ServerError,
+                Some("hang") => Behavior::Hang,
+                Some("garbage") => Behavior::Garbage,
+                Some(_) => Behavior::CutAfter(echo[..echo.len().div_ceil(2)].to_vec()),
+                None => Behavior::Answer(echo),
+            }
+        }
+        other => other,
+    };
+    if let Behavior::EchoKey(status) = behavior {
+        let message = format!(
+            "internal error while checking key {}",
+            key_header.unwrap_or_default()
+        );
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            axum::Json(json!({"error": {"message": message, "type": "server_error"}})),
+        )
+            .into_response();
+    }
     respond(state.shape, behavior).await
+}
+
+/// The text of the last user message of a request body.
+fn last_user_text(shape: Shape, body: &Value) -> String {
+    let text = match shape {
+        Shape::OpenAi => body["messages"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str()),
+        Shape::Gemini => body["contents"]
+            .as_array()
+            .and_then(|c| c.iter().rev().find(|c| c["role"] == "user"))
+            .and_then(|c| c["parts"][0]["text"].as_str()),
+    };
+    text.unwrap_or_default().to_string()
 }
 
 fn sse(events: Vec<String>) -> String {
@@ -267,6 +551,26 @@ async fn respond(shape: Shape, behavior: Behavior) -> Response {
             };
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
         }
+        Behavior::Reject { status, body } => {
+            (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+        }
+        Behavior::Blocked => match shape {
+            Shape::Gemini => event_stream(Body::from(sse(vec![
+                json!({"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [
+                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}]},
+                    "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+                    "modelVersion": "fake"})
+                .to_string(),
+            ]))),
+            Shape::OpenAi => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "The response was filtered due to the prompt triggering content management policy.",
+                    "type": null, "param": "prompt", "code": "content_filter"}})),
+            )
+                .into_response(),
+        },
+        // Answered in `handle`, which knows the key.
+        Behavior::EchoKey(status) => StatusCode::from_u16(status).unwrap().into_response(),
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
@@ -274,6 +578,58 @@ async fn respond(shape: Shape, behavior: Behavior) -> Response {
         Behavior::Garbage => event_stream(Body::from(
             "data: {\"choices\":[{\"delta\":{\"content\": oops\n\n",
         )),
+        Behavior::Echo | Behavior::Chaos(_) => unreachable!("resolved per request"),
+        Behavior::Thinking { thoughts, answer } => {
+            let events: Vec<String> = match shape {
+                // Mistral's chunk arrays, as magistral streams them.
+                Shape::OpenAi => {
+                    std::iter::once(openai_chunk(
+                        json!({"role": "assistant", "content": ""}),
+                        None,
+                    ))
+                    .chain(thoughts.iter().map(|t| {
+                        openai_chunk(
+                            json!({"content": [{"type": "thinking",
+                            "thinking": [{"type": "text", "text": t}]}]}),
+                            None,
+                        )
+                    }))
+                    .chain(answer.iter().map(|a| {
+                        openai_chunk(json!({"content": [{"type": "text", "text": a}]}), None)
+                    }))
+                    .chain([openai_chunk(json!({}), Some("stop")), "[DONE]".to_string()])
+                    .collect()
+                }
+                Shape::Gemini => {
+                    let thought = |t: &String| {
+                        json!({"candidates": [{"content": {"parts": [{"text": t, "thought": true}],
+                            "role": "model"}, "index": 0}]})
+                        .to_string()
+                    };
+                    let mut events: Vec<String> = thoughts.iter().map(thought).collect();
+                    events.extend(pieces(shape, &answer[..answer.len() - 1]));
+                    events.push(gemini_chunk(&answer[answer.len() - 1], Some("STOP")));
+                    events
+                }
+            };
+            event_stream(Body::from(sse(events)))
+        }
+        Behavior::Filtered(texts) => {
+            let mut events = pieces(shape, &texts);
+            match shape {
+                Shape::OpenAi => {
+                    events.push(openai_chunk(json!({}), Some("content_filter")));
+                    events.push("[DONE]".into());
+                }
+                Shape::Gemini => events.push(
+                    json!({"candidates": [{"finishReason": "SAFETY", "index": 0,
+                        "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                        "probability": "HIGH", "blocked": true}]}]})
+                    .to_string(),
+                ),
+            }
+            event_stream(Body::from(sse(events)))
+        }
         Behavior::CutAfter(texts) => {
             let head = sse(pieces(shape, &texts));
             let chunks: Vec<Result<Bytes, std::io::Error>> = vec![

@@ -7,6 +7,12 @@
 //! checked, "message is not modified" included), validates `parse_mode=HTML` text like
 //! Telegram ("can't parse entities"), records every call, and lets a test inject updates
 //! and failures.
+//!
+//! It misbehaves the way the real service does when asked: the `update_id` sequence can
+//! restart lower (Telegram picks a new random start after a week without updates), an
+//! offset in the future is ignored (the oldest pending updates come back instead), and
+//! [`Chaos`] injects faults at random from a seed: 429 with `retry_after`, 5xx, and
+//! timeouts (the request is held past the client's timeout and never executed).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -86,10 +92,60 @@ struct Failure {
     only_html: bool,
 }
 
+/// Random faults: each call of a listed method fails with these odds (per thousand).
+#[derive(Debug, Clone)]
+pub struct Chaos {
+    /// The seed of the fault sequence.
+    pub seed: u64,
+    /// Methods that may fail.
+    pub methods: Vec<String>,
+    /// Odds of a 429 with `retry_after` of 1–2 s.
+    pub flood_per_mille: u64,
+    /// Odds of a 502 Bad Gateway.
+    pub server_error_per_mille: u64,
+    /// Odds of a timeout: the request is held for `hold` and answered 504, never executed.
+    pub timeout_per_mille: u64,
+    /// How long a timed-out request is held (longer than the client waits).
+    pub hold: Duration,
+}
+
+/// Faults injected so far, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Injected {
+    /// 429s.
+    pub flood: usize,
+    /// 5xx.
+    pub server_error: usize,
+    /// Held requests.
+    pub timeout: usize,
+}
+
+/// SplitMix64: a small seeded generator (no dependency, same sequence everywhere).
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     updates: VecDeque<Value>,
     next_update_id: i64,
+    chaos: Option<(Chaos, SplitMix)>,
+    injected: Injected,
     next_message_id: i64,
     calls: Vec<Call>,
     failures: Vec<Failure>,
@@ -97,6 +153,8 @@ struct Inner {
     messages: BTreeMap<(i64, i64), BotMessage>,
     /// Chats seen in injected updates, by id.
     chats: BTreeMap<i64, Value>,
+    /// The webhook URL `getWebhookInfo` reports (empty: none); `deleteWebhook` clears it.
+    webhook: String,
 }
 
 struct Shared {
@@ -139,6 +197,11 @@ impl FakeTelegram {
             token: token.to_string(),
             shared,
         }
+    }
+
+    /// Sets a webhook, as another deployment of the same bot would.
+    pub fn set_webhook(&self, url: &str) {
+        self.inner().webhook = url.to_string();
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -204,6 +267,28 @@ impl FakeTelegram {
             retry_after,
             only_html,
         });
+    }
+
+    /// Restarts the `update_id` sequence: the next update gets `next` (Telegram does this
+    /// after a week without updates, at a random number that may be lower).
+    pub fn restart_update_ids(&self, next: i64) {
+        self.inner().next_update_id = next - 1;
+    }
+
+    /// Starts injecting random faults.
+    pub fn set_chaos(&self, chaos: Chaos) {
+        let rng = SplitMix(chaos.seed);
+        self.inner().chaos = Some((chaos, rng));
+    }
+
+    /// Stops injecting random faults.
+    pub fn clear_chaos(&self) {
+        self.inner().chaos = None;
+    }
+
+    /// The faults injected so far.
+    pub fn injected(&self) -> Injected {
+        self.inner().injected.clone()
     }
 
     /// Every call so far.
@@ -366,6 +451,9 @@ async fn handle(
         record(&shared, &method, params, at, 401);
         return error(401, "Unauthorized", None);
     }
+    if let Some(fault) = chaos_fault(&shared, &method) {
+        return inject_fault(&shared, fault, &method, params, at).await;
+    }
     if method == "getUpdates" {
         return get_updates(&shared, params, at).await;
     }
@@ -400,11 +488,75 @@ async fn handle(
     response
 }
 
+/// A fault chosen by [`Chaos`].
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Flood(u32),
+    ServerError,
+    Timeout(Duration),
+}
+
+/// Draws whether this call of `method` fails, and how.
+fn chaos_fault(shared: &Shared, method: &str) -> Option<Fault> {
+    let mut inner = shared.inner.lock().unwrap();
+    let (chaos, rng) = inner.chaos.as_mut()?;
+    if !chaos.methods.iter().any(|m| m == method) {
+        return None;
+    }
+    let roll = rng.below(1000);
+    let flood = chaos.flood_per_mille;
+    let server = flood + chaos.server_error_per_mille;
+    let timeout = server + chaos.timeout_per_mille;
+    let fault = if roll < flood {
+        Fault::Flood(1 + u32::try_from(rng.below(2)).unwrap_or(0))
+    } else if roll < server {
+        Fault::ServerError
+    } else if roll < timeout {
+        Fault::Timeout(chaos.hold)
+    } else {
+        return None;
+    };
+    match fault {
+        Fault::Flood(_) => inner.injected.flood += 1,
+        Fault::ServerError => inner.injected.server_error += 1,
+        Fault::Timeout(_) => inner.injected.timeout += 1,
+    }
+    Some(fault)
+}
+
+async fn inject_fault(
+    shared: &Shared,
+    fault: Fault,
+    method: &str,
+    mut params: Value,
+    at: Duration,
+) -> Response {
+    params["__fault"] = json!(format!("{fault:?}"));
+    let (status, response) = match fault {
+        Fault::Flood(seconds) => (
+            429,
+            error(
+                429,
+                &format!("Too Many Requests: retry after {seconds}"),
+                Some(seconds),
+            ),
+        ),
+        Fault::ServerError => (502, error(502, "Bad Gateway", None)),
+        Fault::Timeout(hold) => {
+            tokio::time::sleep(hold).await;
+            (504, error(504, "Gateway Timeout", None))
+        }
+    };
+    record(shared, method, params, at, status);
+    response
+}
+
 /// The documented spelling of a method name.
 fn canonical(method: &str) -> String {
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 8] = [
         "getUpdates",
         "getMe",
+        "getWebhookInfo",
         "sendMessage",
         "editMessageText",
         "sendChatAction",
@@ -438,15 +590,17 @@ async fn get_updates(shared: &Shared, mut params: Value, at: Duration) -> Respon
     loop {
         {
             let mut inner = shared.inner.lock().unwrap();
-            if let Some(offset) = offset {
+            // An offset past the next id is "in the future" (after the sequence
+            // restarted lower): the server ignores it and returns the oldest updates.
+            let future = offset.is_some_and(|o| o > inner.next_update_id + 1);
+            if future {
+                params["__future_offset"] = json!(true);
+            }
+            if let Some(offset) = offset.filter(|_| !future) {
                 // An offset confirms every update before it: Telegram forgets them.
-                while inner
+                inner
                     .updates
-                    .front()
-                    .is_some_and(|u| u["update_id"].as_i64() < Some(offset))
-                {
-                    inner.updates.pop_front();
-                }
+                    .retain(|u| u["update_id"].as_i64() >= Some(offset));
             }
             if !inner.updates.is_empty() || Instant::now() >= deadline {
                 let batch: Vec<Value> = inner.updates.iter().take(limit).cloned().collect();
@@ -485,7 +639,18 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
                 "has_main_web_app": false}),
             ),
         ),
-        "deleteWebhook" | "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
+        "getWebhookInfo" => (
+            200,
+            ok(
+                json!({"url": inner.webhook, "has_custom_certificate": false,
+                "pending_update_count": 0}),
+            ),
+        ),
+        "deleteWebhook" => {
+            inner.webhook.clear();
+            (200, ok(json!(true)))
+        }
+        "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
         "sendMessage" => {
             let Some(chat_id) = params.get("chat_id").and_then(Value::as_i64) else {
                 return (400, error(400, "Bad Request: chat not found", None));

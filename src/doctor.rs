@@ -1,0 +1,850 @@
+//! `mistral-bot doctor`: checks the set-up the same flags, environment and `.env` describe,
+//! and prints one line per check with ✓ (fine), ⚠ (works, but look) or ✗ (will not work),
+//! each problem with the exact fix. It reads the model's GGUF header (never the weights),
+//! compares this build's CPU features with the CPU's, tries the data directory and the
+//! HTTP address, asks Telegram who the bot is, and checks every cloud provider of the chain
+//! with the code of the start-up check ([`probe`](crate::providers::probe)), all network
+//! checks at once with short timeouts. Secrets are never printed.
+//!
+//! May use `config`, `gguf` and `providers` (the probe and the HTTP client).
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::config::{
+    Args, Config, ConfigError, HttpConfig, ProvidersConfig, Secret, max_tokens_limit,
+};
+use crate::gguf::{self, GgufHeader};
+use crate::providers::{self, probe};
+
+/// How long the Telegram checks may take.
+const TELEGRAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Telegram's own Bot API server.
+const TELEGRAM_API: &str = "https://api.telegram.org";
+/// A memory need above this share of the available memory is a warning.
+const MEMORY_WARN_SHARE: f64 = 0.8;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but deserves a look.
+    Warn,
+    /// Will not work as configured.
+    Fail,
+}
+
+impl Status {
+    fn symbol(self) -> &'static str {
+        match self {
+            Status::Ok => "✓",
+            Status::Warn => "⚠",
+            Status::Fail => "✗",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// How it came out.
+    pub status: Status,
+    /// What was checked (`model`, `telegram`, `groq`, …).
+    pub name: String,
+    /// What was found and, for a problem, the fix.
+    pub message: String,
+}
+
+impl Check {
+    fn new(status: Status, name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            name: name.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:<13} {}",
+            self.status.symbol(),
+            self.name,
+            self.message
+        )
+    }
+}
+
+/// Every check's result, in a fixed order.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The checks.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Whether the bot can run as configured: no check failed.
+    pub fn healthy(&self) -> bool {
+        self.checks.iter().all(|c| c.status != Status::Fail)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            writeln!(f, "{check}")?;
+        }
+        let count = |s| self.checks.iter().filter(|c| c.status == s).count();
+        let (fails, warns) = (count(Status::Fail), count(Status::Warn));
+        if fails == 0 {
+            writeln!(f, "\nThe bot can run ({warns} warning(s)).")
+        } else {
+            writeln!(
+                f,
+                "\n{fails} problem(s) to fix before the bot can run as configured ({warns} warning(s))."
+            )
+        }
+    }
+}
+
+/// Runs every check for `args` (the bot's own flags).
+pub async fn run(args: Args) -> Report {
+    let mut checks = Vec::new();
+    // What `Config` refuses and no check below covers (e.g. --slots 0).
+    let config = Config::try_from(args.clone());
+    if let Err(e) = &config
+        && !matches!(e, ConfigError::OpenWithoutKey { .. })
+    {
+        checks.push(Check::new(Status::Fail, "flags", e.to_string()));
+    }
+    let model = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || model_checks(&args))
+    };
+    let telegram = telegram_checks(&args);
+    let cloud = cloud_checks(&args);
+    let (model, telegram, cloud) = tokio::join!(model, telegram, cloud);
+    match model {
+        Ok(model) => checks.extend(model),
+        Err(e) => checks.push(Check::new(
+            Status::Fail,
+            "model",
+            format!("the check failed: {e}"),
+        )),
+    }
+    checks.extend(build_checks(&args));
+    checks.push(data_dir_check(&args.data_dir));
+    checks.extend(http_checks(&args));
+    checks.extend(telegram);
+    checks.extend(cloud);
+    Report { checks }
+}
+
+/// The model file: exists, is GGUF, what it is, whether it fits in memory.
+fn model_checks(args: &Args) -> Vec<Check> {
+    let path = &args.model;
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return vec![Check::new(
+                Status::Fail,
+                "model",
+                format!(
+                    "{} not found: pass --model PATH (MISTRAL_BOT_MODEL) to a GGUF file",
+                    path.display()
+                ),
+            )];
+        }
+        Err(e) => {
+            return vec![Check::new(
+                Status::Fail,
+                "model",
+                format!("cannot open {}: {e}", path.display()),
+            )];
+        }
+    };
+    let len = match file.metadata() {
+        Ok(meta) if meta.is_file() => meta.len(),
+        Ok(_) => {
+            return vec![Check::new(
+                Status::Fail,
+                "model",
+                format!(
+                    "{} is not a file: pass --model PATH to a GGUF file",
+                    path.display()
+                ),
+            )];
+        }
+        Err(e) => {
+            return vec![Check::new(
+                Status::Fail,
+                "model",
+                format!("cannot read {}: {e}", path.display()),
+            )];
+        }
+    };
+    let header = match gguf::read_header(&mut BufReader::new(file), len) {
+        Ok(header) => header,
+        Err(e) => {
+            return vec![Check::new(
+                Status::Fail,
+                "model",
+                format!(
+                    "{}: {e}; download the model again or pass --model PATH to a GGUF file",
+                    path.display()
+                ),
+            )];
+        }
+    };
+    let mut checks = vec![describe_model(path, len, &header)];
+    checks.extend(context_check(args, &header));
+    checks.push(memory_check(args, len, &header, available_memory()));
+    checks
+}
+
+fn describe_model(path: &Path, len: u64, header: &GgufHeader) -> Check {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let arch = header.architecture().unwrap_or("unknown architecture");
+    let quant = header.quantization().unwrap_or("unknown quantization");
+    let params = header.parameters();
+    let Some(_) = header.architecture() else {
+        return Check::new(
+            Status::Fail,
+            "model",
+            format!(
+                "{name}: GGUF v{} without general.architecture; llama.cpp cannot load it",
+                header.version
+            ),
+        );
+    };
+    Check::new(
+        Status::Ok,
+        "model",
+        format!(
+            "{name}: GGUF v{}, {arch}, {quant}, {} parameters, {}",
+            header.version,
+            human_count(params),
+            human_bytes(len)
+        ),
+    )
+}
+
+/// `--ctx-size` against the context the model was trained with, and against `--max-tokens`.
+fn context_check(args: &Args, header: &GgufHeader) -> Option<Check> {
+    let trained = header.arch_uint("context_length")?;
+    let ctx = u64::from(args.ctx_size);
+    let (status, advice) = if ctx > trained {
+        (
+            Status::Warn,
+            format!(
+                ": beyond it answers degrade; lower --ctx-size (MISTRAL_BOT_CTX_SIZE) to {trained} or less"
+            ),
+        )
+    } else {
+        (Status::Ok, String::new())
+    };
+    let limit = max_tokens_limit(args.ctx_size);
+    let reply = if args.max_tokens > limit {
+        format!(
+            "; --max-tokens {} is over the {limit} this window allows",
+            args.max_tokens
+        )
+    } else {
+        String::new()
+    };
+    Some(Check::new(
+        status,
+        "context",
+        format!("--ctx-size {ctx} per slot, trained with {trained}{advice}{reply}"),
+    ))
+}
+
+/// Weights + KV cache at `--slots × --ctx-size` against the memory available.
+fn memory_check(args: &Args, weights: u64, header: &GgufHeader, available: Option<u64>) -> Check {
+    let tokens = (args.slots as u64).saturating_mul(u64::from(args.ctx_size));
+    let Some(per_token) = header.kv_bytes_per_token() else {
+        return Check::new(
+            Status::Warn,
+            "memory",
+            "the header lacks the shapes to size the KV cache; weights alone: ".to_string()
+                + &human_bytes(weights),
+        );
+    };
+    let kv = per_token.saturating_mul(tokens);
+    let need = weights.saturating_add(kv);
+    let sizing = format!(
+        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token)",
+        human_bytes(need),
+        human_bytes(weights),
+        human_bytes(kv),
+        args.slots,
+        args.ctx_size,
+        human_bytes(per_token)
+    );
+    let Some(available) = available else {
+        return Check::new(
+            Status::Warn,
+            "memory",
+            format!("{sizing}; free memory unknown"),
+        );
+    };
+    let fix = "lower --slots or --ctx-size, or use a smaller quantization";
+    if need > available {
+        Check::new(
+            Status::Fail,
+            "memory",
+            format!("{sizing}, only {} available: {fix}", human_bytes(available)),
+        )
+    } else if need as f64 > available as f64 * MEMORY_WARN_SHARE {
+        Check::new(
+            Status::Warn,
+            "memory",
+            format!(
+                "{sizing} of {} available: little room left; {fix}",
+                human_bytes(available)
+            ),
+        )
+    } else {
+        Check::new(
+            Status::Ok,
+            "memory",
+            format!("{sizing} of {} available", human_bytes(available)),
+        )
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// CPU features this build was compiled for against the CPU's; `--threads` against cores.
+fn build_checks(args: &Args) -> Vec<Check> {
+    let mut checks = vec![cpu_check()];
+    let cpus = num_cpus::get();
+    let threads = args.threads.unwrap_or(cpus);
+    checks.push(if threads == 0 {
+        Check::new(Status::Fail, "threads", "--threads 0: pass at least 1")
+    } else if threads > cpus {
+        Check::new(
+            Status::Warn,
+            "threads",
+            format!(
+                "--threads {threads} but this machine has {cpus} CPUs: llama.cpp's threads spin and \
+                 slow each other down; set --threads (MISTRAL_BOT_THREADS) to {cpus} or less"
+            ),
+        )
+    } else {
+        Check::new(
+            Status::Ok,
+            "threads",
+            format!("{threads} of {cpus} CPUs ({} physical cores)", num_cpus::get_physical()),
+        )
+    });
+    checks
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_check() -> Check {
+    // (name, compiled in, present on this CPU)
+    let features: [(&str, bool, bool); 6] = [
+        (
+            "AVX2",
+            cfg!(target_feature = "avx2"),
+            std::arch::is_x86_feature_detected!("avx2"),
+        ),
+        (
+            "FMA",
+            cfg!(target_feature = "fma"),
+            std::arch::is_x86_feature_detected!("fma"),
+        ),
+        (
+            "F16C",
+            cfg!(target_feature = "f16c"),
+            std::arch::is_x86_feature_detected!("f16c"),
+        ),
+        (
+            "AVX512F",
+            cfg!(target_feature = "avx512f"),
+            std::arch::is_x86_feature_detected!("avx512f"),
+        ),
+        (
+            "AVX512-VNNI",
+            cfg!(target_feature = "avx512vnni"),
+            std::arch::is_x86_feature_detected!("avx512vnni"),
+        ),
+        (
+            "AVX512-BF16",
+            cfg!(target_feature = "avx512bf16"),
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+        ),
+    ];
+    let names = |pick: &dyn Fn(&(&str, bool, bool)) -> bool| {
+        features
+            .iter()
+            .filter(|f| pick(f))
+            .map(|f| f.0)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let missing = names(&|f| f.1 && !f.2);
+    let unused = names(&|f| !f.1 && f.2);
+    let compiled = names(&|f| f.1);
+    let compiled = if compiled.is_empty() {
+        "baseline x86-64".to_string()
+    } else {
+        compiled
+    };
+    if !missing.is_empty() {
+        Check::new(
+            Status::Fail,
+            "cpu",
+            format!(
+                "built for {compiled}, but this CPU lacks {missing}: it would crash with an illegal \
+                 instruction; rebuild on this machine (cargo build --release)"
+            ),
+        )
+    } else if !unused.is_empty() {
+        Check::new(
+            Status::Warn,
+            "cpu",
+            format!(
+                "built for {compiled}; this CPU also has {unused}, unused: rebuild with \
+                 RUSTFLAGS=\"-C target-cpu=native\" (the repo's .cargo/config.toml does) for faster prompts"
+            ),
+        )
+    } else {
+        Check::new(
+            Status::Ok,
+            "cpu",
+            format!("built for {compiled}, all present on this CPU"),
+        )
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_check() -> Check {
+    Check::new(Status::Ok, "cpu", "not x86-64: no feature check")
+}
+
+/// `--data-dir`: a directory this process can write, or one it can create.
+fn data_dir_check(dir: &Path) -> Check {
+    let fix = "pass --data-dir DIR (MISTRAL_BOT_DATA_DIR) naming a writable directory";
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Check::new(
+            Status::Fail,
+            "data dir",
+            format!("{} exists but is not a directory: {fix}", dir.display()),
+        ),
+        Ok(_) => match try_write(dir) {
+            Ok(()) => Check::new(
+                Status::Ok,
+                "data dir",
+                format!("{} is writable", dir.display()),
+            ),
+            Err(e) => Check::new(
+                Status::Fail,
+                "data dir",
+                format!("{} is not writable ({e}): {fix}", dir.display()),
+            ),
+        },
+        Err(_) => {
+            // It will be created: the nearest existing ancestor must take it.
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .find(|a| a.as_os_str().is_empty() || a.exists())
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .unwrap_or(Path::new("."));
+            let writable = std::fs::metadata(ancestor)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    if m.is_dir() {
+                        try_write(ancestor).map_err(|e| e.to_string())
+                    } else {
+                        Err(format!("{} is not a directory", ancestor.display()))
+                    }
+                });
+            match writable {
+                Ok(()) => Check::new(
+                    Status::Ok,
+                    "data dir",
+                    format!("{} does not exist yet and will be created", dir.display()),
+                ),
+                Err(e) => Check::new(
+                    Status::Fail,
+                    "data dir",
+                    format!("{} cannot be created ({e}): {fix}", dir.display()),
+                ),
+            }
+        }
+    }
+}
+
+/// Creates and removes a file in `dir`.
+fn try_write(dir: &Path) -> std::io::Result<()> {
+    let probe: PathBuf = dir.join(format!(".mistral-bot-doctor-{}", std::process::id()));
+    let mut file = File::create(&probe)?;
+    let written = file.write_all(b"ok");
+    drop(file);
+    let removed = std::fs::remove_file(&probe);
+    written.and(removed)
+}
+
+/// `--http-addr` free; `--api-key` set when the address is not loopback.
+fn http_checks(args: &Args) -> Vec<Check> {
+    let addr: SocketAddr = args.http.http_addr;
+    let bind = match TcpListener::bind(addr) {
+        Ok(listener) => {
+            drop(listener);
+            Check::new(Status::Ok, "http addr", format!("{addr} is free"))
+        }
+        Err(e) => Check::new(
+            Status::Fail,
+            "http addr",
+            format!(
+                "cannot listen on {addr} ({e}): stop what uses it or pass --http-addr \
+                 (MISTRAL_BOT_HTTP_ADDR) another address"
+            ),
+        ),
+    };
+    let key = match HttpConfig::try_from(args.http.clone()) {
+        Err(e) => Check::new(Status::Fail, "api key", e.to_string()),
+        Ok(http) if http.api_key.is_some() => {
+            Check::new(Status::Ok, "api key", "set: /v1/* needs the bearer key")
+        }
+        Ok(_) => Check::new(
+            Status::Ok,
+            "api key",
+            format!("none needed: {} is a loopback address", addr.ip()),
+        ),
+    };
+    vec![bind, key]
+}
+
+#[derive(Debug, Deserialize)]
+struct BotApiAnswer<T> {
+    ok: bool,
+    result: Option<T>,
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Me {
+    username: Option<String>,
+    #[serde(default)]
+    can_read_all_group_messages: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct WebhookInfo {
+    #[serde(default)]
+    url: String,
+}
+
+/// The token accepted (`getMe`), no webhook in the way, the privacy mode.
+async fn telegram_checks(args: &Args) -> Vec<Check> {
+    let Some(token) = args
+        .telegram_token
+        .as_ref()
+        .filter(|t| !t.expose().trim().is_empty())
+    else {
+        return vec![Check::new(
+            Status::Warn,
+            "telegram",
+            "no token, so no Telegram bot (the HTTP API still runs): set TELEGRAM_BOT_TOKEN or \
+             --telegram-token (from @BotFather)",
+        )];
+    };
+    let base = match args
+        .telegram_api_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        Some(raw) => match Url::parse(raw) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+            _ => {
+                return vec![Check::new(
+                    Status::Fail,
+                    "telegram",
+                    format!("--telegram-api-url `{raw}` is not a valid http(s) URL"),
+                )];
+            }
+        },
+        None => match Url::parse(TELEGRAM_API) {
+            Ok(url) => url,
+            Err(e) => return vec![Check::new(Status::Fail, "telegram", e.to_string())],
+        },
+    };
+    let client = match providers::http_client() {
+        Ok(client) => client,
+        Err(e) => return vec![Check::new(Status::Fail, "telegram", e.to_string())],
+    };
+    let me = bot_call::<Me>(&client, &base, token, "getMe").await;
+    let me = match me {
+        Ok(me) => me,
+        Err(BotCallError::Refused {
+            status,
+            description,
+        }) if status == 401 || status == 404 => {
+            return vec![Check::new(
+                Status::Fail,
+                "telegram",
+                format!(
+                    "token rejected ({status} {description}): set TELEGRAM_BOT_TOKEN or \
+                     --telegram-token to the token @BotFather gave"
+                ),
+            )];
+        }
+        Err(e) => {
+            return vec![Check::new(
+                Status::Fail,
+                "telegram",
+                format!("getMe failed ({e}); check the network or --telegram-api-url"),
+            )];
+        }
+    };
+    let name = me.username.as_deref().unwrap_or("(no username)");
+    let mut checks = vec![Check::new(
+        Status::Ok,
+        "telegram",
+        format!("token accepted: @{name}"),
+    )];
+    checks.push(match bot_call::<WebhookInfo>(&client, &base, token, "getWebhookInfo").await {
+        Ok(info) if info.url.is_empty() => {
+            Check::new(Status::Ok, "webhook", "none set: long polling works")
+        }
+        Ok(_) => Check::new(
+            Status::Warn,
+            "webhook",
+            "a webhook is set: the bot deletes it at start to poll, so whatever receives it now \
+             stops getting updates; run only one deployment per token",
+        ),
+        Err(e) => Check::new(Status::Warn, "webhook", format!("getWebhookInfo failed ({e})")),
+    });
+    checks.push(if me.can_read_all_group_messages {
+        Check::new(
+            Status::Ok,
+            "privacy",
+            "privacy mode off: in groups the bot reads every message (it still answers only \
+             mentions, replies and /ask)",
+        )
+    } else {
+        Check::new(
+            Status::Ok,
+            "privacy",
+            "privacy mode on: in groups the bot sees only mentions, replies and commands, which \
+             is all it answers; /setprivacy in @BotFather changes it",
+        )
+    });
+    checks
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BotCallError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP {status}: {description}")]
+    Refused { status: u16, description: String },
+    #[error("unexpected answer: {0}")]
+    Malformed(String),
+}
+
+/// Calls `method` of the Bot API (POST, as the bot does). Errors never hold the URL, which
+/// holds the token.
+async fn bot_call<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    base: &Url,
+    token: &Secret,
+    method: &str,
+) -> Result<T, BotCallError> {
+    let url = format!(
+        "{}/bot{}/{method}",
+        base.as_str().trim_end_matches('/'),
+        token.expose()
+    );
+    let response = client
+        .post(url)
+        .timeout(TELEGRAM_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| BotCallError::Transport(e.without_url().to_string()))?;
+    let status = response.status().as_u16();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| BotCallError::Transport(e.without_url().to_string()))?;
+    let answer: BotApiAnswer<T> =
+        serde_json::from_slice(&body).map_err(|e| BotCallError::Malformed(e.to_string()))?;
+    match (answer.ok, answer.result) {
+        (true, Some(result)) => Ok(result),
+        _ => Err(BotCallError::Refused {
+            status,
+            description: answer
+                .description
+                .unwrap_or_default()
+                .replace(token.expose(), "***"),
+        }),
+    }
+}
+
+/// Each cloud provider of `--chain`: key present and accepted, model there.
+async fn cloud_checks(args: &Args) -> Vec<Check> {
+    let config = match ProvidersConfig::try_from(args.providers.clone()) {
+        Ok(config) => config,
+        Err(e) => return vec![Check::new(Status::Fail, "chain", e.to_string())],
+    };
+    let order: Vec<&str> = config.chain.iter().map(|k| k.name()).collect();
+    let mut checks = vec![Check::new(
+        Status::Ok,
+        "chain",
+        format!("{}, then the canned apology", order.join(" → ")),
+    )];
+    let client = match providers::http_client() {
+        Ok(client) => client,
+        Err(e) => {
+            checks.push(Check::new(Status::Fail, "cloud", e.to_string()));
+            return checks;
+        }
+    };
+    for report in probe::probe_chain(&client, &config).await {
+        let status = match report.verdict() {
+            probe::Verdict::Ok => Status::Ok,
+            probe::Verdict::Warn => Status::Warn,
+            probe::Verdict::Fail => Status::Fail,
+        };
+        checks.push(Check::new(status, report.kind.name(), report.summary()));
+    }
+    checks
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        0..=999_999 => format!("{n}"),
+        1_000_000..=999_999_999 => format!("{:.0} M", n as f64 / 1e6),
+        _ => format!("{:.2} B", n as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::gguf::write::{Value, header};
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["mistral-bot", "--model", "m.gguf"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    fn seven_b() -> GgufHeader {
+        let bytes = header(
+            &[
+                ("general.architecture", Value::Str("llama".into())),
+                ("general.file_type", Value::U32(15)),
+                ("llama.context_length", Value::U32(32768)),
+                ("llama.block_count", Value::U32(32)),
+                ("llama.embedding_length", Value::U32(4096)),
+                ("llama.attention.head_count", Value::U32(32)),
+                ("llama.attention.head_count_kv", Value::U32(8)),
+            ],
+            &[],
+        );
+        gguf::read_header(&mut std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap()
+    }
+
+    #[test]
+    fn memory_is_weights_plus_kv_for_every_slot() {
+        const GIB: u64 = 1 << 30;
+        let weights = 4_372_755_040;
+        // 4 slots × 4096 tokens × 128 KiB = 2 GiB of KV cache.
+        let fits = memory_check(&args(&[]), weights, &seven_b(), Some(24 * GIB));
+        assert_eq!(fits.status, Status::Ok, "{fits}");
+        assert!(fits.message.contains("KV cache 2.0 GiB"), "{fits}");
+        let tight = memory_check(&args(&[]), weights, &seven_b(), Some(7 * GIB));
+        assert_eq!(tight.status, Status::Warn, "{tight}");
+        let short = memory_check(
+            &args(&["--slots", "16"]),
+            weights,
+            &seven_b(),
+            Some(8 * GIB),
+        );
+        assert_eq!(short.status, Status::Fail, "{short}");
+        assert!(short.message.contains("lower --slots"), "{short}");
+    }
+
+    #[test]
+    fn a_window_beyond_training_is_a_warning() {
+        let check = context_check(&args(&["--ctx-size", "65536"]), &seven_b()).unwrap();
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.message.contains("to 32768 or less"), "{check}");
+        assert_eq!(
+            context_check(&args(&[]), &seven_b()).unwrap().status,
+            Status::Ok
+        );
+    }
+
+    #[test]
+    fn data_dir_that_is_a_file_or_under_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(data_dir_check(&file).status, Status::Fail);
+        assert_eq!(data_dir_check(&file.join("data")).status, Status::Fail);
+        assert_eq!(data_dir_check(dir.path()).status, Status::Ok);
+        let fresh = data_dir_check(&dir.path().join("new/deeper"));
+        assert_eq!(fresh.status, Status::Ok, "{fresh}");
+        assert!(
+            !dir.path().join("new").exists(),
+            "the check creates nothing"
+        );
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(128 * 1024), "128.0 KiB");
+        assert_eq!(human_count(134_515_008), "135 M");
+        assert_eq!(human_count(7_248_023_552), "7.25 B");
+    }
+}

@@ -1,0 +1,132 @@
+//! Prompt preparation, on the caller's side: a [`ChatRequest`] becomes the token ids, reply
+//! budget and stop strings the engine thread runs. Rendering, tokenizing and fitting a long
+//! conversation costs milliseconds (a 100 KB message: tens of them); done on the engine
+//! thread, that time would freeze every streaming reply. Here it runs on the thread that
+//! submits, or on tokio's blocking pool for large requests
+//! ([`EngineHandle::submit_async`](super::EngineHandle::submit_async)).
+//!
+//! The model is shared with the engine thread through an `Arc`: llama.cpp tokenizes and
+//! applies chat templates from a read-only vocabulary (see `llama.rs`).
+
+use std::sync::Arc;
+
+use super::EngineError;
+use super::llama::Model;
+use super::prompt::{self, ChatFormat, Vocab};
+use crate::chat::{ChatRequest, GenerateParams, PromptToken};
+
+/// Requests whose messages hold more bytes than this are prepared on tokio's blocking
+/// pool by `submit_async`; smaller ones inline, where a thread hand-off would cost more
+/// than the work. Measured on SmolLM2's tokenizer: about 20 µs per KiB to fit (render,
+/// tokenize, binary search), so this bounds the inline cost near 0.3 ms.
+pub(super) const INLINE_PREPARE_MAX_BYTES: usize = 16 * 1024;
+
+/// Turns requests into prompts for one model, chat format and window.
+pub(super) struct Preparer {
+    /// The model, shared with the engine thread.
+    pub(super) model: Arc<Model>,
+    /// The chat format in use.
+    format: Box<dyn ChatFormat + Send + Sync>,
+    /// Strings that end a reply in this format (from the format only: `[INST]` means
+    /// nothing to a ChatML model).
+    format_stops: Vec<String>,
+    /// The context window of each slot, in tokens.
+    ctx_size: u32,
+}
+
+/// A request ready for the engine thread.
+pub(super) struct Prepared {
+    /// The fitted prompt's token ids.
+    pub(super) prompt: Vec<i32>,
+    /// The sampling parameters.
+    pub(super) params: GenerateParams,
+    /// The reply budget, clamped to the window.
+    pub(super) max_tokens: u32,
+    /// The format's stop strings, then the request's own.
+    pub(super) stops: Vec<String>,
+    /// The prompt as `--verbose-prompt` shows it, when asked for.
+    pub(super) shown: Option<Vec<PromptToken>>,
+}
+
+impl Preparer {
+    /// A preparer for `format` over `model`.
+    pub(super) fn new(
+        model: Arc<Model>,
+        format: Box<dyn ChatFormat + Send + Sync>,
+        ctx_size: u32,
+    ) -> Self {
+        let format_stops = format.stop_strings();
+        Self {
+            model,
+            format,
+            format_stops,
+            ctx_size,
+        }
+    }
+
+    /// Renders, tokenizes and fits `request` (see [`prompt::fit_prompt`]). CPU work that
+    /// grows with the request: call it off the async runtime for large requests.
+    pub(super) fn prepare(
+        &self,
+        request: ChatRequest,
+        show_prompt: bool,
+    ) -> Result<Prepared, EngineError> {
+        let ctx_size = self.ctx_size;
+        // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
+        let max_tokens = request.params.max_tokens.clamp(1, ctx_size - ctx_size / 4);
+        let budget = (ctx_size - max_tokens) as usize;
+        let fitted = prompt::fit_prompt(
+            self.model.as_ref(),
+            self.format.as_ref(),
+            &request.messages,
+            budget,
+        )?;
+        if fitted.dropped_messages > 0 || fitted.truncated {
+            tracing::debug!(
+                dropped = fitted.dropped_messages,
+                truncated = fitted.truncated,
+                tokens = fitted.tokens.len(),
+                budget,
+                "prompt trimmed to fit the context window"
+            );
+        }
+        let shown = show_prompt.then(|| {
+            fitted
+                .tokens
+                .iter()
+                .map(|&id| PromptToken {
+                    id,
+                    piece: String::from_utf8_lossy(&self.model.piece(id, true)).into_owned(),
+                })
+                .collect()
+        });
+        // With ignore_eos only the request's own stop strings end the reply early.
+        let format_stops: &[String] = if request.params.ignore_eos {
+            &[]
+        } else {
+            &self.format_stops
+        };
+        let stops = format_stops
+            .iter()
+            .chain(&request.params.stop)
+            .cloned()
+            .collect();
+        Ok(Prepared {
+            prompt: fitted.tokens,
+            params: request.params,
+            max_tokens,
+            stops,
+            shown,
+        })
+    }
+
+    /// Token count of `text` as message content (no special-token parsing, no BOS).
+    pub(super) fn count_tokens(&self, text: &str) -> usize {
+        self.model.tokenize(text, false).len()
+    }
+}
+
+/// The bytes of a request's messages, to decide where to prepare it.
+pub(super) fn request_bytes(request: &ChatRequest) -> usize {
+    request.messages.iter().map(|m| m.content.len()).sum()
+}
