@@ -735,9 +735,9 @@ impl BotCore {
                 lock(stop).take();
                 drop(typing);
                 tracing::info!(chat = origin.chat_id, error = %refused, "request refused");
-                self.say(origin, refused.fault().user_text(origin.lang))
-                    .await;
-                return;
+                return Ok(self
+                    .say(origin, refused.fault().user_text(origin.lang))
+                    .await?);
             }
         };
         let provider = reply.provider;

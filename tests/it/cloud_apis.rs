@@ -75,7 +75,7 @@ async fn reply(
     request: ChatRequest,
     lang: Lang,
 ) -> (&'static str, String, FinishReason) {
-    let reply = chain.reply(request, lang).await;
+    let reply = chain.reply(request, lang).await.expect("the chain answers");
     let events: Vec<StreamEvent> = reply.events.collect().await;
     let mut text = String::new();
     let mut finish = None;
