@@ -160,7 +160,7 @@ async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
         .ok_or(ApiError::NotFound)?;
     Ok(with_headers(
         (*bytes).into_response(),
-        *content_type,
+        content_type,
         "no-cache",
     ))
 }
