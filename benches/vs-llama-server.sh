@@ -3,17 +3,38 @@
 # through their OpenAI-compatible /v1/chat/completions with stream: true, temperature 0.
 #
 #   benches/vs-llama-server.sh /path/to/llama-server [model.gguf]
-#   (env: REPS=3 MAX_TOKENS=128 COLD_WORDS=1650 THREADS=2 OUT_DIR=/tmp/…)
+#   (env: SCENARIOS="basic chats restart long" THREADS=2 OUT_DIR=/tmp/… and per scenario
+#    below; results in benches/RESULTS.md)
 #
-# Measures, for each server in turn (never both running at once: llama.cpp's OpenMP
-# threads spin-wait, and two servers would fight over the cores):
-#   1. one request alone: generated tokens/s (first token to last) and time to first token;
-#   2. 4 concurrent requests: aggregate and per-user generated tokens/s;
-#   3. fairness: one request streams, a cold ~2000-token prompt arrives beside it: the
-#      largest gap between the streamer's chunks while that prompt is read, and the cold
-#      prompt's time to first token.
-# Prints a table with both servers and the ratios mistral-bot / llama-server. The client
-# is benches/vs_llama_server.py (Python 3 standard library). All traffic is to 127.0.0.1.
+# Each scenario runs on each server in turn (never both at once: llama.cpp's OpenMP
+# threads spin-wait, and two servers would fight over the cores), same client, same model:
+#   basic    1 request alone: generated tok/s and time to first token; 4 concurrent
+#            requests: aggregate and per-user tok/s; fairness: one request streams while a
+#            cold ~2000-token prompt arrives: the streamer's largest gap, the cold prompt's
+#            time to first token.  (REPS=3 MAX_TOKENS=128 COLD_WORDS=1650)
+#   chats    CHATS=16 chats taking turns on 4 slots, each opened with a HISTORY_WORDS=1250
+#            word message (~1500 tokens), then ROUNDS=2 rounds of one short question each:
+#            median / p95 time to first token of the returning chats.  (CHAT_TOKENS=32
+#            tokens per reply; CHAT_IGNORE_EOS=1 forces their length)
+#   restart  the same chats (opened with ROUNDS=0 when `chats` is not selected), then the
+#            server stopped with SIGTERM (STOP_GRACE=300 s before SIGKILL), started again
+#            with the same --data-dir, and one more turn per chat: median time to first
+#            token. mistral-bot keeps its parked KV under --data-dir/kv; llama-server's
+#            prompt cache is in RAM only.
+#   long     one chat of LONG_TURNS=40 short turns with a LONG_CTX=1024-token window per
+#            slot, LONG_TOKENS=48 per reply: median and largest turn time to first token.
+#            llama-server refuses a prompt longer than its window: there the client drops
+#            the oldest exchange and sends again, as a simple client would.
+#   forced   FORCED_TOKENS=64 tokens exactly (ignore_eos) for 1 and then 4 streams at once,
+#            FORCED_REPS=2: aggregate tok/s. For random-weight models, which answer
+#            end-of-sequence at once under greedy sampling.
+# Servers: mistral-bot --slots 4 --ctx-size C; llama-server --parallel 4 -c 4C (the same
+# C tokens per slot; llama-server's default RAM prompt cache). Extra flags: BOT_ARGS,
+# LLAMA_ARGS; READY_LIMIT=900 s for a model to load; BOT_LOG=warn,mistral_bot=info;
+# SERVERS="mistral-bot llama-server" (one of them to re-run a side into the same OUT_DIR).
+# Prints one table per scenario with both servers and the ratios mistral-bot /
+# llama-server; logs and JSON stay in OUT_DIR. The client is benches/vs_llama_server.py
+# (Python 3 standard library). All traffic is to 127.0.0.1.
 #
 # llama-server is not part of this repository; pass the path of one you built. The one
 # used for the figures in the README was built from the llama.cpp tree that the crate
@@ -29,37 +50,72 @@
 #     -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
 #     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DBUILD_SHARED_LIBS=OFF
 #   cmake --build build --target llama-server -j2
+# (benches/RESULTS.md also adds tools/quantize and `add_subdirectory(quantize)` to build
+# llama-quantize, for the Mistral-7B-shaped model: `--target llama-server llama-quantize`.)
 # mistral-bot is built native too (.cargo/config.toml: -C target-cpu=native).
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,55p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 llama_server="$(realpath "$1")"
 model="$(realpath "${2:-$repo/models/SmolLM2-135M-Instruct.Q4_1.gguf}")"
+scenarios="${SCENARIOS:-basic chats restart long}"
+threads="${THREADS:-2}"
 reps="${REPS:-3}"
 max_tokens="${MAX_TOKENS:-128}"
 cold_words="${COLD_WORDS:-1650}"
-threads="${THREADS:-2}"
+chats="${CHATS:-16}"
+history_words="${HISTORY_WORDS:-1250}"
+rounds="${ROUNDS:-2}"
+chat_tokens="${CHAT_TOKENS:-32}"
+chat_ignore_eos="${CHAT_IGNORE_EOS:-0}"
+long_turns="${LONG_TURNS:-40}"
+long_ctx="${LONG_CTX:-1024}"
+long_tokens="${LONG_TOKENS:-48}"
+forced_tokens="${FORCED_TOKENS:-64}"
+forced_reps="${FORCED_REPS:-2}"
+stop_grace="${STOP_GRACE:-300}"
+ready_limit="${READY_LIMIT:-900}"
+bot_log="${BOT_LOG:-warn,mistral_bot=info}"
+read -r -a bot_args <<<"${BOT_ARGS:-}"
+read -r -a llama_args <<<"${LLAMA_ARGS:-}"
 client="$repo/benches/vs_llama_server.py"
 
 [[ -x $llama_server ]] || { echo "error: not an executable: $llama_server" >&2; exit 1; }
 [[ -f $model ]] || { echo "error: no model at $model (bash models/fetch-test-model.sh)" >&2; exit 1; }
+for s in $scenarios; do
+    case $s in
+        basic | chats | restart | long | forced) ;;
+        *) echo "error: unknown scenario '$s' (basic chats restart long forced)" >&2; exit 2 ;;
+    esac
+done
+selected() { [[ " $scenarios " == *" $1 "* ]]; }
 
 out="${OUT_DIR:-$(mktemp -d /tmp/vs-llama-server.XXXXXX)}"
 mkdir -p "$out"
 echo "logs and JSON in $out" >&2
 
 server_pid=""
+server_name=""
+# stop_server: SIGTERM, then up to STOP_GRACE seconds (mistral-bot writes its parked KV
+# on the way out), then SIGKILL. Logs how long the shutdown took.
 stop_server() {
     if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
+        local t0 t1
+        t0=$(date +%s.%N)
         kill "$server_pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$server_pid" 2>/dev/null || true
+        for _ in $(seq $((stop_grace * 10))); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$server_pid" 2>/dev/null; then
+            echo "warning: $server_name did not stop within ${stop_grace}s; SIGKILL" >&2
+            kill -9 "$server_pid" 2>/dev/null || true
+        fi
         wait "$server_pid" 2>/dev/null || true
+        t1=$(date +%s.%N)
+        echo "$server_name stopped in $(python3 -c "print(f'{$t1 - $t0:.1f}')") s" | tee -a "$out/events.log" >&2
     fi
     server_pid=""
 }
@@ -90,52 +146,124 @@ PY
 }
 
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+note() { echo "$(date -u +%H:%M:%S) $* (load $(load))" | tee -a "$out/events.log" >&2; }
 
-# --- mistral-bot --------------------------------------------------------------------------
 bot="$repo/target/release/mistral-bot"
-echo "building mistral-bot (cargo build --release)..." >&2
-(cd "$repo" && cargo build --release --quiet --bin mistral-bot)
+if [[ " ${SERVERS:-mistral-bot} " == *" mistral-bot "* ]]; then
+    echo "building mistral-bot (cargo build --release)..." >&2
+    (cd "$repo" && cargo build --release --quiet --bin mistral-bot)
+fi
 
-port="$(free_port)"
-echo "starting mistral-bot on 127.0.0.1:$port (load $(load))" >&2
-# From an empty directory (no .env), with no cloud keys and no Telegram token: the chain
-# is the local engine alone. Every MISTRAL_BOT_* variable is cleared so only the flags count.
-mkdir -p "$out/bot-cwd"
-unset_vars=(-u GROQ_API_KEY -u MISTRAL_API_KEY -u GEMINI_API_KEY -u OPENAI_COMPAT_API_KEY
-    -u TELEGRAM_BOT_TOKEN)
-while IFS= read -r v; do unset_vars+=(-u "$v"); done < <(env | grep -o '^MISTRAL_BOT_[A-Z_]*' || true)
-(cd "$out/bot-cwd" && exec env "${unset_vars[@]}" RUST_LOG=warn "$bot" \
-    --model "$model" --slots 4 --ctx-size 4096 --threads "$threads" \
-    --http-addr "127.0.0.1:$port" --temperature 0 --chain local \
-    --data-dir "$out/bot-cwd/data") >"$out/mistral-bot.log" 2>&1 &
-server_pid=$!
-wait_ready "http://127.0.0.1:$port/ready" 120
-echo "measuring mistral-bot (load $(load))" >&2
-python3 "$client" measure --port "$port" --name mistral-bot --reps "$reps" \
-    --max-tokens "$max_tokens" --cold-words "$cold_words" >"$out/mistral-bot.json"
-echo "load after mistral-bot: $(load)" >&2
-stop_server
-
-# --- llama-server -------------------------------------------------------------------------
-sleep 2
-port="$(free_port)"
-echo "starting llama-server on 127.0.0.1:$port (load $(load))" >&2
 # mmap off, as mistral-bot loads by default. Newer llama.cpp spells it --load-mode none.
 if "$llama_server" --help 2>&1 | grep -q -- '--no-mmap'; then
     no_mmap=(--no-mmap)
 else
     no_mmap=(--load-mode none)
 fi
-"$llama_server" -m "$model" --host 127.0.0.1 --port "$port" --parallel 4 -c 16384 \
-    -t "$threads" "${no_mmap[@]}" >"$out/llama-server.log" 2>&1 &
-server_pid=$!
-wait_ready "http://127.0.0.1:$port/health" 120
-echo "measuring llama-server (load $(load))" >&2
-python3 "$client" measure --port "$port" --name llama-server --reps "$reps" \
-    --max-tokens "$max_tokens" --cold-words "$cold_words" >"$out/llama-server.json"
-echo "load after llama-server: $(load)" >&2
-stop_server
+
+# start_server NAME CTX_PER_SLOT DATA_DIR LOG: starts one server on a free port (sets
+# $port and $server_pid) and waits until it is ready.
+start_server() {
+    local name=$1 ctx=$2 data=$3 log=$4 t0
+    port="$(free_port)"
+    server_name=$name
+    note "starting $name on 127.0.0.1:$port, $ctx tokens per slot"
+    t0=$(date +%s.%N)
+    if [[ $name == mistral-bot ]]; then
+        # From an empty directory (no .env), with no cloud keys and no Telegram token: the
+        # chain is the local engine alone. Every MISTRAL_BOT_* variable is cleared so only
+        # the flags count.
+        mkdir -p "$data"
+        local unset_vars=(-u GROQ_API_KEY -u MISTRAL_API_KEY -u GEMINI_API_KEY
+            -u OPENAI_COMPAT_API_KEY -u TELEGRAM_BOT_TOKEN)
+        while IFS= read -r v; do unset_vars+=(-u "$v"); done < <(env | grep -o '^MISTRAL_BOT_[A-Z_]*' || true)
+        (cd "$data" && exec env "${unset_vars[@]}" RUST_LOG="$bot_log" "$bot" \
+            --model "$model" --slots 4 --ctx-size "$ctx" --max-tokens $((ctx / 2)) \
+            --threads "$threads" --http-addr "127.0.0.1:$port" --temperature 0 \
+            --chain local --local-timeout 3600 --data-dir "$data" "${bot_args[@]}") \
+            >>"$log" 2>&1 &
+        server_pid=$!
+        wait_ready "http://127.0.0.1:$port/ready" "$ready_limit"
+    else
+        "$llama_server" -m "$model" --host 127.0.0.1 --port "$port" --parallel 4 \
+            -c $((ctx * 4)) -t "$threads" "${no_mmap[@]}" "${llama_args[@]}" >>"$log" 2>&1 &
+        server_pid=$!
+        wait_ready "http://127.0.0.1:$port/health" "$ready_limit"
+    fi
+    note "$name ready after $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
+}
+
+read -r -a servers <<<"${SERVERS:-mistral-bot llama-server}"
+
+run_basic() {
+    local name=$1
+    start_server "$name" 4096 "$out/$name-basic" "$out/$name-basic.log"
+    note "basic: measuring $name"
+    python3 "$client" measure --port "$port" --name "$name" --reps "$reps" \
+        --max-tokens "$max_tokens" --cold-words "$cold_words" >"$out/basic-$name.json"
+    note "basic: $name done"
+    stop_server
+}
+
+# chats, and restart: the same data directory before and after the restart.
+run_chats() {
+    local name=$1 data="$out/$name-chats" state="$out/chats-$name.state.json" first_rounds=0
+    local eos=()
+    [[ $chat_ignore_eos == 1 ]] && eos=(--ignore-eos)
+    selected chats && first_rounds=$rounds
+    start_server "$name" 4096 "$data" "$out/$name-chats.log"
+    note "chats: $chats chats, $first_rounds rounds on $name"
+    python3 "$client" chats --port "$port" --name "$name" --state "$state" \
+        --chats "$chats" --history-words "$history_words" --rounds "$first_rounds" \
+        --max-tokens "$chat_tokens" "${eos[@]}" >"$out/chats-$name.json"
+    note "chats: $name done"
+    stop_server
+    if [[ -d $data/kv ]]; then
+        note "$name: $(du -sb "$data/kv" | cut -f1) bytes in $(find "$data/kv" -type f | wc -l) files under --data-dir/kv after the stop"
+    fi
+    selected restart || return 0
+    start_server "$name" 4096 "$data" "$out/$name-chats.log"
+    note "restart: one more turn per chat on $name"
+    python3 "$client" chats --port "$port" --name "$name" --state "$state" --resume \
+        --rounds 1 --max-tokens "$chat_tokens" "${eos[@]}" >"$out/restart-$name.json"
+    note "restart: $name done"
+    stop_server
+}
+
+run_long() {
+    local name=$1 trim=()
+    [[ $name == llama-server ]] && trim=(--client-trim)
+    start_server "$name" "$long_ctx" "$out/$name-long" "$out/$name-long.log"
+    note "long: $long_turns turns on $name"
+    python3 "$client" longchat --port "$port" --name "$name" --turns "$long_turns" \
+        --max-tokens "$long_tokens" "${trim[@]}" >"$out/long-$name.json"
+    note "long: $name done"
+    stop_server
+}
+
+run_forced() {
+    local name=$1
+    start_server "$name" 4096 "$out/$name-forced" "$out/$name-forced.log"
+    note "forced: $forced_tokens tokens, 1 and 4 streams on $name"
+    python3 "$client" forced --port "$port" --name "$name" --reps "$forced_reps" \
+        --max-tokens "$forced_tokens" >"$out/forced-$name.json"
+    note "forced: $name done"
+    stop_server
+}
+
+note "model $(basename "$model"), $threads threads, scenarios: $scenarios"
+for name in "${servers[@]}"; do
+    selected basic && run_basic "$name"
+    if selected chats || selected restart; then run_chats "$name"; fi
+    selected long && run_long "$name"
+    selected forced && run_forced "$name"
+done
 
 echo
-echo "model: $(basename "$model"), $threads threads, max_tokens $max_tokens, cold prompt $cold_words words"
-python3 "$client" table "$out/mistral-bot.json" "$out/llama-server.json"
+echo "model: $(basename "$model"), $threads threads; events in $out/events.log"
+for s in basic chats restart long forced; do
+    selected "$s" || continue
+    [[ -f $out/$s-mistral-bot.json && -f $out/$s-llama-server.json ]] || continue
+    echo
+    python3 "$client" table --scenario "$s" "$out/$s-mistral-bot.json" "$out/$s-llama-server.json"
+done

@@ -6,7 +6,13 @@ timeout and every loop a count. Prints one JSON object (the figures) on stdout; 
 goes to stderr.
 
     vs_llama_server.py measure --port P --name NAME [--reps 3] [--max-tokens 128]
+    vs_llama_server.py chats --port P --name NAME --state S.json [--resume] [--rounds 2]
+    vs_llama_server.py longchat --port P --name NAME [--turns 40] [--client-trim]
+    vs_llama_server.py forced --port P --name NAME [--max-tokens 64] [--reps 2]
     vs_llama_server.py table A.json B.json      # side-by-side table, ratios A / B
+
+`chats` keeps every chat's history in the --state file, so a second run with --resume
+after both servers restarted continues the same conversations.
 """
 
 import argparse
@@ -28,24 +34,31 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def stream_chat(port, content, max_tokens, on_chunk=None):
+class ContextFull(RuntimeError):
+    """The server refused the prompt as longer than its context window."""
+
+
+def stream_chat(port, content, max_tokens, on_chunk=None, messages=None, ignore_eos=False):
     """POSTs one streamed chat completion; returns its timings.
 
+    `content` is a single user message, or `messages` the whole conversation.
     Times are time.monotonic() values: `sent`, `first` (first non-empty content delta),
     `chunks` (the time of every non-empty content delta), `end` ([DONE] or end of body).
     `tokens` is usage.completion_tokens of the final chunk when present, else the number
     of content deltas.
     """
-    body = json.dumps(
-        {
-            "model": "bench",
-            "messages": [{"role": "user", "content": content}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        }
-    )
+    request = {
+        "model": "bench",
+        "messages": messages if messages is not None else [{"role": "user", "content": content}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    if ignore_eos:
+        # llama-server's field; mistral-bot accepts the same extension.
+        request["ignore_eos"] = True
+    body = json.dumps(request)
     conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
     chunks = []
     usage = None
@@ -60,7 +73,10 @@ def stream_chat(port, content, max_tokens, on_chunk=None):
         )
         resp = conn.getresponse()
         if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {resp.read(2000)!r}")
+            detail = resp.read(2000)
+            if resp.status == 400 and b"context" in detail:
+                raise ContextFull(f"HTTP 400: {detail!r}")
+            raise RuntimeError(f"HTTP {resp.status}: {detail!r}")
         for _ in range(MAX_LINES):
             line = resp.readline()
             if not line:
@@ -86,6 +102,7 @@ def stream_chat(port, content, max_tokens, on_chunk=None):
     finally:
         conn.close()
     tokens = usage.get("completion_tokens") if usage else None
+    details = (usage or {}).get("prompt_tokens_details") or {}
     return {
         "sent": sent,
         "first": chunks[0] if chunks else None,
@@ -93,8 +110,21 @@ def stream_chat(port, content, max_tokens, on_chunk=None):
         "end": end,
         "tokens": tokens if tokens is not None else len(chunks),
         "prompt_tokens": usage.get("prompt_tokens") if usage else None,
+        "cached_tokens": details.get("cached_tokens"),
         "text": "".join(text),
     }
+
+
+def ttft(r):
+    """Time to the first content delta; for a reply with no text (a 1-token forced reply
+    whose token has no text), time to the end of the response."""
+    return (r["first"] if r["first"] is not None else r["end"]) - r["sent"]
+
+
+def p95(values):
+    """Nearest-rank 95th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
 
 
 def decode_rate(r):
@@ -205,6 +235,180 @@ def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20):
     }
 
 
+SYSTEM = "You are a helpful assistant. Answer briefly."
+QUESTIONS = [
+    "Which three words come up most often in the notes? Answer in one line.",
+    "Name two words from the notes that start with the letter m.",
+    "Write one sentence that uses four words from the notes.",
+    "Which word of the notes is the longest? Answer briefly.",
+]
+
+
+def chat_turn(port, messages, max_tokens, ignore_eos):
+    """One turn of a conversation: sends `messages`, appends the reply, returns figures."""
+    r = stream_chat(port, None, max_tokens, messages=messages, ignore_eos=ignore_eos)
+    messages.append({"role": "assistant", "content": r["text"]})
+    return {
+        "ttft_s": ttft(r),
+        "prompt_tokens": r["prompt_tokens"],
+        "cached_tokens": r["cached_tokens"],
+        "tokens": r["tokens"],
+    }
+
+
+def summary(runs, key="ttft_s"):
+    values = [r[key] for r in runs]
+    return {
+        "median_s": statistics.median(values) if values else None,
+        "p95_s": p95(values) if values else None,
+        "max_s": max(values) if values else None,
+        "n": len(values),
+        "prompt_tokens": median_of(runs, "prompt_tokens"),
+        "cached_tokens": median_of(runs, "cached_tokens"),
+    }
+
+
+def chats(args):
+    """Many chats taking turns on few slots.
+
+    Without --resume: each chat opens with a ~`history_words`-word message (its history;
+    the first turn reads it cold), then `rounds` rounds in which every chat, in turn, asks
+    one short question: each returning chat finds its slot taken by others since. With
+    --resume: the chats of the --state file continue for `rounds` more rounds (after a
+    restart of the server). The conversations are the same for every server: the text is
+    drawn from generators seeded by the chat number, the replies are the server's own.
+    """
+    if args.resume:
+        with open(args.state) as f:
+            state = json.load(f)
+    else:
+        state = {"chats": [], "rounds": 0}
+        for i in range(args.chats):
+            rng = random.Random(f"chat-{i}")
+            notes = cold_prompt(args.history_words, rng)
+            state["chats"].append(
+                [{"role": "system", "content": SYSTEM}, {"role": "user", "content": notes}]
+            )
+    out = {"name": args.name, "chats": len(state["chats"])}
+    if not args.resume:
+        cold = []
+        for i, messages in enumerate(state["chats"]):
+            cold.append(chat_turn(args.port, messages, args.max_tokens, args.ignore_eos))
+            log(f"[{args.name}] chat {i} opened: {cold[-1]}")
+        out["cold"] = summary(cold)
+        out["cold_runs"] = cold
+    returning = []
+    for _ in range(args.rounds):
+        k = state["rounds"]
+        for i, messages in enumerate(state["chats"]):
+            messages.append({"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]})
+            returning.append(chat_turn(args.port, messages, args.max_tokens, args.ignore_eos))
+            log(f"[{args.name}] round {k} chat {i}: {returning[-1]}")
+        state["rounds"] = k + 1
+    out["returning"] = summary(returning)
+    out["returning_runs"] = returning
+    with open(args.state, "w") as f:
+        json.dump(state, f)
+    print(json.dumps(out))
+
+
+def longchat(args):
+    """One chat of `turns` short turns, past a small context window.
+
+    With --client-trim (for a server that refuses an over-long prompt, as llama-server
+    does), the client drops the oldest exchange and sends again until the server takes
+    it, as a simple client would; the time to first token then counts from the first try.
+    """
+    rng = random.Random("long-chat")
+    messages = [{"role": "system", "content": SYSTEM}]
+    runs = []
+    for t in range(args.turns):
+        words = " ".join(rng.choice(VOCAB) for _ in range(args.turn_words))
+        messages.append({"role": "user", "content": f"Turn {t}: {words}. Reply with a short story."})
+        started = time.monotonic()
+        rejected = 0
+        for _ in range(args.turns * 2 + 2):
+            try:
+                r = stream_chat(args.port, None, args.max_tokens, messages=messages)
+                break
+            except ContextFull:
+                if not args.client_trim or len(messages) < 4:
+                    raise
+                del messages[1:3]  # the oldest user message and its reply
+                rejected += 1
+        else:
+            raise RuntimeError("the server never accepted the trimmed conversation")
+        first = r["first"] if r["first"] is not None else r["end"]
+        messages.append({"role": "assistant", "content": r["text"]})
+        runs.append({
+            "ttft_s": first - started,
+            "prompt_tokens": r["prompt_tokens"],
+            "cached_tokens": r["cached_tokens"],
+            "tokens": r["tokens"],
+            "rejected": rejected,
+        })
+        log(f"[{args.name}] turn {t}: {runs[-1]}")
+    out = {"name": args.name, "turns": args.turns, "long": summary(runs)}
+    out["long"]["rejected"] = sum(r["rejected"] for r in runs)
+    # Turns that read more than their new message: the prefix cache did not cover them.
+    new_only = [r for r in runs[1:] if r["cached_tokens"] is not None]
+    out["long"]["reread_turns"] = (
+        sum(1 for r in new_only if r["prompt_tokens"] - r["cached_tokens"] > 200)
+        if new_only else None
+    )
+    out["long_runs"] = runs
+    print(json.dumps(out))
+
+
+def forced_run(port, max_tokens, users):
+    """`users` identical requests at once, each generating exactly `max_tokens` tokens."""
+    results = [None] * users
+    errors = []
+    barrier = threading.Barrier(users, timeout=TIMEOUT)
+
+    def user(i):
+        try:
+            barrier.wait()
+            results[i] = stream_chat(port, PROMPT, max_tokens, ignore_eos=True)
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 20)
+    if errors or any(r is None for r in results):
+        raise RuntimeError(f"forced requests failed: {errors}")
+    # From the earliest first token to the last end; the first tokens are not counted.
+    start = min(r["sent"] + ttft(r) for r in results)
+    end = max(r["end"] for r in results)
+    total = sum(r["tokens"] for r in results)
+    return {
+        "agg_tok_s": (total - users) / (end - start) if end > start else float("nan"),
+        "ttft_s": statistics.mean(ttft(r) for r in results),
+        "tokens": total,
+        "exact": all(r["tokens"] == max_tokens for r in results),
+    }
+
+
+def forced(args):
+    """1 and 4 streams of exactly --max-tokens tokens each (ignore_eos)."""
+    log(f"[{args.name}] warm-up")
+    stream_chat(args.port, PROMPT, 4, ignore_eos=True)
+    out = {"name": args.name, "max_tokens": args.max_tokens, "reps": args.reps}
+    for users in (1, 4):
+        runs = []
+        for rep in range(args.reps):
+            runs.append(forced_run(args.port, args.max_tokens, users))
+            log(f"[{args.name}] forced x{users} {rep}: {runs[-1]}")
+        key = f"forced{users}"
+        out[key] = {k: median_of(runs, k) for k in runs[0] if k != "exact"}
+        out[key]["exact"] = all(r["exact"] for r in runs)
+        out[key + "_runs"] = runs
+    print(json.dumps(out))
+
+
 def median_of(runs, key):
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -241,10 +445,8 @@ def measure(args):
     print(json.dumps(out))
 
 
-def table(args):
-    a = json.load(open(args.a))
-    b = json.load(open(args.b))
-    rows = [
+TABLES = {
+    "basic": [
         ("1 request: generated tok/s", "single", "tok_s", "{:.1f}"),
         ("1 request: time to first token (s)", "single", "ttft_s", "{:.3f}"),
         ("1 request: completion tokens", "single", "tokens", "{:.0f}"),
@@ -257,38 +459,115 @@ def table(args):
         ("fairness: largest gap before it arrived (s)", "fairness", "gap_before_s", "{:.3f}"),
         ("fairness: cold prompt time to first token (s)", "fairness", "cold_ttft_s", "{:.2f}"),
         ("fairness: cold prompt tokens", "fairness", "cold_prompt_tokens", "{:.0f}"),
-    ]
+    ],
+    "chats": [
+        ("chats: first turn (cold) TTFT, median (s)", "cold", "median_s", "{:.3f}"),
+        ("chats: first turn prompt tokens, median", "cold", "prompt_tokens", "{:.0f}"),
+        ("chats: returning chat TTFT, median (s)", "returning", "median_s", "{:.3f}"),
+        ("chats: returning chat TTFT, p95 (s)", "returning", "p95_s", "{:.3f}"),
+        ("chats: returning chat TTFT, largest (s)", "returning", "max_s", "{:.3f}"),
+        ("chats: returning turns measured", "returning", "n", "{:.0f}"),
+        ("chats: returning prompt tokens, median", "returning", "prompt_tokens", "{:.0f}"),
+        ("chats: returning cached tokens, median", "returning", "cached_tokens", "{:.0f}"),
+    ],
+    "restart": [
+        ("after restart: TTFT, median (s)", "returning", "median_s", "{:.3f}"),
+        ("after restart: TTFT, p95 (s)", "returning", "p95_s", "{:.3f}"),
+        ("after restart: TTFT, largest (s)", "returning", "max_s", "{:.3f}"),
+        ("after restart: turns measured", "returning", "n", "{:.0f}"),
+        ("after restart: prompt tokens, median", "returning", "prompt_tokens", "{:.0f}"),
+        ("after restart: cached tokens, median", "returning", "cached_tokens", "{:.0f}"),
+    ],
+    "long": [
+        ("long chat: turn TTFT, median (s)", "long", "median_s", "{:.3f}"),
+        ("long chat: turn TTFT, largest (s)", "long", "max_s", "{:.3f}"),
+        ("long chat: turns", "long", "n", "{:.0f}"),
+        ("long chat: prompt tokens, median", "long", "prompt_tokens", "{:.0f}"),
+        ("long chat: cached tokens, median", "long", "cached_tokens", "{:.0f}"),
+        ("long chat: turns re-reading > 200 tokens", "long", "reread_turns", "{:.0f}"),
+        ("long chat: requests refused as too long", "long", "rejected", "{:.0f}"),
+    ],
+    "forced": [
+        ("forced, 1 stream: tok/s", "forced1", "agg_tok_s", "{:.2f}"),
+        ("forced, 1 stream: time to first token (s)", "forced1", "ttft_s", "{:.2f}"),
+        ("forced, 4 streams: aggregate tok/s", "forced4", "agg_tok_s", "{:.2f}"),
+        ("forced, 4 streams: mean time to first token (s)", "forced4", "ttft_s", "{:.2f}"),
+        ("forced, 4 streams: tokens in all", "forced4", "tokens", "{:.0f}"),
+    ],
+}
+
+
+def table(args):
+    with open(args.a) as f:
+        a = json.load(f)
+    with open(args.b) as f:
+        b = json.load(f)
+    rows = TABLES[args.scenario]
 
     def fmt(f, v):
         return "-" if v is None else f.format(v)
 
+    def value(side, group, key):
+        v = (side.get(group) or {}).get(key)
+        return None if isinstance(v, float) and v != v else v  # NaN: no figure
+
     w = max(len(r[0]) for r in rows)
-    print(f"{'median of ' + str(a['reps']) + ' runs':<{w}}  {a['name']:>12}  {b['name']:>12}  {'ratio':>7}")
+    head = f"median of {a['reps']} runs" if "reps" in a else args.scenario
+    print(f"{head:<{w}}  {a['name']:>12}  {b['name']:>12}  {'ratio':>7}")
     for label, group, key, f in rows:
-        va, vb = a[group].get(key), b[group].get(key)
+        va, vb = value(a, group, key), value(b, group, key)
         ratio = f"{va / vb:.2f}" if va is not None and vb else "-"
         print(f"{label:<{w}}  {fmt(f, va):>12}  {fmt(f, vb):>12}  {ratio:>7}")
-    for side in (a, b):
-        if not side["fairness"]["covered"]:
-            print(f"note: {side['name']}: the streaming request ended before the cold "
-                  "prompt's first token in some run; its gap covers part of the prefill")
+    if args.scenario == "basic":
+        for side in (a, b):
+            if not side["fairness"]["covered"]:
+                print(f"note: {side['name']}: the streaming request ended before the cold "
+                      "prompt's first token in some run; its gap covers part of the prefill")
+    if args.scenario == "forced":
+        for side in (a, b):
+            for key in ("forced1", "forced4"):
+                if not side[key]["exact"]:
+                    print(f"note: {side['name']}: some {key} reply was not exactly "
+                          f"{side['max_tokens']} tokens")
     print(f"ratio = {a['name']} / {b['name']}; tok/s higher is better, seconds lower is better")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("measure")
-    m.add_argument("--port", type=int, required=True)
-    m.add_argument("--name", required=True)
+    def server_command(name):
+        sp = sub.add_parser(name)
+        sp.add_argument("--port", type=int, required=True)
+        sp.add_argument("--name", required=True)
+        return sp
+
+    m = server_command("measure")
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--max-tokens", type=int, default=128)
     m.add_argument("--cold-words", type=int, default=1650)
+    c = server_command("chats")
+    c.add_argument("--state", required=True, help="JSON file holding the conversations")
+    c.add_argument("--resume", action="store_true", help="continue the chats of --state")
+    c.add_argument("--chats", type=int, default=16)
+    c.add_argument("--history-words", type=int, default=1250)
+    c.add_argument("--rounds", type=int, default=2)
+    c.add_argument("--max-tokens", type=int, default=32)
+    c.add_argument("--ignore-eos", action="store_true")
+    lc = server_command("longchat")
+    lc.add_argument("--turns", type=int, default=40)
+    lc.add_argument("--turn-words", type=int, default=20)
+    lc.add_argument("--max-tokens", type=int, default=48)
+    lc.add_argument("--client-trim", action="store_true")
+    fo = server_command("forced")
+    fo.add_argument("--reps", type=int, default=2)
+    fo.add_argument("--max-tokens", type=int, default=64)
     t = sub.add_parser("table")
     t.add_argument("a")
     t.add_argument("b")
+    t.add_argument("--scenario", choices=sorted(TABLES), default="basic")
     args = p.parse_args()
-    measure(args) if args.cmd == "measure" else table(args)
+    {"measure": measure, "chats": chats, "longchat": longchat, "forced": forced,
+     "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":

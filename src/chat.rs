@@ -83,6 +83,11 @@ pub struct GenerateParams {
     pub seed: Option<u32>,
     /// Extra strings that end the reply when generated (not included in the reply).
     pub stop: Vec<String>,
+    /// Generate exactly `max_tokens` tokens: end-of-generation and control tokens, and the
+    /// chat format's own stop strings, do not end the reply (`stop` still does; a full
+    /// context window too). A benchmark knob, as llama-server's `ignore_eos`: random-weight
+    /// models answer with end-of-sequence at once. Only the local engine honours it.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
@@ -93,6 +98,7 @@ impl Default for GenerateParams {
             top_p: 0.95,
             seed: None,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -107,6 +113,7 @@ impl GenerateParams {
             top_p: 1.0,
             seed: Some(1),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

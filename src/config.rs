@@ -623,6 +623,7 @@ impl TryFrom<Args> for Config {
                 top_p: args.top_p,
                 seed: args.seed,
                 stop: Vec::new(),
+                ignore_eos: false,
             },
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,

@@ -103,8 +103,13 @@ impl Preparer {
                 })
                 .collect()
         });
-        let stops = self
-            .format_stops
+        // With ignore_eos only the request's own stop strings end the reply early.
+        let format_stops: &[String] = if request.params.ignore_eos {
+            &[]
+        } else {
+            &self.format_stops
+        };
+        let stops = format_stops
             .iter()
             .chain(&request.params.stop)
             .cloned()

@@ -213,6 +213,8 @@ struct ActiveJob {
     sampler: Sampler,
     detok: Detokenizer,
     max_tokens: u32,
+    /// End-of-generation and control tokens do not end the reply (benchmarks).
+    ignore_eos: bool,
     usage: Usage,
     queued: std::time::Duration,
     admitted: Instant,
@@ -378,6 +380,7 @@ impl Worker<'_> {
             sampler: Sampler::new(params, seed),
             detok: Detokenizer::new(job.stops),
             max_tokens: job.max_tokens,
+            ignore_eos: params.ignore_eos,
             usage: Usage {
                 prompt_tokens: prompt_len as u32,
                 cached_tokens: reused as u32,
@@ -447,7 +450,7 @@ impl Worker<'_> {
         self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
 
         // A control token mid-reply ([INST], <|im_start|>, …) is a turn boundary too.
-        if self.model.is_end_of_turn(token) || self.model.is_control(token) {
+        if !job.ignore_eos && (self.model.is_end_of_turn(token) || self.model.is_control(token)) {
             self.finish(i, FinishReason::Stop);
             return;
         }

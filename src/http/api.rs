@@ -42,6 +42,10 @@ pub struct ChatCompletionRequest {
     /// Number of choices; only 1 is supported.
     #[serde(default)]
     pub n: Option<u32>,
+    /// Extension (llama-server's name): generate exactly `max_tokens` tokens, ignoring
+    /// end-of-generation. For benchmarks; only the local engine honours it.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 /// One message as sent.
@@ -184,6 +188,7 @@ impl ChatCompletionRequest {
             );
         }
         params.stop = stop_strings(self.stop)?;
+        params.ignore_eos = self.ignore_eos.unwrap_or(false);
         Ok((
             ChatRequest::new(messages, params),
             self.stream.unwrap_or(false),
@@ -240,6 +245,21 @@ mod tests {
         assert_eq!(request.params.temperature, 0.0);
         assert_eq!(request.params.seed, Some(3));
         assert_eq!(request.params.stop, ["END"]);
+        assert!(!request.params.ignore_eos, "off unless asked for");
+    }
+
+    #[test]
+    fn ignore_eos_is_accepted_as_an_extension_field() {
+        let (request, _) =
+            check(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true}"#).unwrap();
+        assert!(request.params.ignore_eos);
+        let (request, _) =
+            check(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false}"#).unwrap();
+        assert!(!request.params.ignore_eos);
+        assert!(
+            check(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":"yes"}"#).is_err(),
+            "a non-boolean is refused, not ignored"
+        );
     }
 
     #[test]

@@ -48,6 +48,39 @@ async fn greedy_answers_are_deterministic_and_sensible() {
 }
 
 #[tokio::test]
+async fn ignore_eos_generates_exactly_max_tokens() {
+    let engine = start_engine(engine_config()).await;
+    // Without the knob the model ends its short answer well before the cap ...
+    let (_, natural) = engine
+        .submit(ask(CAPITAL, 60))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(natural.finish_reason, FinishReason::Stop);
+    assert!(
+        natural.usage.completion_tokens < 60,
+        "the check below needs a prompt that stops early: {natural:?}"
+    );
+    let before = engine.stats().tokens_generated;
+    // ... with it, the reply runs on past end-of-turn to exactly max_tokens.
+    for max_tokens in [1, natural.usage.completion_tokens + 1, 60] {
+        let mut params = greedy(max_tokens);
+        params.ignore_eos = true;
+        let request = ChatRequest::new(vec![ChatMessage::user(CAPITAL)], params);
+        let (_, done) = engine.submit(request).unwrap().collect().await.unwrap();
+        assert_eq!(done.finish_reason, FinishReason::Length, "{max_tokens}");
+        assert_eq!(done.usage.completion_tokens, max_tokens);
+    }
+    let forced = 1 + natural.usage.completion_tokens + 1 + 60;
+    assert_eq!(
+        engine.stats().tokens_generated - before,
+        u64::from(forced),
+        "the engine's own count agrees"
+    );
+}
+
+#[tokio::test]
 async fn four_requests_share_decode_steps() {
     let engine = start_engine(engine_config()).await;
     let questions = [

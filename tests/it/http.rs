@@ -120,6 +120,28 @@ async fn streaming_and_whole_completions_agree_with_usage_and_done() {
 }
 
 #[tokio::test]
+async fn ignore_eos_streams_exactly_max_tokens() {
+    let app = local_app().await;
+    let mut request = json!({"stream": true, "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0, "max_tokens": 40, "stream_options": {"include_usage": true}});
+    let last_chunk = |data: &[String]| -> Value {
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+        serde_json::from_str(&data[data.len() - 2]).unwrap()
+    };
+    let (_, data) = stream_chat(&app, &request).await;
+    let natural = last_chunk(&data);
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop", "{natural}");
+    assert!(natural["usage"]["completion_tokens"].as_u64().unwrap() < 40);
+
+    request["ignore_eos"] = json!(true);
+    let (provider, data) = stream_chat(&app, &request).await;
+    assert_eq!(provider.as_deref(), Some("local"));
+    let forced = last_chunk(&data);
+    assert_eq!(forced["choices"][0]["finish_reason"], "length", "{forced}");
+    assert_eq!(forced["usage"]["completion_tokens"], 40);
+}
+
+#[tokio::test]
 async fn cloud_replies_stream_too() {
     let groq = FakeProvider::start(
         Shape::OpenAi,
