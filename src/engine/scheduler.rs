@@ -48,6 +48,11 @@ pub struct BatchEntry {
 /// ones that fit go first, starting at slot `rotation % slots.len()`: a caller that
 /// advances `rotation` each step serves them in turn. A waiting prompt still gets one
 /// place, so a newcomer is never starved by a full house of replies.
+///
+/// Entries come in slot order (slot `i` is sequence `i`) whatever the rotation: with a KV
+/// cache per sequence, llama.cpp puts only consecutive, increasing sequence ids in one
+/// micro-batch, so a batch listing slots 1, 2, 3, 0 costs two passes over the weights
+/// instead of one (measured: 4 streams on SmolLM2 at 0.71x llama-server's rate).
 pub fn plan_batch(
     slots: &[Slot],
     capacity: usize,
@@ -107,6 +112,7 @@ pub fn plan_batch(
             wants_logits: n == remaining.len(),
         });
     }
+    entries.sort_unstable_by_key(|e| e.slot);
     entries
 }
 
@@ -266,10 +272,45 @@ mod tests {
         slots[0].start(vec![1, 2, 3], 1);
         slots[1].start(vec![4, 5, 6, 7], 2);
         let plan = plan_batch(&slots, 512, 5, 0);
-        let plan = &plan[1..]; // after the generating slot's token
-        assert_eq!(plan.len(), 2);
+        assert_eq!(plan.len(), 3);
+        assert!(plan[2].wants_logits && plan[2].tokens == vec![9]);
         assert!(plan[0].wants_logits && plan[0].tokens.len() == 3);
         assert!(!plan[1].wants_logits && plan[1].tokens == vec![4, 5]);
+    }
+
+    /// Every mix of idle, generating and prompt-reading slots, at every rotation and batch
+    /// size: the plan lists slots in increasing order, each once.
+    #[test]
+    fn entries_are_in_slot_order_whatever_the_rotation() {
+        const SLOTS: usize = 4;
+        for states in 0..3usize.pow(SLOTS as u32) {
+            let mut slots: Vec<Slot> = (0..SLOTS as i32).map(Slot::new).collect();
+            let mut code = states;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                match code % 3 {
+                    1 => {
+                        slot.start(vec![1], i as u64);
+                        slot.prefilled(1);
+                        slot.sampled(1);
+                    }
+                    2 => {
+                        slot.start((0..40).collect(), (SLOTS - i) as u64);
+                    }
+                    _ => {}
+                }
+                code /= 3;
+            }
+            for rotation in 0..2 * SLOTS {
+                for capacity in [2, 3, 512] {
+                    let plan = plan_batch(&slots, capacity, 16, rotation);
+                    let order: Vec<usize> = plan.iter().map(|e| e.slot).collect();
+                    assert!(
+                        order.windows(2).all(|w| w[0] < w[1]),
+                        "states {states}, rotation {rotation}, capacity {capacity}: {order:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
