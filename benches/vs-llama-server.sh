@@ -26,7 +26,7 @@
 #            llama-server refuses a prompt longer than its window: there the client drops
 #            the oldest exchange and sends again, as a simple client would.
 #   forced   FORCED_TOKENS=64 tokens exactly (ignore_eos) for 1 and then 4 streams at once,
-#            FORCED_REPS=2: aggregate tok/s. For random-weight models, which answer
+#            FORCED_REPS=5: aggregate tok/s. For random-weight models, which answer
 #            end-of-sequence at once under greedy sampling.
 # Servers: mistral-bot --slots 4 --ctx-size C; llama-server --parallel 4 -c 4C (the same
 # C tokens per slot; llama-server's default RAM prompt cache). Extra flags: BOT_ARGS,
@@ -77,7 +77,7 @@ long_turns="${LONG_TURNS:-40}"
 long_ctx="${LONG_CTX:-1024}"
 long_tokens="${LONG_TOKENS:-48}"
 forced_tokens="${FORCED_TOKENS:-64}"
-forced_reps="${FORCED_REPS:-2}"
+forced_reps="${FORCED_REPS:-5}"
 stop_grace="${STOP_GRACE:-300}"
 ready_limit="${READY_LIMIT:-900}"
 bot_log="${BOT_LOG:-warn,mistral_bot=info}"
