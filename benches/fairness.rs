@@ -55,20 +55,24 @@ async fn stream_gaps(
                     newcomer_started = Some(Instant::now());
                 }
                 if let (Some(reply), None) = (newcomer.as_mut(), newcomer_ttft) {
-                    // Poll without waiting: record when its first token came.
-                    if let Ok(Some(_)) =
+                    // Poll without waiting: record when its first token came (getting a
+                    // slot, `Started`, is not one).
+                    while let Ok(Some(event)) =
                         tokio::time::timeout(Duration::ZERO, reply.next_event()).await
                     {
-                        newcomer_ttft = newcomer_started.map(|s| s.elapsed());
+                        if !matches!(event, Ok(StreamEvent::Started)) {
+                            newcomer_ttft = newcomer_started.map(|s| s.elapsed());
+                            break;
+                        }
                     }
                 }
             }
             StreamEvent::Done(_) => break,
-            StreamEvent::Prompt(_) => {}
+            StreamEvent::Started | StreamEvent::Prompt(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {
-        let _ = reply.next_event().await;
+        while let Some(Ok(StreamEvent::Started)) = reply.next_event().await {}
         newcomer_ttft = newcomer_started.map(|s| s.elapsed());
     }
     (max_gap, newcomer_ttft)

@@ -221,7 +221,10 @@ pub struct PromptToken {
 /// One event of a reply stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    /// The prompt exactly as the model sees it; sent first, only when asked for.
+    /// The provider started on the request: it left the local engine's queue for a slot
+    /// (only providers that queue send it; see `Provider::reports_start`).
+    Started,
+    /// The prompt exactly as the model sees it; sent after `Started`, only when asked for.
     Prompt(Vec<PromptToken>),
     /// More text of the reply.
     Delta(String),

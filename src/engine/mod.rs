@@ -267,8 +267,8 @@ struct Job {
     max_tokens: u32,
     /// Strings that end the reply: the chat format's, then the request's.
     stops: Vec<String>,
-    /// The prompt's tokens to show the caller when the request gets a slot (`--verbose-prompt`,
-    /// and the chain's sign that the engine started on it).
+    /// The prompt's tokens to show the caller when the request gets a slot
+    /// (`--verbose-prompt`).
     shown: Option<Vec<crate::chat::PromptToken>>,
     events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
     submitted: Instant,
@@ -360,7 +360,7 @@ impl EngineHandle {
         self.prepare_and_enqueue(request, false)
     }
 
-    /// Like [`submit`](Self::submit), but the stream starts with a
+    /// Like [`submit`](Self::submit), but [`StreamEvent::Started`] is followed by a
     /// [`StreamEvent::Prompt`] showing the exact prompt tokens.
     pub fn submit_showing_prompt(&self, request: ChatRequest) -> Result<ReplyStream, EngineError> {
         self.prepare_and_enqueue(request, true)
@@ -518,7 +518,8 @@ impl EngineHandle {
     }
 }
 
-/// The events of one reply. Dropping it cancels the request.
+/// The events of one reply: [`StreamEvent::Started`] when it gets a slot, then (when asked
+/// for) the prompt, text deltas and `Done`. Dropping it cancels the request.
 #[derive(Debug)]
 pub struct ReplyStream {
     events_rx: mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>,
@@ -537,7 +538,7 @@ impl ReplyStream {
             match event? {
                 StreamEvent::Delta(delta) => text.push_str(&delta),
                 StreamEvent::Done(completion) => return Ok((text, completion)),
-                StreamEvent::Prompt(_) => {}
+                StreamEvent::Started | StreamEvent::Prompt(_) => {}
             }
         }
         Err(EngineError::Stopped)

@@ -363,8 +363,9 @@ impl Worker<'_> {
                 }
             }
         };
-        // Shown now that the request leaves the queue for a slot: the chain reads this
-        // event as "the engine started on it" (a wait before it was queueing, not a fault).
+        // The request leaves the queue for a slot: the chain reads `Started` as "the engine
+        // is on it" (a wait before it was queueing, not a fault).
+        let _ = job.events_tx.send(Ok(StreamEvent::Started));
         if let Some(tokens) = job.shown.take() {
             let _ = job.events_tx.send(Ok(StreamEvent::Prompt(tokens)));
         }

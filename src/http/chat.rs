@@ -128,7 +128,7 @@ async fn whole(
                 completion = Some(done);
                 break;
             }
-            StreamEvent::Prompt(_) => {}
+            StreamEvent::Started | StreamEvent::Prompt(_) => {}
         }
     }
     let (reason, usage) = completion.map_or((FinishReason::Stop, Usage::default()), |c| {
@@ -179,7 +179,7 @@ fn streamed(
         let out = match event {
             StreamEvent::Delta(text) => Some(chunk(&meta, json!({"content": text}), None)),
             StreamEvent::Done(completion) => Some(chunk(&meta, json!({}), Some(&completion))),
-            StreamEvent::Prompt(_) => None,
+            StreamEvent::Started | StreamEvent::Prompt(_) => None,
         };
         futures::future::ready(out)
     });

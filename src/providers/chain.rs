@@ -247,7 +247,7 @@ impl Chain {
 }
 
 /// Starts `provider` and waits for its first non-empty text; sets `started` when the
-/// provider reports that the request left its queue (a [`StreamEvent::Prompt`]). Returns the
+/// provider reports that the request left its queue ([`StreamEvent::Started`]). Returns the
 /// prompt events to pass on (a provider asked to show its prompt sends its tokens), the
 /// text and the rest.
 async fn first_text(
@@ -262,12 +262,8 @@ async fn first_text(
             Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
                 return Ok((prompts, text, events));
             }
-            Some(Ok(StreamEvent::Prompt(tokens))) => {
-                *started = true;
-                if !tokens.is_empty() {
-                    prompts.push(StreamEvent::Prompt(tokens));
-                }
-            }
+            Some(Ok(StreamEvent::Started)) => *started = true,
+            Some(Ok(prompt @ StreamEvent::Prompt(_))) => prompts.push(prompt),
             Some(Ok(StreamEvent::Delta(_))) => {}
             // Stopped by the provider's filter before any text: that is its answer (the
             // notice), not a failure to hand to the next provider.
@@ -381,8 +377,8 @@ impl Tail {
                 Ok(Some(Ok(StreamEvent::Delta(_)))) => {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
-                Ok(Some(Ok(prompt @ StreamEvent::Prompt(_)))) => {
-                    return Some((vec![prompt], Some(tail)));
+                Ok(Some(Ok(event @ (StreamEvent::Started | StreamEvent::Prompt(_))))) => {
+                    return Some((vec![event], Some(tail)));
                 }
                 Ok(Some(Err(e))) => e,
                 Ok(None) => ProviderError::Cut("ended without its end marker".into()),
@@ -829,7 +825,7 @@ mod tests {
             Box::pin(async move {
                 let events = stream::once(async move {
                     tokio::time::sleep(wait).await;
-                    Ok(StreamEvent::Prompt(Vec::new()))
+                    Ok(StreamEvent::Started)
                 })
                 .chain(stream::pending());
                 Ok(events.boxed())

@@ -4,15 +4,15 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::{EventStream, Provider, ProviderError};
-use crate::chat::{ChatRequest, StreamEvent};
+use crate::chat::ChatRequest;
 use crate::engine::{EngineError, EngineHandle};
 
 /// Answers with the in-process llama.cpp engine.
 #[derive(Clone)]
 pub struct LocalProvider {
     engine: EngineHandle,
-    /// Whether replies start with a [`StreamEvent::Prompt`] (`--verbose-prompt` in the
-    /// console); the chain passes it on.
+    /// Whether replies show their prompt, a [`StreamEvent::Prompt`](crate::chat::StreamEvent)
+    /// (`--verbose-prompt` in the console); the chain passes it on.
     show_prompt: bool,
 }
 
@@ -56,22 +56,10 @@ impl Provider for LocalProvider {
         let show_prompt = self.show_prompt;
         Box::pin(async move {
             // Prepared here (a large request on the blocking pool), never on the engine thread.
-            // The engine sends the prompt when the request leaves the queue for a slot: that
-            // event tells the chain a timeout before it was a wait in the queue (busy), not a
-            // failure. Rendering the pieces costs about a microsecond per prompt token.
-            let stream = self.engine.submit_async(request, true).await?;
+            // The engine sends `Started` when the request leaves its queue for a slot.
+            let stream = self.engine.submit_async(request, show_prompt).await?;
             Ok(stream
-                .map(move |event| {
-                    event
-                        .map(|event| match event {
-                            // Only the start matters to the chain unless the prompt is shown.
-                            StreamEvent::Prompt(_) if !show_prompt => {
-                                StreamEvent::Prompt(Vec::new())
-                            }
-                            other => other,
-                        })
-                        .map_err(ProviderError::from)
-                })
+                .map(|event| event.map_err(ProviderError::from))
                 .boxed())
         })
     }

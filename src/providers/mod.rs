@@ -236,7 +236,7 @@ pub trait Provider: Send + Sync {
     /// The provider's name in logs and metrics (`local`, `groq`, …).
     fn name(&self) -> &'static str;
 
-    /// Whether the provider queues requests and sends a [`StreamEvent::Prompt`] when one
+    /// Whether the provider queues requests and sends [`StreamEvent::Started`] when one
     /// starts (the local engine). A timeout before that event is then a wait in its queue,
     /// [`ProviderError::QueueWait`], not a failure of the provider.
     fn reports_start(&self) -> bool {

@@ -105,6 +105,9 @@ async fn control_tokens(text: &str) -> Vec<(i32, String)> {
     let engine = shared_engine().await;
     let request = ChatRequest::new(vec![ChatMessage::user(text)], greedy(1));
     let mut stream = engine.submit_showing_prompt(request).unwrap();
+    let Some(Ok(StreamEvent::Started)) = stream.next().await else {
+        panic!("no start for {text:?}");
+    };
     let Some(Ok(StreamEvent::Prompt(tokens))) = stream.next().await else {
         panic!("no prompt for {text:?}");
     };

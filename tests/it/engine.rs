@@ -4,7 +4,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use mistral_bot::chat::{ChatMessage, ChatRequest, FinishReason, StreamEvent};
-use mistral_bot::engine::{ChatTemplateChoice, EngineError, EngineHandle};
+use mistral_bot::engine::{ChatTemplateChoice, EngineError, EngineHandle, ReplyStream};
 
 use crate::util::{engine_config, greedy, start_engine, wait_until};
 
@@ -17,9 +17,18 @@ fn ask(question: &str, max_tokens: u32) -> ChatRequest {
 /// The prompt the engine built for `request`, as token ids.
 async fn prompt_ids(engine: &EngineHandle, request: ChatRequest) -> Vec<i32> {
     let mut stream = engine.submit_showing_prompt(request).unwrap();
+    started(&mut stream).await;
     match stream.next_event().await {
         Some(Ok(StreamEvent::Prompt(tokens))) => tokens.into_iter().map(|t| t.id).collect(),
-        other => panic!("expected the prompt first, got {other:?}"),
+        other => panic!("expected the prompt after the start, got {other:?}"),
+    }
+}
+
+/// Takes the event every reply begins with: the request left the queue for a slot.
+async fn started(stream: &mut ReplyStream) {
+    match stream.next_event().await {
+        Some(Ok(StreamEvent::Started)) => {}
+        other => panic!("expected the start first, got {other:?}"),
     }
 }
 
@@ -237,8 +246,9 @@ async fn a_100_kb_message_is_truncated_with_a_marker_and_answered() {
     let huge = format!("{} {CAPITAL}", "lorem ipsum dolor sit amet ".repeat(4000));
     assert!(huge.len() > 100_000);
     let mut stream = engine.submit_showing_prompt(ask(&huge, 16)).unwrap();
+    started(&mut stream).await;
     let Some(Ok(StreamEvent::Prompt(tokens))) = stream.next_event().await else {
-        panic!("expected the prompt first");
+        panic!("expected the prompt after the start");
     };
     let prompt: String = tokens.iter().map(|t| t.piece.as_str()).collect();
     assert!(
@@ -301,6 +311,7 @@ async fn a_long_prompt_is_read_in_chunks_while_another_reply_streams() {
             3000,
         ))
         .unwrap();
+    started(&mut streaming).await;
     for _ in 0..5 {
         assert!(matches!(
             streaming.next_event().await,
@@ -392,8 +403,9 @@ async fn a_100_kb_message_with_a_system_message_is_truncated_and_answered() {
         greedy(16),
     );
     let mut stream = engine.submit_async(request, true).await.unwrap();
+    started(&mut stream).await;
     let Some(Ok(StreamEvent::Prompt(tokens))) = stream.next_event().await else {
-        panic!("expected the prompt first");
+        panic!("expected the prompt after the start");
     };
     let prompt: String = tokens.iter().map(|t| t.piece.as_str()).collect();
     assert!(
