@@ -85,8 +85,9 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Generate exactly `max_tokens` tokens: end-of-generation and control tokens, and the
     /// chat format's own stop strings, do not end the reply (`stop` still does; a full
-    /// context window too). A benchmark knob, as llama-server's `ignore_eos`: random-weight
-    /// models answer with end-of-sequence at once. Only the local engine honours it.
+    /// context window too), and control tokens appear as their text. A benchmark knob, as
+    /// llama-server's `ignore_eos`: random-weight models answer with end-of-sequence at
+    /// once. Only the local engine honours it.
     pub ignore_eos: bool,
 }
 

@@ -455,7 +455,9 @@ impl Worker<'_> {
             self.finish(i, FinishReason::Stop);
             return;
         }
-        let out = job.detok.push(&self.model.piece(token, false));
+        // Forced lengths show control tokens as their text: a reply of only control tokens
+        // (a random-weight model's) would otherwise be textless, an empty reply to the chain.
+        let out = job.detok.push(&self.model.piece(token, job.ignore_eos));
         if !out.text.is_empty()
             && job
                 .events_tx

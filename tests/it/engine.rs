@@ -60,7 +60,7 @@ async fn greedy_answers_are_deterministic_and_sensible() {
 async fn ignore_eos_generates_exactly_max_tokens() {
     let engine = start_engine(engine_config()).await;
     // Without the knob the model ends its short answer well before the cap ...
-    let (_, natural) = engine
+    let (natural_text, natural) = engine
         .submit(ask(CAPITAL, 60))
         .unwrap()
         .collect()
@@ -77,9 +77,16 @@ async fn ignore_eos_generates_exactly_max_tokens() {
         let mut params = greedy(max_tokens);
         params.ignore_eos = true;
         let request = ChatRequest::new(vec![ChatMessage::user(CAPITAL)], params);
-        let (_, done) = engine.submit(request).unwrap().collect().await.unwrap();
+        let (text, done) = engine.submit(request).unwrap().collect().await.unwrap();
         assert_eq!(done.finish_reason, FinishReason::Length, "{max_tokens}");
         assert_eq!(done.usage.completion_tokens, max_tokens);
+        if max_tokens > natural.usage.completion_tokens {
+            // The end-of-turn token that ended the natural answer is shown, not dropped.
+            assert!(
+                text.starts_with(&format!("{natural_text}<|im_end|>")),
+                "{natural_text:?} then {text:?}"
+            );
+        }
     }
     let forced = 1 + natural.usage.completion_tokens + 1 + 60;
     assert_eq!(
