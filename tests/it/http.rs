@@ -489,9 +489,14 @@ async fn metrics_are_valid_prometheus_text_matching_the_json() {
 /// The real binary in serve mode: listens, becomes ready, answers, stops on SIGTERM.
 #[tokio::test]
 async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
+    // Its own data directory: the default (`data` under the working directory) would be
+    // inside the checkout.
+    let data = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mistral-bot"))
         .args(["--model"])
         .arg(test_model())
+        .arg("--data-dir")
+        .arg(data.path())
         .args([
             "--http-addr",
             "127.0.0.1:0",
