@@ -448,6 +448,13 @@ mod tests {
         }
     }
 
+    /// A breaker that opens at the first failure and stays open for the whole test: a
+    /// failure that must not count against a provider would make it skip the next call.
+    const ONE_STRIKE: BreakerPolicy = BreakerPolicy {
+        failures: 1,
+        cooldown: Duration::from_secs(3600),
+    };
+
     fn scripted(name: &'static str, scripts: Vec<Script>) -> (Scripted, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         (
@@ -738,10 +745,7 @@ mod tests {
         );
         let (c, _) = scripted("mistral", vec![answer("fits here")]);
         let chain = Chain::builder(Arc::clone(&metrics))
-            .breaker(BreakerPolicy {
-                failures: 1,
-                cooldown: Duration::from_secs(3600),
-            })
+            .breaker(ONE_STRIKE)
             .provider(a, DEFAULT_TIMEOUT)
             .provider(b, DEFAULT_TIMEOUT)
             .provider(c, DEFAULT_TIMEOUT)
@@ -786,10 +790,7 @@ mod tests {
         );
         let (b, b_calls) = scripted("mistral", vec![answer("never")]);
         let chain = Chain::builder(Arc::clone(&metrics))
-            .breaker(BreakerPolicy {
-                failures: 1,
-                cooldown: Duration::from_secs(3600),
-            })
+            .breaker(ONE_STRIKE)
             .provider(a, DEFAULT_TIMEOUT)
             .provider(b, DEFAULT_TIMEOUT)
             .build();
@@ -837,10 +838,7 @@ mod tests {
     /// after a second, its breaker opening at the first failure.
     fn queueing_chain(wait: Duration, metrics: &Arc<Metrics>) -> Chain {
         Chain::builder(Arc::clone(metrics))
-            .breaker(BreakerPolicy {
-                failures: 1,
-                cooldown: Duration::from_secs(3600),
-            })
+            .breaker(ONE_STRIKE)
             .provider(Queueing { wait }, Duration::from_secs(1))
             .build()
     }
