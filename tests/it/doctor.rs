@@ -31,6 +31,21 @@ async fn doctor(args: &[&str], token: &str, keys: &[(&str, &str)]) -> Output {
     command.output().await.expect("the binary runs")
 }
 
+/// The flags naming what the doctor checks in place: the model file, the data directory,
+/// the HTTP address and the Bot API.
+fn placed<'a>(model: &'a str, data: &'a str, http: &'a str, telegram: &'a str) -> [&'a str; 8] {
+    [
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--http-addr",
+        http,
+        "--telegram-api-url",
+        telegram,
+    ]
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -63,25 +78,26 @@ async fn doctor_passes_a_healthy_setup() {
     let model = test_model();
     let output = doctor(
         &[
-            "--model",
-            model.to_str().unwrap(),
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--http-addr",
-            "127.0.0.1:0",
-            "--telegram-api-url",
-            &telegram.url,
-            "--chain",
-            "local,groq",
-            "--groq-base-url",
-            groq.base_url.as_str(),
-            "--threads",
-            "1",
-            "--ctx-size",
-            "1024",
-            "--max-tokens",
-            "200",
-        ],
+            &placed(
+                model.to_str().unwrap(),
+                data.path().to_str().unwrap(),
+                "127.0.0.1:0",
+                &telegram.url,
+            )[..],
+            &[
+                "--chain",
+                "local,groq",
+                "--groq-base-url",
+                groq.base_url.as_str(),
+                "--threads",
+                "1",
+                "--ctx-size",
+                "1024",
+                "--max-tokens",
+                "200",
+            ],
+        ]
+        .concat(),
         TOKEN,
         &[("GROQ_API_KEY", FAKE_KEY)],
     )
@@ -137,23 +153,24 @@ async fn doctor_names_every_problem_with_its_fix_and_fails() {
     let busy_addr = busy.local_addr().unwrap().to_string();
     let output = doctor(
         &[
-            "--model",
-            not_a_model.path().to_str().unwrap(),
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--http-addr",
-            &busy_addr,
-            "--telegram-api-url",
-            &telegram.url,
-            "--chain",
-            "groq,gemini,local",
-            "--groq-base-url",
-            groq.base_url.as_str(),
-            "--gemini-base-url",
-            gemini.base_url.as_str(),
-            "--gemini-model",
-            "gemini-2.5-flash",
-        ],
+            &placed(
+                not_a_model.path().to_str().unwrap(),
+                data_dir.to_str().unwrap(),
+                &busy_addr,
+                &telegram.url,
+            )[..],
+            &[
+                "--chain",
+                "groq,gemini,local",
+                "--groq-base-url",
+                groq.base_url.as_str(),
+                "--gemini-base-url",
+                gemini.base_url.as_str(),
+                "--gemini-model",
+                "gemini-2.5-flash",
+            ],
+        ]
+        .concat(),
         TOKEN,
         &[
             ("GROQ_API_KEY", "gsk_wrong_key"),
@@ -192,19 +209,15 @@ async fn doctor_warns_about_a_webhook_and_a_missing_key() {
     let model = test_model();
     let output = doctor(
         &[
-            "--model",
-            model.to_str().unwrap(),
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--http-addr",
-            "127.0.0.1:0",
-            "--telegram-api-url",
-            &telegram.url,
-            "--chain",
-            "local,mistral",
-            "--threads",
-            "1",
-        ],
+            &placed(
+                model.to_str().unwrap(),
+                data.path().to_str().unwrap(),
+                "127.0.0.1:0",
+                &telegram.url,
+            )[..],
+            &["--chain", "local,mistral", "--threads", "1"],
+        ]
+        .concat(),
         TOKEN,
         &[],
     )
