@@ -149,7 +149,9 @@ def single(port, max_tokens, rep):
     }
 
 
-def concurrent(port, max_tokens, rep, users=4):
+def at_once(port, users, max_tokens, what, join_timeout, ignore_eos=False):
+    """`users` identical PROMPT requests released together; their stream_chat results.
+    Raises if any failed or had not ended after `join_timeout` seconds."""
     results = [None] * users
     errors = []
     barrier = threading.Barrier(users, timeout=TIMEOUT)
@@ -157,7 +159,7 @@ def concurrent(port, max_tokens, rep, users=4):
     def user(i):
         try:
             barrier.wait()
-            results[i] = stream_chat(port, PROMPT, max_tokens)
+            results[i] = stream_chat(port, PROMPT, max_tokens, ignore_eos=ignore_eos)
         except Exception as e:  # reported below
             errors.append(repr(e))
 
@@ -165,9 +167,14 @@ def concurrent(port, max_tokens, rep, users=4):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(TIMEOUT * 2)
+        t.join(join_timeout)
     if errors or any(r is None for r in results):
-        raise RuntimeError(f"concurrent requests failed: {errors}")
+        raise RuntimeError(f"{what} requests failed: {errors}")
+    return results
+
+
+def concurrent(port, max_tokens, rep, users=4):
+    results = at_once(port, users, max_tokens, "concurrent", TIMEOUT * 2)
     start = min(r["sent"] for r in results)
     end = max(r["chunks"][-1] for r in results)
     total = sum(r["tokens"] for r in results)
@@ -373,24 +380,7 @@ def longchat(args):
 
 def forced_run(port, max_tokens, users):
     """`users` identical requests at once, each generating exactly `max_tokens` tokens."""
-    results = [None] * users
-    errors = []
-    barrier = threading.Barrier(users, timeout=TIMEOUT)
-
-    def user(i):
-        try:
-            barrier.wait()
-            results[i] = stream_chat(port, PROMPT, max_tokens, ignore_eos=True)
-        except Exception as e:  # reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT * 20)
-    if errors or any(r is None for r in results):
-        raise RuntimeError(f"forced requests failed: {errors}")
+    results = at_once(port, users, max_tokens, "forced", TIMEOUT * 20, ignore_eos=True)
     # From the earliest first token to the last end; the first tokens are not counted.
     start = min(r["sent"] + ttft(r) for r in results)
     end = max(r["end"] for r in results)
@@ -458,6 +448,18 @@ def measure(args):
     print(json.dumps(out))
 
 
+def returning_rows(ttft, count, tokens):
+    """Table rows of the returning turns' summary (the `chats` and `restart` scenarios)."""
+    return [
+        (f"{ttft}, median (s)", "returning", "median_s", "{:.3f}"),
+        (f"{ttft}, p95 (s)", "returning", "p95_s", "{:.3f}"),
+        (f"{ttft}, largest (s)", "returning", "max_s", "{:.3f}"),
+        (count, "returning", "n", "{:.0f}"),
+        (f"{tokens} prompt tokens, median", "returning", "prompt_tokens", "{:.0f}"),
+        (f"{tokens} cached tokens, median", "returning", "cached_tokens", "{:.0f}"),
+    ]
+
+
 TABLES = {
     "basic": [
         ("1 request: generated tok/s", "single", "tok_s", "{:.1f}"),
@@ -476,21 +478,10 @@ TABLES = {
     "chats": [
         ("chats: first turn (cold) TTFT, median (s)", "cold", "median_s", "{:.3f}"),
         ("chats: first turn prompt tokens, median", "cold", "prompt_tokens", "{:.0f}"),
-        ("chats: returning chat TTFT, median (s)", "returning", "median_s", "{:.3f}"),
-        ("chats: returning chat TTFT, p95 (s)", "returning", "p95_s", "{:.3f}"),
-        ("chats: returning chat TTFT, largest (s)", "returning", "max_s", "{:.3f}"),
-        ("chats: returning turns measured", "returning", "n", "{:.0f}"),
-        ("chats: returning prompt tokens, median", "returning", "prompt_tokens", "{:.0f}"),
-        ("chats: returning cached tokens, median", "returning", "cached_tokens", "{:.0f}"),
-    ],
-    "restart": [
-        ("after restart: TTFT, median (s)", "returning", "median_s", "{:.3f}"),
-        ("after restart: TTFT, p95 (s)", "returning", "p95_s", "{:.3f}"),
-        ("after restart: TTFT, largest (s)", "returning", "max_s", "{:.3f}"),
-        ("after restart: turns measured", "returning", "n", "{:.0f}"),
-        ("after restart: prompt tokens, median", "returning", "prompt_tokens", "{:.0f}"),
-        ("after restart: cached tokens, median", "returning", "cached_tokens", "{:.0f}"),
-    ],
+    ] + returning_rows("chats: returning chat TTFT", "chats: returning turns measured",
+                       "chats: returning"),
+    "restart": returning_rows("after restart: TTFT", "after restart: turns measured",
+                              "after restart:"),
     "long": [
         ("long chat: turn TTFT, median (s)", "long", "median_s", "{:.3f}"),
         ("long chat: turn TTFT, largest (s)", "long", "max_s", "{:.3f}"),
