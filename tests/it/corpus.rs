@@ -20,7 +20,7 @@ use mistral_bot::chat::{ChatMessage, ChatRequest, StreamEvent};
 use mistral_bot::config::ProviderKind::Local;
 use serde_json::{Value, json};
 
-use crate::util::app::{Fakes, TestApp, http_settings, providers_config, shared_engine, start_app};
+use crate::util::app::{Fakes, TestApp, chain_app, shared_engine};
 use crate::util::bot_process::BotProcess;
 use crate::util::fake_telegram::{BOT_USERNAME, FakeTelegram, forum_group, private_chat, user};
 use crate::util::greedy;
@@ -177,12 +177,7 @@ async fn check_over_http(app: &TestApp, i: usize, input: &Input) -> Option<Strin
 #[tokio::test]
 async fn corpus_over_http_gets_a_completion_or_a_clean_4xx() {
     let started = Instant::now();
-    let app = start_app(
-        &providers_config(&[Local], &Fakes::default()),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Local], &Fakes::default()).await;
     // Four at a time, as many as the engine has slots: the long inputs batch together.
     let inputs = corpus();
     let problems: Vec<String> = futures::stream::iter(inputs.iter().enumerate())

@@ -13,7 +13,7 @@ use std::time::Duration;
 use mistral_bot::config::ProviderKind::{Groq, Local};
 use serde_json::Value;
 
-use crate::util::app::{Fakes, TestApp, http_settings, providers_config, shared_engine, start_app};
+use crate::util::app::{Fakes, TestApp, chain_app};
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 
 /// The Chromium binary: `$CHROMIUM`, else `chromium` (Debian) on the PATH.
@@ -214,12 +214,7 @@ async fn dashboard_renders_live_charts_in_a_real_browser() {
         groq: Some(groq),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Groq, Local], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Groq, Local], &fakes).await;
     let url = format!("{}/dashboard", app.base);
 
     // Three failures open Groq's breaker; the local engine answers all three.

@@ -11,19 +11,14 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::util::app::{
-    Fakes, TestApp, content, http_settings, make_ready, providers_config, shared_engine, start_app,
-    start_unready,
+    Fakes, TestApp, chain_app, content, http_settings, make_ready, providers_config, shared_engine,
+    start_app, start_unready,
 };
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 use crate::util::{prometheus, test_model};
 
 async fn local_app() -> TestApp {
-    start_app(
-        &providers_config(&[Local], &Fakes::default()),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await
+    chain_app(&[Local], &Fakes::default()).await
 }
 
 /// The `data:` payloads of an SSE body.
@@ -152,12 +147,7 @@ async fn cloud_replies_stream_too() {
         groq: Some(groq),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Groq], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Groq], &fakes).await;
     let (provider, data) = stream_chat(
         &app,
         &json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}),
@@ -389,12 +379,7 @@ async fn metrics_are_valid_prometheus_text_matching_the_json() {
         groq: Some(groq),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Groq, Local], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Groq, Local], &fakes).await;
     let (_, provider, _) = app.ask(QUESTION).await;
     assert_eq!(provider.as_deref(), Some("local"));
 

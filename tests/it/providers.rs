@@ -11,8 +11,8 @@ use mistral_bot::i18n::{self, Lang};
 use serde_json::json;
 
 use crate::util::app::{
-    CLOUD_TIMEOUT, Fakes, assert_moved, content, http_settings, providers_config, shared_engine,
-    start_app,
+    CLOUD_TIMEOUT, Fakes, assert_moved, chain_app, content, http_settings, providers_config,
+    shared_engine, start_app,
 };
 use crate::util::fake_provider::{Behavior, FAKE_KEY, FakeProvider, Shape};
 use crate::util::{engine_config, greedy, start_engine, wait_until};
@@ -28,12 +28,7 @@ async fn groq_then_mistral(
         mistral: Some(mistral.clone()),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Groq, Mistral], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Groq, Mistral], &fakes).await;
     (app, groq, mistral)
 }
 
@@ -83,12 +78,7 @@ async fn gemini_answers_with_contents_and_system_instruction() {
         gemini: Some(gemini.clone()),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Gemini], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Gemini], &fakes).await;
     let before = app.counters().await;
     let (status, provider, body) = app
         .post_chat(&json!({"messages": [
@@ -358,12 +348,7 @@ async fn all_providers_down_gives_the_canned_apology() {
         gemini: Some(gemini),
         openai: Some(openai),
     };
-    let app = start_app(
-        &providers_config(&[Groq, Mistral, Gemini, OpenAi], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Groq, Mistral, Gemini, OpenAi], &fakes).await;
     let before = app.counters().await;
     let response = app
         .client
@@ -506,12 +491,7 @@ async fn local_engine_answers_first_when_free() {
         groq: Some(groq.clone()),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Local, Groq], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Local, Groq], &fakes).await;
     let before = app.counters().await;
     let (status, provider, body) = app
         .ask("What is the capital of France? Answer in one word.")
@@ -563,12 +543,7 @@ async fn gemini_faults_rate_limit_from_the_body_and_a_cut_stream() {
         mistral: Some(mistral),
         ..Fakes::default()
     };
-    let app = start_app(
-        &providers_config(&[Gemini, Mistral], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Gemini, Mistral], &fakes).await;
     let before = app.counters().await;
     assert_eq!(app.ask("hi").await.1.as_deref(), Some("mistral"));
     assert_eq!(app.ask("hi").await.1.as_deref(), Some("mistral"));
@@ -587,12 +562,7 @@ async fn gemini_faults_rate_limit_from_the_body_and_a_cut_stream() {
 
     // A fresh app (fresh Retry-After memory) whose Gemini stream breaks after text.
     gemini.set(Behavior::CutAfter(vec!["Ro".into(), "me".into()]));
-    let app = start_app(
-        &providers_config(&[Gemini, Mistral], &fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await;
+    let app = chain_app(&[Gemini, Mistral], &fakes).await;
     let before = app.counters().await;
     let (_, provider, body) = app.ask("hi").await;
     assert_eq!(provider.as_deref(), Some("gemini"));

@@ -7,9 +7,7 @@
 use mistral_bot::config::ProviderKind::{Gemini, Groq, Local, Mistral};
 use serde_json::{Value, json};
 
-use crate::util::app::{
-    Fakes, TestApp, content, http_settings, providers_config, shared_engine, start_app,
-};
+use crate::util::app::{Fakes, chain_app, content};
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 
 /// A conversation whose template scaffolding alone is over the 1024-token test window:
@@ -21,15 +19,6 @@ fn oversized() -> Value {
         .collect();
     messages.push(json!({"role": "user", "content": "Hi"}));
     json!({"model": "any", "messages": messages, "max_tokens": 4, "temperature": 0})
-}
-
-async fn app(chain: &[mistral_bot::config::ProviderKind], fakes: &Fakes) -> TestApp {
-    start_app(
-        &providers_config(chain, fakes),
-        shared_engine().await,
-        http_settings(),
-    )
-    .await
 }
 
 /// Asserts an OpenAI-style error with `status` and `code`; returns its message.
@@ -48,7 +37,7 @@ fn error_message(reply: &(u16, Option<String>, Value), status: u16, code: &str) 
 
 #[tokio::test]
 async fn a_prompt_too_long_for_the_local_window_is_a_400_and_the_breaker_stays_shut() {
-    let app = app(&[Local], &Fakes::default()).await;
+    let app = chain_app(&[Local], &Fakes::default()).await;
     // More refusals than --breaker-failures (3).
     for _ in 0..5 {
         let reply = app.post_chat(&oversized()).await;
@@ -77,7 +66,7 @@ async fn a_local_overflow_falls_over_to_a_larger_cloud_window() {
         groq: Some(groq.clone()),
         ..Fakes::default()
     };
-    let app = app(&[Local, Groq], &fakes).await;
+    let app = chain_app(&[Local, Groq], &fakes).await;
     for _ in 0..4 {
         let (status, provider, body) = app.post_chat(&oversized()).await;
         assert_eq!((status, provider.as_deref()), (200, Some("groq")), "{body}");
@@ -102,7 +91,7 @@ async fn cloud_4xx_for_the_request_are_400s_and_do_not_trip_the_breaker() {
         groq: Some(groq.clone()),
         ..Fakes::default()
     };
-    let app = app(&[Groq], &fakes).await;
+    let app = chain_app(&[Groq], &fakes).await;
     for _ in 0..4 {
         let reply = app.ask("A long story").await;
         let message = error_message(&reply, 400, "context_length_exceeded");
@@ -132,7 +121,7 @@ async fn a_blocked_prompt_is_a_content_filter_400_and_not_shopped_around() {
         mistral: Some(mistral.clone()),
         ..Fakes::default()
     };
-    let app = app(&[Gemini, Mistral], &fakes).await;
+    let app = chain_app(&[Gemini, Mistral], &fakes).await;
     for _ in 0..4 {
         let reply = app.ask("Something the filter dislikes").await;
         let message = error_message(&reply, 400, "content_filter");
@@ -150,7 +139,7 @@ async fn providers_really_down_still_get_the_canned_apology() {
         groq: Some(groq),
         ..Fakes::default()
     };
-    let app = app(&[Groq], &fakes).await;
+    let app = chain_app(&[Groq], &fakes).await;
     let (status, provider, body) = app.ask("Hi").await;
     assert_eq!(
         (status, provider.as_deref()),

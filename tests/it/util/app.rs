@@ -154,6 +154,17 @@ pub async fn start_app(
     app
 }
 
+/// Starts a ready app whose chain is `chain` (cloud providers at `fakes`) over the shared
+/// engine, with the default HTTP settings.
+pub async fn chain_app(chain: &[ProviderKind], fakes: &Fakes) -> TestApp {
+    start_app(
+        &providers_config(chain, fakes),
+        shared_engine().await,
+        http_settings(),
+    )
+    .await
+}
+
 impl TestApp {
     /// `GET path` as JSON, with its status.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
