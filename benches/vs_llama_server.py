@@ -7,6 +7,7 @@ goes to stderr.
 
     vs_llama_server.py measure --port P --name NAME [--reps 3] [--max-tokens 128]
     vs_llama_server.py chats --port P --name NAME --state S.json [--resume] [--rounds 2]
+                             [--ports P1,P2]   # plain round-robin over servers instead
     vs_llama_server.py longchat --port P --name NAME [--turns 40] [--client-trim]
     vs_llama_server.py forced --port P --name NAME [--max-tokens 64] [--reps 2]
     vs_llama_server.py table A.json B.json      # side-by-side table, ratios A / B
@@ -17,6 +18,7 @@ after both servers restarted continues the same conversations.
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import random
@@ -283,6 +285,10 @@ def summary(runs, key="ttft_s"):
         "n": len(values),
         "prompt_tokens": median_of(runs, "prompt_tokens"),
         "cached_tokens": median_of(runs, "cached_tokens"),
+        # Turns that found at least half their prompt in the server's cache.
+        "cache_hits": sum(
+            1 for r in runs if (r.get("cached_tokens") or 0) * 2 >= (r.get("prompt_tokens") or 1)
+        ),
     }
 
 
@@ -308,10 +314,13 @@ def chats(args):
                 [{"role": "system", "content": SYSTEM}, {"role": "user", "content": notes}]
             )
     out = {"name": args.name, "chats": len(state["chats"])}
+    # --ports: a plain round-robin over several servers, request by request (what a
+    # balancer without affinity does); else every request to --port.
+    ports = itertools.cycle([int(p) for p in args.ports.split(",")] if args.ports else [args.port])
     if not args.resume:
         cold = []
         for i, messages in enumerate(state["chats"]):
-            cold.append(chat_turn(args.port, messages, args.max_tokens, args.ignore_eos))
+            cold.append(chat_turn(next(ports), messages, args.max_tokens, args.ignore_eos))
             log(f"[{args.name}] chat {i} opened: {cold[-1]}")
         out["cold"] = summary(cold)
         out["cold_runs"] = cold
@@ -320,7 +329,7 @@ def chats(args):
         k = state["rounds"]
         for i, messages in enumerate(state["chats"]):
             messages.append({"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]})
-            returning.append(chat_turn(args.port, messages, args.max_tokens, args.ignore_eos))
+            returning.append(chat_turn(next(ports), messages, args.max_tokens, args.ignore_eos))
             log(f"[{args.name}] round {k} chat {i}: {returning[-1]}")
         state["rounds"] = k + 1
     out["returning"] = summary(returning)
@@ -557,6 +566,7 @@ def main():
     c.add_argument("--rounds", type=int, default=2)
     c.add_argument("--max-tokens", type=int, default=32)
     c.add_argument("--ignore-eos", action="store_true")
+    c.add_argument("--ports", help="P1,P2,...: round-robin each request over these instead of --port")
     lc = server_command("longchat")
     lc.add_argument("--turns", type=int, default=40)
     lc.add_argument("--turn-words", type=int, default=20)

@@ -127,12 +127,53 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     /// Generation parameters.
     pub params: GenerateParams,
+    /// The conversation it belongs to, hashed: a fleet routes on it, and it is sent as
+    /// `prompt_cache_key` and `x-session-id` so servers keep the conversation's cache.
+    pub affinity: Option<AffinityKey>,
 }
 
 impl ChatRequest {
     /// A request with the given messages and parameters.
     pub fn new(messages: Vec<ChatMessage>, params: GenerateParams) -> Self {
-        Self { messages, params }
+        Self {
+            messages,
+            params,
+            affinity: None,
+        }
+    }
+
+    /// The request, marked as belonging to the conversation `affinity`.
+    pub fn with_affinity(mut self, affinity: AffinityKey) -> Self {
+        self.affinity = Some(affinity);
+        self
+    }
+}
+
+/// A conversation's identity as it leaves the process: a keyed 128-bit hash of the
+/// conversation key (a chat id, a client's session id), never the key itself. The same
+/// conversation and seed give the same key across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AffinityKey(u128);
+
+impl AffinityKey {
+    /// The key of `conversation` under `seed` (a per-deployment secret, so that a chat id
+    /// cannot be confirmed by hashing it).
+    pub fn of(conversation: &str, seed: u64) -> Self {
+        Self(xxhash_rust::xxh3::xxh3_128_with_seed(
+            conversation.as_bytes(),
+            seed,
+        ))
+    }
+
+    /// 32 lowercase hex digits: the `prompt_cache_key` and `x-session-id` value.
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// 64 bits of it, for routing.
+    pub fn route_hash(&self) -> u64 {
+        // Truncation keeps the low half, as uniform as the whole.
+        self.0 as u64
     }
 }
 

@@ -28,9 +28,11 @@ use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
                   environment and .env"
 )]
 pub struct Args {
-    /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf).
+    /// GGUF model file (e.g. Mistral-7B-Instruct-v0.3.Q4_K_M.gguf). Needed when `local` is
+    /// in --chain (and for --prompt, --console); a front without one answers from the
+    /// other providers (e.g. --chain openai with a fleet in --openai-base-url).
     #[arg(long, short = 'm', env = "MISTRAL_BOT_MODEL", value_name = "PATH")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
 
     /// Inference slots: replies generated at the same time, batched into one decode.
     #[arg(long, env = "MISTRAL_BOT_SLOTS", default_value_t = 4)]
@@ -322,8 +324,8 @@ pub enum Mode {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The engine's setup.
-    pub engine: EngineConfig,
+    /// The engine's setup; `None` without `--model` (then `local` is not in the chain).
+    pub engine: Option<EngineConfig>,
     /// Default generation parameters.
     pub generate: GenerateParams,
     /// System prompt for every conversation.
@@ -476,6 +478,31 @@ pub enum ConfigError {
         /// The value given (at most 40 characters of it).
         value: String,
     },
+    /// An `--openai-base-url` entry that is not an http(s) URL.
+    #[error("--openai-base-url `{url}` is not a valid http(s) URL")]
+    BadBaseUrl {
+        /// The entry (at most 200 characters of it).
+        url: String,
+    },
+    /// An `--openai-base-url` entry given twice.
+    #[error("--openai-base-url names {url} twice")]
+    DuplicateBaseUrl {
+        /// The URL.
+        url: String,
+    },
+    /// `local` in `--chain` without a model to run it.
+    #[error(
+        "--chain names `local` but no --model (MISTRAL_BOT_MODEL) is given: pass --model PATH \
+         to a GGUF file, or leave `local` out of --chain (e.g. --chain openai,groq) to answer \
+         from other servers only"
+    )]
+    NoModel,
+    /// `--prompt` or `--console` without a model.
+    #[error("--{flag} answers with the local model: pass --model PATH (MISTRAL_BOT_MODEL)")]
+    NoModelFor {
+        /// `prompt` or `console`.
+        flag: &'static str,
+    },
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
     BadApiUrl {
@@ -595,6 +622,19 @@ impl TryFrom<Args> for Config {
                 })
             }
         };
+        let mut providers = ProvidersConfig::try_from(args.providers)?;
+        // Budget counts are kept across restarts beside the other state.
+        providers.state_dir = serving.then(|| args.data_dir.clone());
+        if args.model.is_none() {
+            match &mode {
+                Mode::Prompt(_) => return Err(ConfigError::NoModelFor { flag: "prompt" }),
+                Mode::Console => return Err(ConfigError::NoModelFor { flag: "console" }),
+                Mode::Serve if providers.chain.contains(&ProviderKind::Local) => {
+                    return Err(ConfigError::NoModel);
+                }
+                Mode::Serve => {}
+            }
+        }
         if !(1..=MAX_HISTORY_TURNS).contains(&args.history_max_turns) {
             return Err(ConfigError::HistoryTurns);
         }
@@ -603,8 +643,8 @@ impl TryFrom<Args> for Config {
             max_age: parse_history_age(&args.history_max_age)?,
         };
         Ok(Config {
-            engine: EngineConfig {
-                model_path: args.model,
+            engine: args.model.map(|model_path| EngineConfig {
+                model_path,
                 slots,
                 ctx_size,
                 threads,
@@ -616,7 +656,7 @@ impl TryFrom<Args> for Config {
                 llama_log: args.llama_log,
                 progress_bar: false,
                 park,
-            },
+            }),
             generate: GenerateParams {
                 max_tokens,
                 temperature: args.temperature,
@@ -628,7 +668,7 @@ impl TryFrom<Args> for Config {
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,
             verbose_prompt: args.verbose_prompt,
-            providers: ProvidersConfig::try_from(args.providers)?,
+            providers,
             http: HttpConfig::try_from(args.http)?,
             telegram,
             data_dir: args.data_dir,
@@ -771,11 +811,34 @@ pub struct ProviderArgs {
     #[arg(long, env = "OPENAI_COMPAT_MODEL", default_value = "gpt-6-luna")]
     pub openai_model: String,
     /// Base URL of the generic OpenAI-compatible provider [default: https://api.openai.com/v1].
-    #[arg(long, env = "OPENAI_COMPAT_BASE_URL")]
-    pub openai_base_url: Option<Url>,
+    /// Several (comma-separated, or the flag repeated) make a fleet: each conversation
+    /// goes to the server holding its cache (see README "Fleet").
+    #[arg(
+        long,
+        env = "OPENAI_COMPAT_BASE_URL",
+        value_delimiter = ',',
+        value_name = "URL[,URL…]"
+    )]
+    pub openai_base_url: Vec<String>,
     /// Seconds the generic provider may take to start answering; also the longest pause.
     #[arg(long, env = "OPENAI_COMPAT_TIMEOUT", default_value_t = 30.0)]
     pub openai_timeout: f64,
+
+    /// Groq's daily token budget (prompt + completion, as its API reports them; the day
+    /// ends at 00:00 UTC): past it Groq is skipped until the next day.
+    #[arg(long, env = "GROQ_DAILY_TOKENS", value_name = "TOKENS")]
+    pub groq_daily_tokens: Option<u64>,
+    /// Mistral's monthly token budget (its free tier: 2M a month; the month ends at 00:00
+    /// UTC on the 1st): past it Mistral is skipped until the next month.
+    #[arg(long, env = "MISTRAL_MONTHLY_TOKENS", value_name = "TOKENS")]
+    pub mistral_monthly_tokens: Option<u64>,
+    /// Gemini's daily request budget (requests sent; the day ends at 00:00 UTC): past it
+    /// Gemini is skipped until the next day.
+    #[arg(long, env = "GEMINI_DAILY_REQUESTS", value_name = "REQUESTS")]
+    pub gemini_daily_requests: Option<u64>,
+    /// The generic OpenAI-compatible provider's daily token budget (00:00 UTC).
+    #[arg(long, env = "OPENAI_COMPAT_DAILY_TOKENS", value_name = "TOKENS")]
+    pub openai_daily_tokens: Option<u64>,
 
     /// Consecutive failures after which a provider is skipped for --breaker-cooldown.
     #[arg(long, env = "MISTRAL_BOT_BREAKER_FAILURES", default_value_t = 3)]
@@ -858,6 +921,85 @@ impl ProviderKind {
     }
 }
 
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetUnit {
+    /// Prompt and completion tokens, as the API's `usage` reports them.
+    Tokens,
+    /// Requests sent.
+    Requests,
+}
+
+impl BudgetUnit {
+    /// The name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetUnit::Tokens => "tokens",
+            BudgetUnit::Requests => "requests",
+        }
+    }
+}
+
+/// The calendar window a budget is counted in (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetWindow {
+    /// From 00:00 UTC to the next.
+    Day,
+    /// From 00:00 UTC on the 1st to the next 1st.
+    Month,
+}
+
+impl BudgetWindow {
+    /// The name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetWindow::Day => "day",
+            BudgetWindow::Month => "month",
+        }
+    }
+}
+
+/// A provider's budget: at most `limit` of `unit` per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The most allowed per window.
+    pub limit: u64,
+    /// What is counted.
+    pub unit: BudgetUnit,
+    /// The window.
+    pub window: BudgetWindow,
+}
+
+/// The cloud providers' budgets (none by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProviderBudgets {
+    /// `--groq-daily-tokens`.
+    pub groq: Option<Budget>,
+    /// `--mistral-monthly-tokens`.
+    pub mistral: Option<Budget>,
+    /// `--gemini-daily-requests`.
+    pub gemini: Option<Budget>,
+    /// `--openai-daily-tokens`.
+    pub openai: Option<Budget>,
+}
+
+fn budget(
+    limit: Option<u64>,
+    flag: &'static str,
+    unit: BudgetUnit,
+    window: BudgetWindow,
+) -> Result<Option<Budget>, ConfigError> {
+    match limit {
+        None => Ok(None),
+        Some(0) => Err(ConfigError::Zero { flag }),
+        Some(limit) => Ok(Some(Budget {
+            limit,
+            unit,
+            window,
+        })),
+    }
+}
+
 /// One cloud provider's settings.
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
@@ -894,8 +1036,15 @@ pub struct ProvidersConfig {
     pub mistral: CloudConfig,
     /// Gemini.
     pub gemini: CloudConfig,
-    /// The generic OpenAI-compatible provider.
+    /// The generic OpenAI-compatible provider (its `base_url` is the first server).
     pub openai: CloudConfig,
+    /// Every server `--openai-base-url` names (empty for OpenAI itself); more than one
+    /// make a fleet.
+    pub openai_fleet: Vec<Url>,
+    /// The cloud providers' budgets.
+    pub budgets: ProviderBudgets,
+    /// Where the budget counts are kept across restarts (the data dir); `None`: memory.
+    pub state_dir: Option<PathBuf>,
     /// Consecutive failures that open a provider's circuit breaker.
     pub breaker_failures: NonZeroU32,
     /// How long an open breaker skips its provider before one probe.
@@ -944,9 +1093,10 @@ impl TryFrom<ProviderArgs> for ProvidersConfig {
         if chain.is_empty() {
             return Err(ConfigError::Chain("name at least one provider".into()));
         }
-        let self_hosted = args.openai_base_url.is_some();
-        let openai_base_url = match args.openai_base_url {
-            Some(url) => url,
+        let openai_fleet = base_urls(&args.openai_base_url)?;
+        let self_hosted = !openai_fleet.is_empty();
+        let openai_base_url = match openai_fleet.first() {
+            Some(url) => url.clone(),
             None => Url::parse(OPENAI_DEFAULT_BASE_URL)
                 .map_err(|e| ConfigError::Chain(format!("default OpenAI URL: {e}")))?,
         };
@@ -981,10 +1131,61 @@ impl TryFrom<ProviderArgs> for ProvidersConfig {
                 model: model(args.openai_model, "openai-model")?,
                 timeout: seconds(args.openai_timeout, "openai-timeout")?,
             },
+            openai_fleet,
+            budgets: ProviderBudgets {
+                groq: budget(
+                    args.groq_daily_tokens,
+                    "groq-daily-tokens",
+                    BudgetUnit::Tokens,
+                    BudgetWindow::Day,
+                )?,
+                mistral: budget(
+                    args.mistral_monthly_tokens,
+                    "mistral-monthly-tokens",
+                    BudgetUnit::Tokens,
+                    BudgetWindow::Month,
+                )?,
+                gemini: budget(
+                    args.gemini_daily_requests,
+                    "gemini-daily-requests",
+                    BudgetUnit::Requests,
+                    BudgetWindow::Day,
+                )?,
+                openai: budget(
+                    args.openai_daily_tokens,
+                    "openai-daily-tokens",
+                    BudgetUnit::Tokens,
+                    BudgetWindow::Day,
+                )?,
+            },
+            state_dir: None,
             breaker_failures: non_zero_u32(args.breaker_failures, "breaker-failures")?,
             breaker_cooldown: seconds(args.breaker_cooldown, "breaker-cooldown")?,
         })
     }
+}
+
+/// The servers `--openai-base-url` lists (blank entries skipped), each an http(s) URL,
+/// none twice.
+fn base_urls(values: &[String]) -> Result<Vec<Url>, ConfigError> {
+    let mut urls: Vec<Url> = Vec::new();
+    for raw in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        let bad = || ConfigError::BadBaseUrl {
+            url: raw.chars().take(200).collect(),
+        };
+        let url = Url::parse(raw).map_err(|_| bad())?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(bad());
+        }
+        let same = |u: &Url| u.as_str().trim_end_matches('/') == url.as_str().trim_end_matches('/');
+        if urls.iter().any(same) {
+            return Err(ConfigError::DuplicateBaseUrl {
+                url: url.to_string(),
+            });
+        }
+        urls.push(url);
+    }
+    Ok(urls)
 }
 
 /// Flags of the HTTP API.
@@ -1055,6 +1256,7 @@ mod tests {
         let park = parse(&["--data-dir", "/var/lib/bot"])
             .unwrap()
             .engine
+            .unwrap()
             .park
             .unwrap();
         assert_eq!(park.dir, PathBuf::from("/var/lib/bot/kv"));
@@ -1063,6 +1265,7 @@ mod tests {
         let park = parse(&["--kv-park-ram", "0", "--kv-park-disk", "10"])
             .unwrap()
             .engine
+            .unwrap()
             .park
             .unwrap();
         assert_eq!((park.ram_bytes, park.disk_bytes), (0, 10 << 20));
@@ -1071,9 +1274,9 @@ mod tests {
     #[test]
     fn kv_parking_is_off_when_both_budgets_are_zero_and_outside_serve_mode() {
         let off = parse(&["--kv-park-ram", "0", "--kv-park-disk", "0"]).unwrap();
-        assert_eq!(off.engine.park, None);
-        assert_eq!(parse(&["--console"]).unwrap().engine.park, None);
-        assert_eq!(parse(&["--prompt", "hi"]).unwrap().engine.park, None);
+        assert_eq!(off.engine.unwrap().park, None);
+        assert_eq!(parse(&["--console"]).unwrap().engine.unwrap().park, None);
+        assert_eq!(parse(&["--prompt", "hi"]).unwrap().engine.unwrap().park, None);
     }
 
     #[test]
@@ -1091,12 +1294,13 @@ mod tests {
     #[test]
     fn defaults_match_the_design() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.engine.slots.get(), 4);
-        assert_eq!(config.engine.ctx_size.get(), 4096);
-        assert_eq!(config.engine.queue_size.get(), 16);
-        assert!(!config.engine.mmap, "mmap is off by default");
+        let engine = config.engine.unwrap();
+        assert_eq!(engine.slots.get(), 4);
+        assert_eq!(engine.ctx_size.get(), 4096);
+        assert_eq!(engine.queue_size.get(), 16);
+        assert!(!engine.mmap, "mmap is off by default");
         assert_eq!(config.generate.max_tokens, 1000);
-        assert_eq!(config.engine.chat_template, ChatTemplateChoice::Auto);
+        assert_eq!(engine.chat_template, ChatTemplateChoice::Auto);
         assert_eq!(config.mode, Mode::Serve);
     }
 
@@ -1157,6 +1361,7 @@ mod tests {
             parse(&["--chat-template", "chatml"])
                 .unwrap()
                 .engine
+                .unwrap()
                 .chat_template,
             ChatTemplateChoice::Named("chatml".into())
         );
@@ -1164,6 +1369,7 @@ mod tests {
             parse(&["--chat-template", "mistral"])
                 .unwrap()
                 .engine
+                .unwrap()
                 .chat_template,
             ChatTemplateChoice::Mistral
         );
@@ -1327,6 +1533,109 @@ mod tests {
                 Ok(age) => proptest::prop_assert_eq!(age, expected),
                 Err(_) => proptest::prop_assert!(!(MIN_HISTORY_AGE..=MAX_HISTORY_AGE).contains(&expected)),
             }
+        }
+    }
+
+    fn parse_without_model(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["mistral-bot"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(argv).expect("clap accepts the flags"))
+    }
+
+    #[test]
+    fn the_model_is_needed_only_by_the_local_provider() {
+        let err = parse_without_model(&[]).unwrap_err();
+        assert_eq!(err, ConfigError::NoModel);
+        let text = err.to_string();
+        assert!(text.contains("--model") && text.contains("--chain"), "{text}");
+        let front = parse_without_model(&["--chain", "openai,groq"]).unwrap();
+        assert!(front.engine.is_none());
+        assert_eq!(front.mode, Mode::Serve);
+        assert!(matches!(
+            parse_without_model(&["--chain", "groq", "--prompt", "hi"]).unwrap_err(),
+            ConfigError::NoModelFor { flag: "prompt" }
+        ));
+        assert!(parse_without_model(&["--chain", "groq", "--console"]).is_err());
+        // A model beside a cloud-only chain still loads (for /stats and the dashboard).
+        assert!(parse(&["--chain", "groq"]).unwrap().engine.is_some());
+    }
+
+    #[test]
+    fn budgets_are_optional_and_positive() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.providers.budgets, ProviderBudgets::default());
+        assert_eq!(
+            config.providers.state_dir.as_deref(),
+            Some(std::path::Path::new("data"))
+        );
+        let config = parse(&[
+            "--groq-daily-tokens",
+            "500000",
+            "--mistral-monthly-tokens",
+            "2000000",
+            "--gemini-daily-requests",
+            "250",
+            "--openai-daily-tokens",
+            "1000",
+        ])
+        .unwrap();
+        let b = config.providers.budgets;
+        assert_eq!(
+            b.mistral,
+            Some(Budget {
+                limit: 2_000_000,
+                unit: BudgetUnit::Tokens,
+                window: BudgetWindow::Month
+            })
+        );
+        assert_eq!(b.gemini.map(|g| (g.limit, g.unit)), Some((250, BudgetUnit::Requests)));
+        assert_eq!(b.groq.map(|g| g.window), Some(BudgetWindow::Day));
+        assert_eq!(b.openai.map(|g| g.limit), Some(1000));
+        assert!(matches!(
+            parse(&["--groq-daily-tokens", "0"]).unwrap_err(),
+            ConfigError::Zero {
+                flag: "groq-daily-tokens"
+            }
+        ));
+        assert_eq!(parse(&["--console"]).unwrap().providers.state_dir, None);
+    }
+
+    #[test]
+    fn openai_base_urls_make_a_fleet() {
+        let one = parse(&["--openai-base-url", "http://a:8080/v1"]).unwrap();
+        assert_eq!(one.providers.openai_fleet.len(), 1);
+        assert_eq!(one.providers.openai.base_url.as_str(), "http://a:8080/v1");
+        let listed = parse(&["--openai-base-url", "http://a:8080/v1, http://b:8080/v1,"]).unwrap();
+        let repeated = parse(&[
+            "--openai-base-url",
+            "http://a:8080/v1",
+            "--openai-base-url",
+            "http://b:8080/v1",
+        ])
+        .unwrap();
+        for config in [listed, repeated] {
+            let urls: Vec<&str> = config
+                .providers
+                .openai_fleet
+                .iter()
+                .map(Url::as_str)
+                .collect();
+            assert_eq!(urls, ["http://a:8080/v1", "http://b:8080/v1"]);
+            assert!(config.providers.openai.is_configured(), "a fleet needs no key");
+        }
+        assert!(parse(&[]).unwrap().providers.openai_fleet.is_empty());
+        assert!(matches!(
+            parse(&["--openai-base-url", "http://a/v1,http://a/v1/"]).unwrap_err(),
+            ConfigError::DuplicateBaseUrl { .. }
+        ));
+        for bad in ["a:8080", "ftp://a/v1", "http://"] {
+            assert!(
+                matches!(
+                    parse(&["--openai-base-url", bad]).unwrap_err(),
+                    ConfigError::BadBaseUrl { .. }
+                ),
+                "{bad}"
+            );
         }
     }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::config::{
-    Args, Config, ConfigError, HttpConfig, ProvidersConfig, Secret, max_tokens_limit,
+    Args, Config, ConfigError, HttpConfig, ProviderKind, ProvidersConfig, Secret, max_tokens_limit,
 };
 use crate::gguf::{self, GgufHeader};
 use crate::providers::{self, probe};
@@ -122,8 +122,12 @@ pub async fn run(args: Args) -> Report {
     let mut checks = Vec::new();
     // What `Config` refuses and no check below covers (e.g. --slots 0).
     let config = Config::try_from(args.clone());
+    // (The model check below reports a missing model in its own words.)
     if let Err(e) = &config
-        && !matches!(e, ConfigError::OpenWithoutKey { .. })
+        && !matches!(
+            e,
+            ConfigError::OpenWithoutKey { .. } | ConfigError::NoModel
+        )
     {
         checks.push(Check::new(Status::Fail, "flags", e.to_string()));
     }
@@ -150,9 +154,22 @@ pub async fn run(args: Args) -> Report {
     Report { checks }
 }
 
-/// The model file: exists, is GGUF, what it is, whether it fits in memory.
+/// The model file: exists, is GGUF, what it is, whether it fits in memory. Without
+/// `--model`: fine when `local` is not in `--chain` (a front answering from elsewhere).
 fn model_checks(args: &Args) -> Vec<Check> {
-    let path = &args.model;
+    let Some(path) = &args.model else {
+        let local = ProvidersConfig::try_from(args.providers.clone())
+            .map_or(true, |p| p.chain.contains(&ProviderKind::Local));
+        return vec![if local {
+            Check::new(Status::Fail, "model", ConfigError::NoModel.to_string())
+        } else {
+            Check::new(
+                Status::Ok,
+                "model",
+                "none: `local` is not in --chain, so answers come from the chain's other providers",
+            )
+        }];
+    };
     let file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -730,13 +747,36 @@ async fn cloud_checks(args: &Args) -> Vec<Check> {
             return checks;
         }
     };
+    let fleet = config.openai_fleet.len() > 1 && config.chain.contains(&ProviderKind::OpenAi);
+    let status = |report: &probe::ProbeReport| match report.verdict() {
+        probe::Verdict::Ok => Status::Ok,
+        probe::Verdict::Warn => Status::Warn,
+        probe::Verdict::Fail => Status::Fail,
+    };
     for report in probe::probe_chain(&client, &config).await {
-        let status = match report.verdict() {
-            probe::Verdict::Ok => Status::Ok,
-            probe::Verdict::Warn => Status::Warn,
-            probe::Verdict::Fail => Status::Fail,
-        };
-        checks.push(Check::new(status, report.kind.name(), report.summary()));
+        // A fleet's servers are checked one by one below.
+        if !(fleet && report.kind == ProviderKind::OpenAi) {
+            checks.push(Check::new(status(&report), report.kind.name(), report.summary()));
+        }
+    }
+    if fleet {
+        let client = &client;
+        let status = &status;
+        let servers = config.openai_fleet.iter().map(|url| {
+            let cloud = crate::config::CloudConfig {
+                base_url: url.clone(),
+                ..config.openai.clone()
+            };
+            async move {
+                let report = probe::probe(client, ProviderKind::OpenAi, &cloud).await;
+                Check::new(
+                    status(&report),
+                    format!("openai {}", url.as_str().trim_end_matches('/')),
+                    report.summary(),
+                )
+            }
+        });
+        checks.extend(futures::future::join_all(servers).await);
     }
     checks
 }
@@ -775,6 +815,18 @@ mod tests {
         let mut argv = vec!["mistral-bot", "--model", "m.gguf"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn no_model_is_fine_only_without_local_in_the_chain() {
+        let front = Args::try_parse_from(["mistral-bot", "--chain", "openai"]).unwrap();
+        let checks = model_checks(&front);
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].status, Status::Ok, "{}", checks[0].message);
+        let local = Args::try_parse_from(["mistral-bot"]).unwrap();
+        let checks = model_checks(&local);
+        assert_eq!(checks[0].status, Status::Fail);
+        assert!(checks[0].message.contains("--chain"), "{}", checks[0].message);
     }
 
     fn seven_b() -> GgufHeader {

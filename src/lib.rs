@@ -74,14 +74,21 @@ const NO_TOKEN: &str = "no Telegram bot token, so no Telegram bot: set TELEGRAM_
 
 /// Runs what `config` asks for until it is done or the process is told to stop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
-    config.engine.progress_bar = std::io::stderr().is_terminal();
+    if let Some(engine) = &mut config.engine {
+        engine.progress_bar = std::io::stderr().is_terminal();
+    }
     let prompt = match &config.mode {
         // The HTTP API starts before the engine, so serve mode owns the start-up order.
         Mode::Serve => return serve(config).await,
         Mode::Prompt(prompt) => Some(prompt.clone()),
         Mode::Console => None,
     };
-    let engine = EngineHandle::start(config.engine.clone())
+    // `Config` refuses --prompt and --console without a model.
+    let engine_config = config
+        .engine
+        .clone()
+        .context("--prompt and --console need --model")?;
+    let engine = EngineHandle::start(engine_config)
         .await
         .context("starting the local engine")?;
     // The terminal talks to the local model only; --verbose-prompt shows its tokens.
@@ -101,7 +108,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         ResponderConfig {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
-            verbose_prompt: false,
+            ..ResponderConfig::default()
         },
     );
     match prompt {
@@ -116,13 +123,45 @@ pub fn http_settings(config: &Config) -> HttpSettings {
         api_key: config.http.api_key.clone(),
         body_limit: config.http.body_limit.get(),
         max_concurrent: config.http.max_concurrent.get(),
-        model_id: config
-            .engine
-            .model_path
-            .file_stem()
-            .map_or_else(|| "local".to_string(), |s| s.to_string_lossy().into_owned()),
+        model_id: model_id(config),
         generate: config.generate.clone(),
     }
+}
+
+/// The model id the HTTP API names: the local model's file name, or (a front without one)
+/// the model of the first cloud provider in the chain.
+fn model_id(config: &Config) -> String {
+    if let Some(engine) = &config.engine {
+        return engine
+            .model_path
+            .file_stem()
+            .map_or_else(|| "local".to_string(), |s| s.to_string_lossy().into_owned());
+    }
+    let p = &config.providers;
+    p.chain
+        .iter()
+        .find_map(|kind| match kind {
+            config::ProviderKind::Local => None,
+            config::ProviderKind::Groq => Some(&p.groq.model),
+            config::ProviderKind::Mistral => Some(&p.mistral.model),
+            config::ProviderKind::Gemini => Some(&p.gemini.model),
+            config::ProviderKind::OpenAi => Some(&p.openai.model),
+        })
+        .cloned()
+        .unwrap_or_else(|| "mistral-bot".to_string())
+}
+
+/// The seed of the conversations' affinity keys: a secret of the deployment (the bot token,
+/// else the API key), so a chat id cannot be confirmed by hashing it, and stable across
+/// restarts, so a fleet keeps its caches.
+fn affinity_seed(config: &Config) -> u64 {
+    let secret = config
+        .telegram
+        .as_ref()
+        .map(|t| t.token.expose())
+        .or(config.http.api_key.as_ref().map(config::Secret::expose))
+        .unwrap_or("");
+    xxhash_rust::xxh3::xxh3_64(secret.as_bytes())
 }
 
 /// Serve mode: the HTTP API starts at once (`/ready` is 503 while the model loads), then
@@ -172,11 +211,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // retired model is in the log within seconds instead of showing up as breaker churn.
     tokio::spawn(providers::startup_check(config.providers.clone()));
 
-    let engine = tokio::select! {
-        engine = EngineHandle::start(config.engine.clone()) => {
-            engine.context("starting the local engine")?
+    let engine = match config.engine.clone() {
+        Some(engine_config) => Some(tokio::select! {
+            engine = EngineHandle::start(engine_config) => {
+                engine.context("starting the local engine")?
+            }
+            () = stopped(stop_rx.clone()) => return Ok(()),
+        }),
+        None => {
+            tracing::info!("no local model: answers come from the chain's other providers");
+            None
         }
-        () = stopped(stop_rx.clone()) => return Ok(()),
     };
     let chain = Arc::new(providers::build_chain(
         &config.providers,
@@ -190,15 +235,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
             verbose_prompt: config.verbose_prompt,
+            affinity_seed: affinity_seed(&config),
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());
-    tracing::info!(model = %config.engine.model_path.display(), "ready");
+    match &config.engine {
+        Some(engine) => tracing::info!(model = %engine.model_path.display(), "ready"),
+        None => tracing::info!(model = %model_id(&config), "ready"),
+    }
 
     let result = serve_front_ends(&config, responder, engine.clone(), server, stop_rx).await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
-    if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {
+    if let Some(engine) = &engine
+        && engine.park_all(PARK_ON_EXIT_TIMEOUT).await
+    {
         tracing::info!(
             seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
             "KV caches written to disk"
@@ -214,7 +265,7 @@ const PARK_ON_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 async fn serve_front_ends(
     config: &Config,
     responder: Arc<Responder>,
-    engine: EngineHandle,
+    engine: Option<EngineHandle>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -224,7 +275,11 @@ async fn serve_front_ends(
             .context("the HTTP server task failed")?
             .context("the HTTP server failed");
     };
-    let deps = telegram::BotDeps { responder, engine };
+    let deps = telegram::BotDeps {
+        responder,
+        engine,
+        model_id: model_id(config),
+    };
     // The bot stops with the same signal as the HTTP API; a fatal bot error (a rejected
     // token) stops the process, since the bot is what the operator asked for.
     let bot = telegram::run(telegram, deps, stopped(stop_rx));

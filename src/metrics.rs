@@ -66,6 +66,25 @@ pub const ENGINE_KV_PARK_RAM_BYTES: &str = "mistral_bot_engine_kv_park_ram_bytes
 /// Bytes of KV park files on disk now.
 pub const ENGINE_KV_PARK_DISK_BYTES: &str = "mistral_bot_engine_kv_park_disk_bytes";
 
+/// Whether a fleet server takes requests (1) or is marked down (0), by `server`.
+pub const FLEET_SERVER_UP: &str = "mistral_bot_fleet_server_up";
+/// Requests a fleet server is answering now, by `server`.
+pub const FLEET_SERVER_IN_FLIGHT: &str = "mistral_bot_fleet_server_in_flight";
+/// Requests sent to a fleet server, by `server` (exposed with `_total`).
+pub const FLEET_SERVER_REQUESTS: &str = "mistral_bot_fleet_server_requests";
+/// Requests a fleet server failed, by `server` (exposed with `_total`).
+pub const FLEET_SERVER_ERRORS: &str = "mistral_bot_fleet_server_errors";
+
+/// Tokens a provider's API reported, by `kind` (`prompt`, `completion`) in the current
+/// budget window.
+pub const PROVIDER_WINDOW_TOKENS: &str = "mistral_bot_provider_window_tokens";
+/// What counts against a provider's budget in the current window, by `unit`.
+pub const PROVIDER_BUDGET_USED: &str = "mistral_bot_provider_budget_used";
+/// A provider's budget per window, by `unit` (only providers with one).
+pub const PROVIDER_BUDGET_LIMIT: &str = "mistral_bot_provider_budget_limit";
+/// When a provider's budget window resets, Unix seconds.
+pub const PROVIDER_BUDGET_RESET: &str = "mistral_bot_provider_budget_resets_at_seconds";
+
 /// Providers listed in every snapshot, even before their first request.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["local", "groq", "mistral", "gemini", "openai", "canned"];
 
@@ -81,6 +100,8 @@ pub enum SkipReason {
     RateLimited,
     /// Its circuit breaker is open.
     CircuitOpen,
+    /// It is past its budget for the current window (`--groq-daily-tokens`, …).
+    Budget,
 }
 
 impl SkipReason {
@@ -89,6 +110,7 @@ impl SkipReason {
         match self {
             SkipReason::RateLimited => "rate_limited",
             SkipReason::CircuitOpen => "circuit_open",
+            SkipReason::Budget => "budget",
         }
     }
 }
@@ -125,6 +147,52 @@ pub struct EngineFigures {
     /// Bytes of KV park files on disk now.
     pub kv_park_disk_bytes: u64,
 }
+
+/// One server of a fleet (the OpenAI-compatible provider over several base URLs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ServerFigures {
+    /// Its base URL.
+    pub url: String,
+    /// Whether it takes requests (false while marked down and probed).
+    pub up: bool,
+    /// Requests it is answering now.
+    pub in_flight: usize,
+    /// Requests sent to it, since start.
+    pub requests: u64,
+    /// Requests it failed (connection, 5xx, cut stream), since start.
+    pub errors: u64,
+}
+
+/// One cloud provider's counts in its budget window (`/dialogue_metrics` `budgets`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BudgetFigures {
+    /// The provider.
+    pub provider: String,
+    /// Prompt tokens its API reported in the window.
+    pub prompt_tokens: u64,
+    /// Completion tokens its API reported in the window.
+    pub completion_tokens: u64,
+    /// Requests sent in the window.
+    pub requests: u64,
+    /// What the budget counts: `tokens` or `requests`.
+    pub unit: &'static str,
+    /// How much of it is used.
+    pub used: u64,
+    /// The budget, if one is set.
+    pub budget: Option<u64>,
+    /// `day` or `month` (UTC).
+    pub window: &'static str,
+    /// When the window resets, Unix seconds.
+    pub resets_at_unix: u64,
+    /// Tokens left by the provider's last `x-ratelimit-remaining-tokens`, if it sent one.
+    pub header_remaining_tokens: Option<u64>,
+}
+
+/// Where the budget figures come from.
+type BudgetSource = Box<dyn Fn() -> Vec<BudgetFigures> + Send + Sync>;
+
+/// Where the fleet figures come from (set when a fleet is configured).
+type FleetSource = Box<dyn Fn() -> Vec<ServerFigures> + Send + Sync>;
 
 /// Where the engine figures come from (set once the engine is loaded).
 type EngineSource = Box<dyn Fn() -> EngineFigures + Send + Sync>;
@@ -192,6 +260,8 @@ pub struct Metrics {
     /// Per-provider figures for the JSON snapshot (and the percentiles).
     tallies: Mutex<BTreeMap<&'static str, ProviderTally>>,
     engine: std::sync::Arc<EngineCollector>,
+    fleet: std::sync::Arc<FleetCollector>,
+    budgets: std::sync::Arc<BudgetCollector>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -267,6 +337,10 @@ impl Metrics {
         );
         let engine = std::sync::Arc::new(EngineCollector::default());
         registry.register_collector(Box::new(std::sync::Arc::clone(&engine)));
+        let fleet = std::sync::Arc::new(FleetCollector::default());
+        registry.register_collector(Box::new(std::sync::Arc::clone(&fleet)));
+        let budgets = std::sync::Arc::new(BudgetCollector::default());
+        registry.register_collector(Box::new(std::sync::Arc::clone(&budgets)));
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -285,6 +359,8 @@ impl Metrics {
             first_text,
             tallies: Mutex::new(BTreeMap::new()),
             engine,
+            fleet,
+            budgets,
         }
     }
 
@@ -364,6 +440,33 @@ impl Metrics {
     /// The engine's figures now, if it is loaded.
     pub fn engine(&self) -> Option<EngineFigures> {
         self.engine.source.get().map(|source| source())
+    }
+
+    /// Where the fleet's per-server figures come from; set once, by the fleet.
+    pub fn set_fleet_source(&self, source: impl Fn() -> Vec<ServerFigures> + Send + Sync + 'static) {
+        let _ = self.fleet.source.set(Box::new(source));
+    }
+
+    /// The fleet's servers now (empty without a fleet).
+    pub fn fleet(&self) -> Vec<ServerFigures> {
+        self.fleet.source.get().map(|source| source()).unwrap_or_default()
+    }
+
+    /// Where the budget figures come from; set once, by the chain's builder.
+    pub fn set_budget_source(
+        &self,
+        source: impl Fn() -> Vec<BudgetFigures> + Send + Sync + 'static,
+    ) {
+        let _ = self.budgets.source.set(Box::new(source));
+    }
+
+    /// Each cloud provider's counts and budget now.
+    pub fn budgets(&self) -> Vec<BudgetFigures> {
+        self.budgets
+            .source
+            .get()
+            .map(|source| source())
+            .unwrap_or_default()
     }
 
     /// Every provider's figures (the known ones even when zero).
@@ -546,6 +649,138 @@ impl Collector for EngineCollector {
     }
 }
 
+/// Reads the fleet's per-server figures at scrape time.
+#[derive(Default)]
+struct FleetCollector {
+    source: OnceLock<FleetSource>,
+}
+
+impl std::fmt::Debug for FleetCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for FleetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(source) = self.source.get() else {
+            return Ok(());
+        };
+        let servers = source();
+        let label = |s: &ServerFigures| [("server", s.url.clone())];
+        let mut up = encoder.encode_descriptor(
+            FLEET_SERVER_UP,
+            "Whether the fleet server takes requests",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for server in &servers {
+            ConstGauge::new(i64::from(server.up)).encode(up.encode_family(&label(server))?)?;
+        }
+        let mut in_flight = encoder.encode_descriptor(
+            FLEET_SERVER_IN_FLIGHT,
+            "Requests the fleet server is answering",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for server in &servers {
+            let value = i64::try_from(server.in_flight).unwrap_or(i64::MAX);
+            ConstGauge::new(value).encode(in_flight.encode_family(&label(server))?)?;
+        }
+        for (name, help, value) in [
+            (
+                FLEET_SERVER_REQUESTS,
+                "Requests sent to the fleet server",
+                (|s: &ServerFigures| s.requests) as fn(&ServerFigures) -> u64,
+            ),
+            (
+                FLEET_SERVER_ERRORS,
+                "Requests the fleet server failed",
+                |s: &ServerFigures| s.errors,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for server in &servers {
+                ConstCounter::new(value(server)).encode(family.encode_family(&label(server))?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the budget figures at scrape time.
+#[derive(Default)]
+struct BudgetCollector {
+    source: OnceLock<BudgetSource>,
+}
+
+impl std::fmt::Debug for BudgetCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for BudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let Some(source) = self.source.get() else {
+            return Ok(());
+        };
+        let budgets = source();
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let mut tokens = encoder.encode_descriptor(
+            PROVIDER_WINDOW_TOKENS,
+            "Tokens the provider's API reported in the current budget window",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &budgets {
+            for (kind, value) in [("prompt", b.prompt_tokens), ("completion", b.completion_tokens)] {
+                let labels = [("provider", b.provider.as_str()), ("kind", kind)];
+                gauge(value).encode(tokens.encode_family(&labels)?)?;
+            }
+        }
+        let mut used = encoder.encode_descriptor(
+            PROVIDER_BUDGET_USED,
+            "What counts against the provider's budget in the current window",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &budgets {
+            let labels = [("provider", b.provider.as_str()), ("unit", b.unit)];
+            gauge(b.used).encode(used.encode_family(&labels)?)?;
+        }
+        let mut limit = encoder.encode_descriptor(
+            PROVIDER_BUDGET_LIMIT,
+            "The provider's budget per window",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &budgets {
+            if let Some(budget) = b.budget {
+                let labels = [("provider", b.provider.as_str()), ("unit", b.unit)];
+                gauge(budget).encode(limit.encode_family(&labels)?)?;
+            }
+        }
+        let mut reset = encoder.encode_descriptor(
+            PROVIDER_BUDGET_RESET,
+            "When the provider's budget window resets, Unix seconds",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &budgets {
+            let labels = [("provider", b.provider.as_str())];
+            gauge(b.resets_at_unix).encode(reset.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,5 +869,37 @@ mod tests {
             ..EngineFigures::default()
         });
         assert!(metrics.encode().contains("mistral_bot_engine_slots 4"));
+    }
+
+    #[test]
+    fn fleet_servers_reach_prometheus_with_their_url() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode().contains("fleet"));
+        metrics.set_fleet_source(|| {
+            vec![
+                ServerFigures {
+                    url: "http://a:8080/v1".into(),
+                    up: true,
+                    in_flight: 2,
+                    requests: 7,
+                    errors: 1,
+                },
+                ServerFigures {
+                    url: "http://b:8080/v1".into(),
+                    ..ServerFigures::default()
+                },
+            ]
+        });
+        let text = metrics.encode();
+        for line in [
+            "mistral_bot_fleet_server_up{server=\"http://a:8080/v1\"} 1",
+            "mistral_bot_fleet_server_up{server=\"http://b:8080/v1\"} 0",
+            "mistral_bot_fleet_server_in_flight{server=\"http://a:8080/v1\"} 2",
+            "mistral_bot_fleet_server_requests_total{server=\"http://a:8080/v1\"} 7",
+            "mistral_bot_fleet_server_errors_total{server=\"http://a:8080/v1\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert_eq!(metrics.fleet().len(), 2);
     }
 }

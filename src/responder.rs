@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use crate::chat::{ChatMessage, ChatRequest, GenerateParams, Role};
+use crate::chat::{AffinityKey, ChatMessage, ChatRequest, GenerateParams, Role};
 use crate::conversation::{ConversationKey, ConversationStore, NewTurn, StoreError, Turn, TurnId};
 use crate::i18n::Lang;
 use crate::providers::{Chain, Refused, Reply};
@@ -40,6 +40,17 @@ pub struct ResponderConfig {
     pub generate: GenerateParams,
     /// Log each request's messages (debugging; shows user text in the logs).
     pub verbose_prompt: bool,
+    /// Seeds the conversations' affinity keys ([`AffinityKey::of`]): a secret of the
+    /// deployment, so the keys sent out cannot be matched to chat ids.
+    pub affinity_seed: u64,
+}
+
+/// The affinity key of the stored conversation `key`.
+fn stored_affinity(key: ConversationKey, seed: u64) -> AffinityKey {
+    AffinityKey::of(
+        &format!("conversation:{}:{}", key.chat, key.topic.unwrap_or(0)),
+        seed,
+    )
 }
 
 /// `messages` with the configured `system_prompt` first, unless they already hold a system
@@ -153,11 +164,29 @@ impl Responder {
         params: GenerateParams,
         lang: Lang,
     ) -> Result<Reply, Refused> {
+        self.reply_in_session(messages, params, lang, None).await
+    }
+
+    /// As [`reply`](Self::reply), for the client's conversation `session` (its
+    /// `x-session-id`, `prompt_cache_key` or `user`), which goes out hashed as the
+    /// request's affinity key. Without one, a fleet keys the conversation by its opening.
+    pub async fn reply_in_session(
+        &self,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+        lang: Lang,
+        session: Option<&str>,
+    ) -> Result<Reply, Refused> {
         let messages = with_system_prompt(self.config.system_prompt.as_deref(), messages);
         self.log_request(None, &messages);
-        self.chain
-            .reply(ChatRequest::new(messages, params), lang)
-            .await
+        let mut request = ChatRequest::new(messages, params);
+        if let Some(session) = session {
+            request = request.with_affinity(AffinityKey::of(
+                &format!("session:{session}"),
+                self.config.affinity_seed,
+            ));
+        }
+        self.chain.reply(request, lang).await
     }
 
     /// Answers `question` in the stored conversation `key`; `source` is the front end's id
@@ -217,7 +246,8 @@ impl Responder {
             .collect();
         let messages = with_system_prompt(self.config.system_prompt.as_deref(), messages);
         self.log_request(Some(key), &messages);
-        let request = ChatRequest::new(messages, self.config.generate.clone());
+        let request = ChatRequest::new(messages, self.config.generate.clone())
+            .with_affinity(stored_affinity(key, self.config.affinity_seed));
         let reply = self.chain.reply(request, lang).await;
         let turn = PendingTurn {
             store: self.store.clone(),
@@ -479,6 +509,71 @@ mod tests {
             "a request without its own system message gets the configured one"
         );
         assert_eq!(responder.store().conversations().await.unwrap(), 0);
+    }
+
+    /// Records each request's affinity key, answers "ok".
+    struct Keys(Arc<Mutex<Vec<Option<AffinityKey>>>>);
+
+    impl Provider for Keys {
+        fn name(&self) -> &'static str {
+            "keys"
+        }
+
+        fn stream(
+            &self,
+            request: ChatRequest,
+        ) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+            self.0.lock().unwrap().push(request.affinity);
+            Box::pin(async move {
+                let events = vec![
+                    Ok(StreamEvent::Delta("ok".into())),
+                    Ok(StreamEvent::Done(Completion {
+                        finish_reason: FinishReason::Stop,
+                        usage: Usage::default(),
+                        timings: Timings::default(),
+                    })),
+                ];
+                Ok(futures::stream::iter(events).boxed())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_carries_its_conversations_key_hashed() {
+        let keys = Arc::new(Mutex::new(Vec::new()));
+        let providers: Vec<Box<dyn Provider>> = vec![Box::new(Keys(Arc::clone(&keys)))];
+        let store = ConversationStore::in_memory(HistoryLimits::default())
+            .await
+            .unwrap();
+        let config = ResponderConfig {
+            affinity_seed: 77,
+            ..ResponderConfig::default()
+        };
+        let responder = Responder::new(Arc::new(Chain::new(providers)), store, config);
+        let other = ConversationKey {
+            chat: 6,
+            topic: None,
+        };
+        for key in [KEY, KEY, other] {
+            drop(responder.ask(key, "q".into(), None, Lang::En).await.unwrap());
+        }
+        let hi = || vec![ChatMessage::user("hi")];
+        for session in [Some("s1"), Some("s1"), None] {
+            drop(
+                responder
+                    .reply_in_session(hi(), GenerateParams::default(), Lang::En, session)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let keys = keys.lock().unwrap().clone();
+        assert_eq!(keys[0], keys[1], "one conversation, one key");
+        assert_ne!(keys[0], keys[2]);
+        assert_eq!(keys[3], keys[4]);
+        assert_eq!(keys[5], None, "no session: the fleet keys it by its opening");
+        let key = keys[0].unwrap();
+        assert_ne!(key, AffinityKey::of("conversation:5:0", 0), "seeded");
+        assert_eq!(key.hex().len(), 32);
     }
 
     fn message() -> impl Strategy<Value = ChatMessage> {

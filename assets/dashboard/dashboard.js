@@ -318,7 +318,7 @@
       : now.model_id + (now.ready ? "" : " (loading)");
     const e = now.engine;
     $("f-engine").textContent = e ? e.slots_busy + "/" + e.slots + " slots busy · queue " + e.queue_len +
-      " · ctx " + num(now.ctx_size, 0) : "loading";
+      " · ctx " + num(now.ctx_size, 0) : now.ready ? "none (no local model)" : "loading";
     $("f-chain").textContent = now.chain.join(" → ");
     $("f-build").textContent = "v" + now.version + " · " + now.commit;
     $("f-interval").textContent = String(cols.interval_seconds);
@@ -335,6 +335,36 @@
       dot.className = "dot";
       dot.style.background = COLORS[name] || "#94a3b8";
       tr.firstChild.prepend(dot);
+      body.appendChild(tr);
+    }
+  }
+
+  function drawFleet(now) {
+    const servers = now.fleet || [];
+    $("fleet").hidden = servers.length === 0;
+    const body = $("t-fleet").tBodies[0];
+    body.innerHTML = "";
+    for (const s of servers) {
+      const tr = document.createElement("tr");
+      cells(tr, [s.url, s.up ? "up" : "down", num(s.in_flight, 0), num(s.requests, 0), num(s.errors, 0)]);
+      tr.children[1].className = s.up ? "state-closed" : "state-open";
+      body.appendChild(tr);
+    }
+  }
+
+  function drawBudgets(now) {
+    const rows = (now.budgets || []).filter((b) => b.budget != null || b.requests > 0 ||
+      now.chain.includes(b.provider));
+    $("budgets").hidden = rows.length === 0;
+    const body = $("t-budgets").tBodies[0];
+    body.innerHTML = "";
+    for (const b of rows) {
+      const tr = document.createElement("tr");
+      const used = num(b.used, 0) + (b.budget != null ? " / " + num(b.budget, 0) : "") + " " + b.unit;
+      cells(tr, [b.provider, num(b.prompt_tokens, 0), num(b.completion_tokens, 0), num(b.requests, 0),
+        used, new Date(b.resets_at_unix * 1000).toISOString().replace("T", " ").slice(0, 16),
+        b.header_remaining_tokens == null ? "–" : num(b.header_remaining_tokens, 0)]);
+      if (b.budget != null && b.used >= b.budget) tr.children[4].className = "state-open";
       body.appendChild(tr);
     }
   }
@@ -356,6 +386,8 @@
       now = body.now;
       merge(body.series);
       drawFacts(now);
+      drawFleet(now);
+      drawBudgets(now);
       drawAll(now);
       status("live · " + new Date(now.unix_ms).toLocaleTimeString(), "live");
       document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);

@@ -78,8 +78,14 @@ pub async fn completions(
     let (request, stream) = api::parse(&body)?.validate(state.settings())?;
     let responder = state.responder().ok_or(ApiError::NotReady)?;
     let permit = state.try_admit().ok_or(ApiError::Busy)?;
+    let session = super::session::session_of(&headers, &body);
     let reply = responder
-        .reply(request.messages, request.params, lang(&headers))
+        .reply_in_session(
+            request.messages,
+            request.params,
+            lang(&headers),
+            session.as_deref(),
+        )
         .await?;
     let meta = Meta {
         id: state.next_completion_id(),

@@ -18,6 +18,7 @@ mod chat;
 mod dashboard;
 mod error;
 mod ops;
+mod session;
 mod state;
 
 use std::future::Future;

@@ -14,11 +14,17 @@ pub async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 once the model is loaded, 503 before, and 503 again if the engine
-/// thread has died (a load balancer then sends traffic elsewhere).
+/// `GET /ready`: 200 once the model is loaded (at once in a front without one), 503
+/// before, and 503 again if the engine thread has died (a load balancer then sends
+/// traffic elsewhere).
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.is_ready() {
-        Json(json!({"status": "ready", "model": state.settings().model_id})).into_response()
+        Json(json!({
+            "status": "ready",
+            "model": state.settings().model_id,
+            "local_model": state.engine().is_some(),
+        }))
+        .into_response()
     } else if state.engine_stopped() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +64,8 @@ pub async fn dialogue_metrics(State(state): State<AppState>) -> Json<serde_json:
         "local_tokens_per_second": engine.as_ref().map(|e| e.tokens_per_second),
         "model": state.settings().model_id,
         "model_loaded": state.engine().is_some(),
+        "fleet": state.metrics().fleet(),
+        "budgets": state.metrics().budgets(),
         "uptime_seconds": state.uptime_seconds(),
     }}))
 }

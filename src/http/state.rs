@@ -33,7 +33,8 @@ pub struct HttpSettings {
 /// What answers once the model is loaded.
 struct Backend {
     responder: Arc<Responder>,
-    engine: EngineHandle,
+    /// `None` in a front without a local model.
+    engine: Option<EngineHandle>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -72,10 +73,17 @@ impl AppState {
         }
     }
 
-    /// The model is loaded: serve chats through `responder`, show `engine`'s gauges.
-    /// Only the first call counts.
-    pub fn set_ready(&self, responder: Arc<Responder>, engine: EngineHandle) {
-        let gauges = engine.clone();
+    /// The model is loaded (or there is none to load): serve chats through `responder`,
+    /// show `engine`'s gauges. Only the first call counts.
+    pub fn set_ready(&self, responder: Arc<Responder>, engine: impl Into<Option<EngineHandle>>) {
+        let engine = engine.into();
+        if let Some(engine) = &engine {
+            self.show_engine(engine.clone());
+        }
+        let _ = self.inner.backend.set(Backend { responder, engine });
+    }
+
+    fn show_engine(&self, gauges: EngineHandle) {
         self.inner.metrics.set_engine_source(move || {
             let stats = gauges.stats();
             EngineFigures {
@@ -95,15 +103,15 @@ impl AppState {
                 kv_park_disk_bytes: stats.kv_park_disk_bytes,
             }
         });
-        let _ = self.inner.backend.set(Backend { responder, engine });
     }
 
-    /// Whether the model is loaded and its engine thread still runs.
+    /// Whether chats are answered: the model is loaded and its engine thread still runs,
+    /// or there is no local model and the chain is built.
     pub fn is_ready(&self) -> bool {
         self.inner
             .backend
             .get()
-            .is_some_and(|backend| backend.engine.is_alive())
+            .is_some_and(|backend| backend.engine.as_ref().is_none_or(EngineHandle::is_alive))
     }
 
     /// Whether the model was loaded and its engine thread has died since.
@@ -111,7 +119,8 @@ impl AppState {
         self.inner
             .backend
             .get()
-            .is_some_and(|backend| !backend.engine.is_alive())
+            .and_then(|backend| backend.engine.as_ref())
+            .is_some_and(|engine| !engine.is_alive())
     }
 
     pub(super) fn responder(&self) -> Option<&Arc<Responder>> {
@@ -124,7 +133,7 @@ impl AppState {
     }
 
     pub(super) fn engine(&self) -> Option<&EngineHandle> {
-        self.inner.backend.get().map(|b| &b.engine)
+        self.inner.backend.get().and_then(|b| b.engine.as_ref())
     }
 
     pub(super) fn settings(&self) -> &HttpSettings {

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio::time::{Instant, timeout};
 
+use super::budget::Budgets;
 use super::health::{Admission, BreakerPolicy, Health, HealthStatus};
 use super::{CannedProvider, EventStream, Fault, Provider, ProviderError, RequestFault};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
@@ -74,6 +75,8 @@ pub struct Chain {
     entries: Vec<Entry>,
     breaker: BreakerPolicy,
     metrics: Arc<Metrics>,
+    /// Token and request counts, budgets and rate-limit headers, if kept.
+    budgets: Option<Arc<Budgets>>,
 }
 
 /// Builds a [`Chain`] with per-provider timeouts, a breaker policy and shared metrics.
@@ -96,6 +99,13 @@ impl ChainBuilder {
     /// Sets the circuit breaker's policy.
     pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
         self.chain.breaker = policy;
+        self
+    }
+
+    /// Counts each provider's tokens and requests in `budgets`, and skips a provider past
+    /// its budget or out of tokens by its rate-limit headers.
+    pub fn budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.chain.budgets = Some(budgets);
         self
     }
 
@@ -125,6 +135,7 @@ impl Chain {
                 .collect(),
             breaker: BreakerPolicy::default(),
             metrics: Arc::new(Metrics::new()),
+            budgets: None,
         }
     }
 
@@ -135,6 +146,7 @@ impl Chain {
                 entries: Vec::new(),
                 breaker: BreakerPolicy::default(),
                 metrics,
+                budgets: None,
             },
         }
     }
@@ -165,6 +177,15 @@ impl Chain {
         let mut refused: Option<Refused> = None;
         for entry in &self.entries {
             let name = entry.provider.name();
+            if let Some(reason) = self.budgets.as_ref().and_then(|b| b.admit(name)) {
+                tracing::debug!(
+                    provider = name,
+                    reason = reason.as_str(),
+                    "provider skipped"
+                );
+                self.metrics.skipped(name, reason);
+                continue;
+            }
             if let Admission::Skip(reason) = lock(&entry.health).admit(Instant::now()) {
                 tracing::debug!(
                     provider = name,
@@ -288,6 +309,7 @@ struct Attempt {
     metrics: Arc<Metrics>,
     health: Arc<Mutex<Health>>,
     breaker: BreakerPolicy,
+    budgets: Option<Arc<Budgets>>,
     started: Instant,
     first_text: Option<Duration>,
     ended: bool,
@@ -296,11 +318,15 @@ struct Attempt {
 impl Attempt {
     fn start(provider: &'static str, chain: &Chain, entry: &Entry) -> Self {
         chain.metrics.attempt(provider);
+        if let Some(budgets) = &chain.budgets {
+            budgets.request_sent(provider);
+        }
         Self {
             provider,
             metrics: Arc::clone(&chain.metrics),
             health: Arc::clone(&entry.health),
             breaker: chain.breaker,
+            budgets: chain.budgets.clone(),
             started: Instant::now(),
             first_text: None,
             ended: false,
@@ -353,6 +379,9 @@ impl Tail {
             let mut tail = tail?;
             let failure = match timeout(tail.idle, tail.events.next()).await {
                 Ok(Some(Ok(StreamEvent::Done(completion)))) => {
+                    if let Some(budgets) = &tail.attempt.budgets {
+                        budgets.answered(tail.attempt.provider, &completion.usage);
+                    }
                     tail.attempt.succeeded();
                     let mut events = Vec::with_capacity(2);
                     if completion.finish_reason == FinishReason::ContentFilter {

@@ -15,13 +15,19 @@
 //!   server-sent-events decoder; `cloud`: what the HTTP clients share (errors, Retry-After).
 //! - [`probe`]: is each cloud provider's key accepted and its model there (the start-up
 //!   check and `mistral-bot doctor`).
+//! - [`budget`]: tokens and requests per provider, budgets per day or month, what the
+//!   rate-limit headers say is left.
+//! - [`fleet`]: the generic provider over several servers, each conversation routed to the
+//!   one holding its cache.
 //!
 //! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
+pub mod budget;
 mod canned;
 mod chain;
 mod cloud;
 mod convert;
+pub mod fleet;
 mod gemini;
 mod health;
 mod local;
@@ -35,7 +41,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+pub use budget::Budgets;
 pub use canned::CannedProvider;
+pub use fleet::FleetProvider;
 pub use chain::Refused;
 pub use chain::{Chain, ChainBuilder, Reply};
 pub use gemini::GeminiProvider;
@@ -283,23 +291,40 @@ pub async fn startup_check(config: ProvidersConfig) {
     probe::log_startup_check(&reports);
 }
 
-/// The chain `config` describes, over `engine`, recording into `metrics`. Providers named
-/// in the chain but not configured (no API key) are left out with one log line each.
+/// The chain `config` describes, over `engine` (none in a front without a model, whose
+/// chain has no `local`), recording into `metrics`. Providers named in the chain but not
+/// configured (no API key) are left out with one log line each.
 pub fn build_chain(
     config: &ProvidersConfig,
-    engine: EngineHandle,
+    engine: impl Into<Option<EngineHandle>>,
     metrics: Arc<Metrics>,
 ) -> Result<Chain, BuildError> {
+    let engine = engine.into();
     let client = http_client()?;
-    let mut builder = Chain::builder(metrics).breaker(BreakerPolicy {
-        failures: config.breaker_failures.get(),
-        cooldown: config.breaker_cooldown,
+    let budgets = Arc::new(budgets_of(config));
+    let figures = Arc::downgrade(&budgets);
+    metrics.set_budget_source(move || {
+        figures
+            .upgrade()
+            .map(|b| b.figures())
+            .unwrap_or_default()
     });
+    let mut builder = Chain::builder(Arc::clone(&metrics))
+        .breaker(BreakerPolicy {
+            failures: config.breaker_failures.get(),
+            cooldown: config.breaker_cooldown,
+        })
+        .budgets(Arc::clone(&budgets));
     for kind in &config.chain {
         let cloud = match kind {
             ProviderKind::Local => {
-                builder =
-                    builder.provider(LocalProvider::new(engine.clone()), config.local_timeout);
+                match &engine {
+                    Some(engine) => {
+                        builder = builder
+                            .provider(LocalProvider::new(engine.clone()), config.local_timeout);
+                    }
+                    None => tracing::warn!("`local` is in the chain but no model is loaded"),
+                }
                 continue;
             }
             ProviderKind::Groq => &config.groq,
@@ -320,15 +345,22 @@ pub fn build_chain(
                 builder.provider(GeminiProvider::new(client.clone(), cloud), cloud.timeout)
             }
             ProviderKind::Groq => builder.provider(
-                OpenAiProvider::new(OpenAiFlavor::Groq, client.clone(), cloud),
+                OpenAiProvider::new(OpenAiFlavor::Groq, client.clone(), cloud)
+                    .reporting_limits(Arc::clone(&budgets)),
                 cloud.timeout,
             ),
             ProviderKind::Mistral => builder.provider(
-                OpenAiProvider::new(OpenAiFlavor::Mistral, client.clone(), cloud),
+                OpenAiProvider::new(OpenAiFlavor::Mistral, client.clone(), cloud)
+                    .reporting_limits(Arc::clone(&budgets)),
+                cloud.timeout,
+            ),
+            ProviderKind::OpenAi if config.openai_fleet.len() > 1 => builder.provider(
+                FleetProvider::new(client.clone(), cloud, &config.openai_fleet, &metrics),
                 cloud.timeout,
             ),
             ProviderKind::OpenAi | ProviderKind::Local => builder.provider(
-                OpenAiProvider::new(OpenAiFlavor::Generic, client.clone(), cloud),
+                OpenAiProvider::new(OpenAiFlavor::Generic, client.clone(), cloud)
+                    .reporting_limits(Arc::clone(&budgets)),
                 cloud.timeout,
             ),
         };
@@ -342,6 +374,22 @@ pub fn build_chain(
         tracing::info!(providers = ?chain.provider_names(), "fallback chain (then the canned apology)");
     }
     Ok(chain)
+}
+
+/// The counts and budgets of the cloud providers `config` describes, kept in its state
+/// dir when it has one.
+fn budgets_of(config: &ProvidersConfig) -> Budgets {
+    let b = &config.budgets;
+    let limits = [
+        (ProviderKind::Groq.name(), b.groq),
+        (ProviderKind::Mistral.name(), b.mistral),
+        (ProviderKind::Gemini.name(), b.gemini),
+        (ProviderKind::OpenAi.name(), b.openai),
+    ];
+    match &config.state_dir {
+        Some(dir) => Budgets::load(&limits, dir),
+        None => Budgets::in_memory(&limits),
+    }
 }
 
 fn key_env(kind: ProviderKind) -> &'static str {

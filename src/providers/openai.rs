@@ -117,6 +117,18 @@ fn token_field(flavor: OpenAiFlavor, base_url: &Url, model: &str) -> TokenField 
     }
 }
 
+/// The header carrying a request's affinity key to a fleet's router.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// The affinity key `request` carries out, as hex; none to Mistral, whose API takes no
+/// such field (and to which nothing routes by it).
+fn session_key(flavor: OpenAiFlavor, request: &ChatRequest) -> Option<String> {
+    match flavor {
+        OpenAiFlavor::Mistral => None,
+        OpenAiFlavor::Groq | OpenAiFlavor::Generic => request.affinity.map(|k| k.hex()),
+    }
+}
+
 /// A client of one OpenAI-compatible chat completions API.
 pub struct OpenAiProvider {
     flavor: OpenAiFlavor,
@@ -129,6 +141,8 @@ pub struct OpenAiProvider {
     token_field: TokenField,
     /// Whether the model reasons before answering (see [`is_reasoning_model`]).
     reasoning: bool,
+    /// Told what each response's rate-limit headers say is left.
+    limits: Option<std::sync::Arc<super::Budgets>>,
 }
 
 impl std::fmt::Debug for OpenAiProvider {
@@ -160,7 +174,14 @@ impl OpenAiProvider {
             model: config.model.clone(),
             token_field: token_field(flavor, &config.base_url, &config.model),
             reasoning: is_reasoning_model(&config.model),
+            limits: None,
         }
+    }
+
+    /// The same client, telling `budgets` what each response's rate-limit headers say.
+    pub fn reporting_limits(mut self, budgets: std::sync::Arc<super::Budgets>) -> Self {
+        self.limits = Some(budgets);
+        self
     }
 
     /// A failed call as the chain should see it: an unknown or retired model is the
@@ -241,6 +262,10 @@ impl OpenAiProvider {
         if self.flavor != OpenAiFlavor::Mistral {
             body["stream_options"] = json!({"include_usage": true});
         }
+        // OpenAI and Groq route to their prompt caches by it; Mistral rejects unknown fields.
+        if let Some(key) = session_key(self.flavor, request) {
+            body["prompt_cache_key"] = json!(key);
+        }
         body
     }
 }
@@ -264,7 +289,15 @@ impl Provider for OpenAiProvider {
             if let Some(key) = &self.api_key {
                 http = http.bearer_auth(key.expose());
             }
+            // What a router in front of a fleet keeps affinity by (vLLM production-stack
+            // `--session-key x-session-id`, nginx `hash $http_x_session_id consistent`).
+            if let Some(key) = session_key(self.flavor, &request) {
+                http = http.header(SESSION_HEADER, key);
+            }
             let response = cloud::send(http).await.map_err(|e| self.classify(e))?;
+            if let Some(limits) = &self.limits {
+                limits.observe_headers(self.name(), response.headers());
+            }
             let is_json = response
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -545,7 +578,13 @@ mod tests {
         assert_eq!(body["seed"], json!(7));
         assert_eq!(body["stop"], json!(["\n\n"]));
         assert_eq!(body["stream_options"]["include_usage"], json!(true));
-        let mistral = provider(OpenAiFlavor::Mistral).body(&request());
+        assert!(body.get("prompt_cache_key").is_none(), "no conversation, no key");
+        let key = crate::chat::AffinityKey::of("telegram:42", 1);
+        let keyed = groq.body(&request().with_affinity(key));
+        assert_eq!(keyed["prompt_cache_key"], json!(key.hex()));
+        assert!(!keyed.to_string().contains("telegram:42"));
+        let mistral = provider(OpenAiFlavor::Mistral).body(&request().with_affinity(key));
+        assert!(mistral.get("prompt_cache_key").is_none());
         assert_eq!(mistral["random_seed"], json!(7));
         assert!(mistral.get("seed").is_none() && mistral.get("stream_options").is_none());
         assert!(!format!("{groq:?}").contains("sk-secret"));

@@ -505,6 +505,9 @@ mod tests {
             mistral: cloud("m"),
             gemini: cloud("ge"),
             openai: cloud("o"),
+            openai_fleet: Vec::new(),
+            budgets: crate::config::ProviderBudgets::default(),
+            state_dir: None,
             breaker_failures: std::num::NonZeroU32::MIN,
             breaker_cooldown: Duration::from_secs(1),
         };

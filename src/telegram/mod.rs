@@ -90,8 +90,19 @@ pub enum TelegramError {
 pub struct BotDeps {
     /// Answers conversations: stored history, system prompt, the provider chain.
     pub responder: Arc<Responder>,
-    /// The local engine, for `/stats`.
-    pub engine: EngineHandle,
+    /// The local engine, for `/stats`; `None` in a front without a local model.
+    pub engine: Option<EngineHandle>,
+    /// The model named in the greeting when there is no local engine.
+    pub model_id: String,
+}
+
+impl BotDeps {
+    /// The model's name, as the greeting and `/stats` give it.
+    fn model_name(&self) -> String {
+        self.engine
+            .as_ref()
+            .map_or_else(|| self.model_id.clone(), |e| e.info().name.clone())
+    }
 }
 
 /// Runs the bot until `shutdown` completes (then finishes the answers being written, for
@@ -498,7 +509,7 @@ impl BotCore {
             Action::Edited => quick(i18n::edited_ignored(lang).into(), tasks),
             Action::Empty => quick(i18n::empty_hint(lang).into(), tasks),
             Action::Command(Command::Start) => {
-                quick(i18n::greeting(lang, &self.deps.engine.info().name), tasks)
+                quick(i18n::greeting(lang, &self.deps.model_name()), tasks)
             }
             Action::Command(Command::Help) => quick(i18n::help(lang).into(), tasks),
             Action::Command(Command::Stats) => quick(self.stats_text(lang), tasks),
@@ -528,11 +539,16 @@ impl BotCore {
     }
 
     fn stats_text(&self, lang: Lang) -> String {
-        let stats = self.deps.engine.stats();
+        let stats = self
+            .deps
+            .engine
+            .as_ref()
+            .map(EngineHandle::stats)
+            .unwrap_or_default();
         i18n::stats(
             lang,
             &i18n::StatsFigures {
-                model: &self.deps.engine.info().name,
+                model: &self.deps.model_name(),
                 slots_busy: stats.slots_busy,
                 slots: stats.slots,
                 queue_len: stats.queue_len,

@@ -117,6 +117,22 @@ fn missing_model_is_a_clear_error() {
 }
 
 #[test]
+fn no_model_with_local_in_the_chain_names_both_flags() {
+    // Issue 15: the model is needed only by `local`; the default chain has it.
+    let output = Command::new(BIN)
+        .env_remove("MISTRAL_BOT_MODEL")
+        .env_remove("MISTRAL_BOT_CHAIN")
+        .env_remove("TELEGRAM_BOT_TOKEN")
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .output()
+        .expect("the binary runs");
+    assert_fails_with(&output, "--chain names `local` but no --model");
+    assert_eq!(output.status.code(), Some(2));
+    let output = run(&["--chain", "groq", "--prompt", "hi"]);
+    assert_fails_with(&output, "--prompt answers with the local model: pass --model");
+}
+
+#[test]
 fn unreadable_model_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let output = run(&["--model", dir.path().to_str().unwrap(), "--prompt", "hi"]);

@@ -6,6 +6,7 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod budgets;
 mod chaos;
 mod cli;
 mod cloud_apis;
@@ -13,6 +14,7 @@ mod corpus;
 mod dashboard;
 mod doctor;
 mod engine;
+mod fleet;
 mod history;
 mod http;
 mod park;

@@ -230,6 +230,8 @@ async fn data(State(state): State<AppState>, Query(query): Query<DataQuery>) -> 
             "chain": order,
             "health": health,
             "providers": state.metrics().snapshot(),
+            "fleet": state.metrics().fleet(),
+            "budgets": state.metrics().budgets(),
         },
     });
     with_headers(Json(body).into_response(), "application/json", "no-store")

@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mistral_bot::config::{CloudConfig, ProviderKind, ProvidersConfig, Secret};
+use mistral_bot::config::{CloudConfig, ProviderBudgets, ProviderKind, ProvidersConfig, Secret};
 use mistral_bot::conversation::{ConversationStore, HistoryLimits};
 use mistral_bot::engine::EngineHandle;
 use mistral_bot::http::{AppState, HttpSettings};
@@ -69,6 +69,9 @@ pub fn providers_config(chain: &[ProviderKind], fakes: &Fakes) -> ProvidersConfi
         mistral: cloud(&fakes.mistral),
         gemini: cloud(&fakes.gemini),
         openai: cloud(&fakes.openai),
+        openai_fleet: Vec::new(),
+        budgets: ProviderBudgets::default(),
+        state_dir: None,
         breaker_failures: NonZeroU32::new(3).unwrap(),
         breaker_cooldown: Duration::from_secs(30),
     }

@@ -117,18 +117,7 @@ impl BotProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("the binary starts");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut sink = sink.lock().unwrap();
-                sink.push_str(&strip_ansi(&line));
-                sink.push('\n');
-            }
-        });
-        let mut bot = Self { child, stderr };
+        let mut bot = Self::spawn(command);
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while !fake.calls().iter().any(|c| c.method == "getUpdates") {
             if let Ok(Some(status)) = bot.child.try_wait() {
@@ -143,6 +132,72 @@ impl BotProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bot
+    }
+
+    /// Runs `command`, its stderr captured.
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("the binary starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&strip_ansi(&line));
+                sink.push('\n');
+            }
+        });
+        Self { child, stderr }
+    }
+
+    /// Starts the binary with exactly `args` (no Telegram token, no base flags) and its
+    /// state in `data_dir`, and waits until its `/ready` answers 200. Returns it and the
+    /// HTTP API's base URL (`http://127.0.0.1:port`, read from its log).
+    pub async fn serve_http(args: &[String], data_dir: &Path) -> (Self, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mistral-bot"));
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("TELEGRAM_BOT_TOKEN")
+            .env_remove("MISTRAL_BOT_MODEL")
+            .env_remove("MISTRAL_BOT_SYSTEM_PROMPT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut bot = Self::spawn(command);
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = bot.child.try_wait() {
+                panic!("the bot exited with {status}:\n{}", bot.stderr());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bot did not get ready:\n{}",
+                bot.stderr()
+            );
+            let url = bot
+                .stderr()
+                .lines()
+                .find_map(|l| l.split("HTTP API listening on ").nth(1))
+                .map(|u| u.trim().to_string());
+            if let Some(url) = url
+                && let Ok(response) = client.get(format!("{url}/ready")).send().await
+                && response.status().is_success()
+            {
+                return (bot, url);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the process at once (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The process id.

@@ -141,6 +141,10 @@ struct FakeState {
     faults: Mutex<std::collections::BTreeMap<&'static str, usize>>,
     /// The models it offers.
     models: Mutex<Vec<String>>,
+    /// A per-minute token limit, as Groq and OpenAI keep: (tokens left, the
+    /// `x-ratelimit-reset-tokens` value). Every answer costs 14 tokens (its `usage`) and
+    /// carries the `x-ratelimit-*` headers; with fewer left than that, 429.
+    token_limit: Mutex<Option<(u64, String)>>,
 }
 
 /// A running fake provider.
@@ -170,6 +174,7 @@ impl FakeProvider {
             requests: Mutex::default(),
             faults: Mutex::default(),
             models: Mutex::new(vec![FAKE_MODEL.into(), REASONING_MODEL.into()]),
+            token_limit: Mutex::new(None),
         });
         let app = Router::new()
             .route("/v1/models", get(list_models))
@@ -211,6 +216,12 @@ impl FakeProvider {
     /// How many requests it received.
     pub fn hits(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// Puts it under a token limit with `tokens` left, resetting in `reset` (a Go-style
+    /// duration, as Groq writes it: `7.66s`, `2m59.56s`).
+    pub fn set_token_limit(&self, tokens: u64, reset: &str) {
+        *self.state.token_limit.lock().unwrap() = Some((tokens, reset.to_string()));
     }
 
     /// Changes the models it offers (a model not offered gets 404, as when retired).
@@ -439,7 +450,41 @@ async fn handle(
         )
             .into_response();
     }
-    respond(state.shape, behavior).await
+    let limit = state.token_limit.lock().unwrap().clone();
+    match limit {
+        Some((left, reset))
+            if state.shape == Shape::OpenAi && matches!(behavior, Behavior::Answer(_)) =>
+        {
+            /// What one answer's `usage` adds up to.
+            const COST: u64 = 14;
+            if left < COST {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [
+                        (header::RETRY_AFTER, "7".to_string()),
+                        (
+                            header::HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                            left.to_string(),
+                        ),
+                    ],
+                    axum::Json(json!({"error": {"message": "Rate limit reached for tokens per minute",
+                        "type": "tokens", "code": "rate_limit_exceeded"}})),
+                )
+                    .into_response();
+            }
+            let left = left - COST;
+            *state.token_limit.lock().unwrap() = Some((left, reset.clone()));
+            let mut response = respond(state.shape, behavior).await;
+            let headers = response.headers_mut();
+            headers.insert("x-ratelimit-remaining-tokens", left.into());
+            headers.insert("x-ratelimit-limit-tokens", 6000.into());
+            if let Ok(value) = reset.parse() {
+                headers.insert("x-ratelimit-reset-tokens", value);
+            }
+            response
+        }
+        _ => respond(state.shape, behavior).await,
+    }
 }
 
 /// The text of the last user message of a request body.
