@@ -1276,7 +1276,10 @@ mod tests {
         let off = parse(&["--kv-park-ram", "0", "--kv-park-disk", "0"]).unwrap();
         assert_eq!(off.engine.unwrap().park, None);
         assert_eq!(parse(&["--console"]).unwrap().engine.unwrap().park, None);
-        assert_eq!(parse(&["--prompt", "hi"]).unwrap().engine.unwrap().park, None);
+        assert_eq!(
+            parse(&["--prompt", "hi"]).unwrap().engine.unwrap().park,
+            None
+        );
     }
 
     #[test]
@@ -1547,7 +1550,10 @@ mod tests {
         let err = parse_without_model(&[]).unwrap_err();
         assert_eq!(err, ConfigError::NoModel);
         let text = err.to_string();
-        assert!(text.contains("--model") && text.contains("--chain"), "{text}");
+        assert!(
+            text.contains("--model") && text.contains("--chain"),
+            "{text}"
+        );
         let front = parse_without_model(&["--chain", "openai,groq"]).unwrap();
         assert!(front.engine.is_none());
         assert_eq!(front.mode, Mode::Serve);
@@ -1588,7 +1594,10 @@ mod tests {
                 window: BudgetWindow::Month
             })
         );
-        assert_eq!(b.gemini.map(|g| (g.limit, g.unit)), Some((250, BudgetUnit::Requests)));
+        assert_eq!(
+            b.gemini.map(|g| (g.limit, g.unit)),
+            Some((250, BudgetUnit::Requests))
+        );
         assert_eq!(b.groq.map(|g| g.window), Some(BudgetWindow::Day));
         assert_eq!(b.openai.map(|g| g.limit), Some(1000));
         assert!(matches!(
@@ -1621,7 +1630,10 @@ mod tests {
                 .map(Url::as_str)
                 .collect();
             assert_eq!(urls, ["http://a:8080/v1", "http://b:8080/v1"]);
-            assert!(config.providers.openai.is_configured(), "a fleet needs no key");
+            assert!(
+                config.providers.openai.is_configured(),
+                "a fleet needs no key"
+            );
         }
         assert!(parse(&[]).unwrap().providers.openai_fleet.is_empty());
         assert!(matches!(

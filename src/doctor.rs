@@ -124,10 +124,7 @@ pub async fn run(args: Args) -> Report {
     let config = Config::try_from(args.clone());
     // (The model check below reports a missing model in its own words.)
     if let Err(e) = &config
-        && !matches!(
-            e,
-            ConfigError::OpenWithoutKey { .. } | ConfigError::NoModel
-        )
+        && !matches!(e, ConfigError::OpenWithoutKey { .. } | ConfigError::NoModel)
     {
         checks.push(Check::new(Status::Fail, "flags", e.to_string()));
     }
@@ -756,7 +753,11 @@ async fn cloud_checks(args: &Args) -> Vec<Check> {
     for report in probe::probe_chain(&client, &config).await {
         // A fleet's servers are checked one by one below.
         if !(fleet && report.kind == ProviderKind::OpenAi) {
-            checks.push(Check::new(status(&report), report.kind.name(), report.summary()));
+            checks.push(Check::new(
+                status(&report),
+                report.kind.name(),
+                report.summary(),
+            ));
         }
     }
     if fleet {
@@ -826,7 +827,11 @@ mod tests {
         let local = Args::try_parse_from(["mistral-bot"]).unwrap();
         let checks = model_checks(&local);
         assert_eq!(checks[0].status, Status::Fail);
-        assert!(checks[0].message.contains("--chain"), "{}", checks[0].message);
+        assert!(
+            checks[0].message.contains("--chain"),
+            "{}",
+            checks[0].message
+        );
     }
 
     fn seven_b() -> GgufHeader {

@@ -443,13 +443,20 @@ impl Metrics {
     }
 
     /// Where the fleet's per-server figures come from; set once, by the fleet.
-    pub fn set_fleet_source(&self, source: impl Fn() -> Vec<ServerFigures> + Send + Sync + 'static) {
+    pub fn set_fleet_source(
+        &self,
+        source: impl Fn() -> Vec<ServerFigures> + Send + Sync + 'static,
+    ) {
         let _ = self.fleet.source.set(Box::new(source));
     }
 
     /// The fleet's servers now (empty without a fleet).
     pub fn fleet(&self) -> Vec<ServerFigures> {
-        self.fleet.source.get().map(|source| source()).unwrap_or_default()
+        self.fleet
+            .source
+            .get()
+            .map(|source| source())
+            .unwrap_or_default()
     }
 
     /// Where the budget figures come from; set once, by the chain's builder.
@@ -740,7 +747,10 @@ impl Collector for BudgetCollector {
             MetricType::Gauge,
         )?;
         for b in &budgets {
-            for (kind, value) in [("prompt", b.prompt_tokens), ("completion", b.completion_tokens)] {
+            for (kind, value) in [
+                ("prompt", b.prompt_tokens),
+                ("completion", b.completion_tokens),
+            ] {
                 let labels = [("provider", b.provider.as_str()), ("kind", kind)];
                 gauge(value).encode(tokens.encode_family(&labels)?)?;
             }

@@ -555,7 +555,12 @@ mod tests {
             topic: None,
         };
         for key in [KEY, KEY, other] {
-            drop(responder.ask(key, "q".into(), None, Lang::En).await.unwrap());
+            drop(
+                responder
+                    .ask(key, "q".into(), None, Lang::En)
+                    .await
+                    .unwrap(),
+            );
         }
         let hi = || vec![ChatMessage::user("hi")];
         for session in [Some("s1"), Some("s1"), None] {
@@ -570,7 +575,10 @@ mod tests {
         assert_eq!(keys[0], keys[1], "one conversation, one key");
         assert_ne!(keys[0], keys[2]);
         assert_eq!(keys[3], keys[4]);
-        assert_eq!(keys[5], None, "no session: the fleet keys it by its opening");
+        assert_eq!(
+            keys[5], None,
+            "no session: the fleet keys it by its opening"
+        );
         let key = keys[0].unwrap();
         assert_ne!(key, AffinityKey::of("conversation:5:0", 0), "seeded");
         assert_eq!(key.hex().len(), 32);

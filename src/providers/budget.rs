@@ -346,8 +346,8 @@ impl Budgets {
     /// `x-ratelimit-reset-tokens`).
     pub fn observe_headers(&self, provider: &str, headers: &reqwest::header::HeaderMap) {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let Some(remaining) = header("x-ratelimit-remaining-tokens")
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        let Some(remaining) =
+            header("x-ratelimit-remaining-tokens").and_then(|v| v.trim().parse::<u64>().ok())
         else {
             return;
         };

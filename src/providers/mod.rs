@@ -43,9 +43,9 @@ use futures::stream::BoxStream;
 
 pub use budget::Budgets;
 pub use canned::CannedProvider;
-pub use fleet::FleetProvider;
 pub use chain::Refused;
 pub use chain::{Chain, ChainBuilder, Reply};
+pub use fleet::FleetProvider;
 pub use gemini::GeminiProvider;
 pub use health::{BreakerPolicy, BreakerState, HealthStatus};
 pub use local::LocalProvider;
@@ -303,12 +303,7 @@ pub fn build_chain(
     let client = http_client()?;
     let budgets = Arc::new(budgets_of(config));
     let figures = Arc::downgrade(&budgets);
-    metrics.set_budget_source(move || {
-        figures
-            .upgrade()
-            .map(|b| b.figures())
-            .unwrap_or_default()
-    });
+    metrics.set_budget_source(move || figures.upgrade().map(|b| b.figures()).unwrap_or_default());
     let mut builder = Chain::builder(Arc::clone(&metrics))
         .breaker(BreakerPolicy {
             failures: config.breaker_failures.get(),

@@ -578,7 +578,10 @@ mod tests {
         assert_eq!(body["seed"], json!(7));
         assert_eq!(body["stop"], json!(["\n\n"]));
         assert_eq!(body["stream_options"]["include_usage"], json!(true));
-        assert!(body.get("prompt_cache_key").is_none(), "no conversation, no key");
+        assert!(
+            body.get("prompt_cache_key").is_none(),
+            "no conversation, no key"
+        );
         let key = crate::chat::AffinityKey::of("telegram:42", 1);
         let keyed = groq.body(&request().with_affinity(key));
         assert_eq!(keyed["prompt_cache_key"], json!(key.hex()));

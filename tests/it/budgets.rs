@@ -81,9 +81,7 @@ async fn a_provider_past_its_budget_is_skipped_until_its_window_resets_and_count
     assert_eq!(metrics.snapshot()["groq"].skipped, 1);
     let text = metrics.encode();
     assert!(
-        text.contains(
-            "mistral_bot_provider_skipped_total{provider=\"groq\",reason=\"budget\"} 1"
-        ),
+        text.contains("mistral_bot_provider_skipped_total{provider=\"groq\",reason=\"budget\"} 1"),
         "{text}"
     );
     assert!(
@@ -94,11 +92,17 @@ async fn a_provider_past_its_budget_is_skipped_until_its_window_resets_and_count
         text.contains("mistral_bot_provider_budget_limit{provider=\"groq\",unit=\"tokens\"} 30"),
         "{text}"
     );
-    assert_eq!(budget_of(&metrics, "mistral").used, 14, "counted without a budget");
+    assert_eq!(
+        budget_of(&metrics, "mistral").used,
+        14,
+        "counted without a budget"
+    );
 
     // A restart: a new chain over the same data dir knows the counts.
     drop(chain);
-    let file = data.path().join(mistral_bot::providers::budget::BUDGET_FILE);
+    let file = data
+        .path()
+        .join(mistral_bot::providers::budget::BUDGET_FILE);
     crate::util::wait_until("the counts are on disk", Duration::from_secs(10), || {
         let saved: serde_json::Value = std::fs::read(&file)
             .ok()
@@ -144,7 +148,12 @@ async fn rate_limit_headers_make_the_chain_skip_before_the_429() {
     let metrics = Arc::new(Metrics::new());
     let chain = build_chain(&config, None::<EngineHandle>, Arc::clone(&metrics)).unwrap();
     assert_eq!(ask(&chain).await, "groq");
-    assert_eq!(ask(&chain).await, "groq", "{} left: still above the reserve", reserve + 5);
+    assert_eq!(
+        ask(&chain).await,
+        "groq",
+        "{} left: still above the reserve",
+        reserve + 5
+    );
     assert_eq!(
         budget_of(&metrics, "groq").header_remaining_tokens,
         Some(reserve - 9)
@@ -153,11 +162,9 @@ async fn rate_limit_headers_make_the_chain_skip_before_the_429() {
     assert_eq!(ask(&chain).await, "mistral");
     assert_eq!(groq.hits(), 2);
     assert_eq!(metrics.snapshot()["groq"].errors, 0, "never a 429");
-    assert!(
-        metrics
-            .encode()
-            .contains("mistral_bot_provider_skipped_total{provider=\"groq\",reason=\"rate_limited\"} 1")
-    );
+    assert!(metrics.encode().contains(
+        "mistral_bot_provider_skipped_total{provider=\"groq\",reason=\"rate_limited\"} 1"
+    ));
     // Its tokens reset after 1.5 s: asked again.
     groq.set_token_limit(6000, "1m0s");
     tokio::time::sleep(Duration::from_millis(1600)).await;

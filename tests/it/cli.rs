@@ -129,7 +129,10 @@ fn no_model_with_local_in_the_chain_names_both_flags() {
     assert_fails_with(&output, "--chain names `local` but no --model");
     assert_eq!(output.status.code(), Some(2));
     let output = run(&["--chain", "groq", "--prompt", "hi"]);
-    assert_fails_with(&output, "--prompt answers with the local model: pass --model");
+    assert_fails_with(
+        &output,
+        "--prompt answers with the local model: pass --model",
+    );
 }
 
 #[test]

@@ -213,7 +213,12 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
     let mut history: Vec<Vec<Value>> = (0..CHATS).map(|i| vec![opening(i)]).collect();
     let mut home = vec![usize::MAX; CHATS];
     let mut alive = vec![true; 3];
-    let followups = ["And another one?", "Why that one?", "Say it again.", "Thanks!"];
+    let followups = [
+        "And another one?",
+        "Why that one?",
+        "Say it again.",
+        "Thanks!",
+    ];
     // Three rounds: the first places each chat, the next two must find their caches.
     for round in 0..3 {
         for chat in 0..CHATS {
@@ -253,7 +258,10 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
             moved_to[chat] = got.backend;
             moved_seconds.push(got.seconds);
         } else {
-            assert_eq!(got.backend, home[chat], "chat {chat} on a live backend moved");
+            assert_eq!(
+                got.backend, home[chat],
+                "chat {chat} on a live backend moved"
+            );
             assert!(got.cached > 0, "chat {chat}: no cache hit");
             stayed_seconds.push(got.seconds);
         }
@@ -261,7 +269,10 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
         history[chat].push(json!({"role": "user", "content": followups[3]}));
     }
     let servers = fleet(&client, &front).await;
-    assert!(!servers[dead].1, "the dead backend is marked down: {servers:?}");
+    assert!(
+        !servers[dead].1,
+        "the dead backend is marked down: {servers:?}"
+    );
     eprintln!(
         "failover: {} chats moved off the dead backend; their first turns took {:?} s, the \
          others' {:?} s",
@@ -271,12 +282,15 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
     );
 
     // It comes back on the same port: the front's probe finds it, its chats return.
-    let restarted_at = Instant::now();
     backends[dead] = backend(ports[dead], dirs[dead].path()).await;
+    let restarted_at = Instant::now();
     alive[dead] = true;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !fleet(&client, &front).await[dead].1 {
-        assert!(Instant::now() < deadline, "the front never saw the backend come back");
+        assert!(
+            Instant::now() < deadline,
+            "the front never saw the backend come back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!(
@@ -349,7 +363,10 @@ async fn twenty_new_chats_at_once_spread_within_the_load_bound() {
     for (i, &port) in ports.iter().enumerate() {
         let (finished, _) = engine(&client, port).await;
         assert_eq!(finished, counts[i], "backend {i} and the front disagree");
-        assert!(finished <= bound, "backend {i} got {finished} of {CHATS}: {counts:?}");
+        assert!(
+            finished <= bound,
+            "backend {i} got {finished} of {CHATS}: {counts:?}"
+        );
     }
     eprintln!("20 new chats over 3 backends: {counts:?} (bound {bound})");
 }

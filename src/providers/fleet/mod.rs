@@ -424,7 +424,10 @@ mod tests {
 
     #[test]
     fn failures_are_told_apart() {
-        assert_eq!(verdict(&ProviderError::Connect("refused".into())), Verdict::Down);
+        assert_eq!(
+            verdict(&ProviderError::Connect("refused".into())),
+            Verdict::Down
+        );
         assert_eq!(
             verdict(&ProviderError::Status {
                 status: 502,

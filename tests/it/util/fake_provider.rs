@@ -467,8 +467,10 @@ async fn handle(
                             left.to_string(),
                         ),
                     ],
-                    axum::Json(json!({"error": {"message": "Rate limit reached for tokens per minute",
-                        "type": "tokens", "code": "rate_limit_exceeded"}})),
+                    axum::Json(
+                        json!({"error": {"message": "Rate limit reached for tokens per minute",
+                        "type": "tokens", "code": "rate_limit_exceeded"}}),
+                    ),
                 )
                     .into_response();
             }
