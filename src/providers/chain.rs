@@ -177,16 +177,16 @@ impl Chain {
         let mut refused: Option<Refused> = None;
         for entry in &self.entries {
             let name = entry.provider.name();
-            if let Some(reason) = self.budgets.as_ref().and_then(|b| b.admit(name)) {
-                tracing::debug!(
-                    provider = name,
-                    reason = reason.as_str(),
-                    "provider skipped"
-                );
-                self.metrics.skipped(name, reason);
-                continue;
-            }
-            if let Admission::Skip(reason) = lock(&entry.health).admit(Instant::now()) {
+            // The budget first: a provider past it must not take the breaker's one probe.
+            let skip = self
+                .budgets
+                .as_ref()
+                .and_then(|b| b.admit(name))
+                .or_else(|| match lock(&entry.health).admit(Instant::now()) {
+                    Admission::Skip(reason) => Some(reason),
+                    Admission::Go | Admission::Probe => None,
+                });
+            if let Some(reason) = skip {
                 tracing::debug!(
                     provider = name,
                     reason = reason.as_str(),
