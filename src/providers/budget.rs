@@ -120,11 +120,26 @@ impl Tally {
     }
 }
 
-/// What the rate-limit headers of a provider's last response said.
+/// The rate-limit header pairs honoured (remaining, reset) and how much must be left for
+/// a call: tokens for a reply, or one request (Groq's requests per day).
+const HEADER_PAIRS: [(&str, &str, u64); 2] = [
+    (
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        MIN_REMAINING_TOKENS,
+    ),
+    (
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        1,
+    ),
+];
+
+/// What one rate-limit header pair of a provider's last response said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct HeaderLimit {
-    remaining_tokens: u64,
-    /// When the provider's token window resets (Unix milliseconds).
+    remaining: u64,
+    /// When the provider's window resets (Unix milliseconds).
     reset_at_ms: u64,
 }
 
@@ -133,7 +148,8 @@ struct HeaderLimit {
 struct Account {
     budget: Option<Budget>,
     tally: Tally,
-    header: Option<HeaderLimit>,
+    /// Per [`HEADER_PAIRS`] entry.
+    headers: [Option<HeaderLimit>; 2],
 }
 
 /// Every provider's counts and budgets; shared by the chain and the HTTP clients.
@@ -234,7 +250,7 @@ impl Budgets {
                     Account {
                         budget: *budget,
                         tally,
-                        header: None,
+                        headers: [None; 2],
                     },
                 )
             })
@@ -271,16 +287,15 @@ impl Budgets {
                 return Some(SkipReason::Budget);
             }
         }
-        match account.header {
-            Some(limit) if now >= limit.reset_at_ms => {
-                account.header = None;
-                None
+        let mut skip = None;
+        for (limit, (_, _, floor)) in account.headers.iter_mut().zip(HEADER_PAIRS) {
+            match limit {
+                Some(l) if now >= l.reset_at_ms => *limit = None,
+                Some(l) if l.remaining < floor => skip = Some(SkipReason::RateLimited),
+                _ => {}
             }
-            Some(limit) if limit.remaining_tokens < MIN_REMAINING_TOKENS => {
-                Some(SkipReason::RateLimited)
-            }
-            _ => None,
         }
+        skip
     }
 
     /// `provider` is being sent a request.
@@ -342,27 +357,30 @@ impl Budgets {
     }
 
     /// A response of `provider` carried these headers: remember what they say is left of
-    /// its token limit (Groq and OpenAI: `x-ratelimit-remaining-tokens`,
-    /// `x-ratelimit-reset-tokens`).
+    /// its limits (Groq and OpenAI: `x-ratelimit-remaining-tokens` with
+    /// `x-ratelimit-reset-tokens`, `x-ratelimit-remaining-requests` with
+    /// `x-ratelimit-reset-requests`).
     pub fn observe_headers(&self, provider: &str, headers: &reqwest::header::HeaderMap) {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let Some(remaining) =
-            header("x-ratelimit-remaining-tokens").and_then(|v| v.trim().parse::<u64>().ok())
-        else {
-            return;
-        };
-        let reset = header("x-ratelimit-reset-tokens")
-            .and_then(parse_reset)
-            .unwrap_or(Duration::from_secs(60))
-            .min(MAX_HEADER_RESET);
-        let reset_at_ms = self
-            .now_ms()
-            .saturating_add(u64::try_from(reset.as_millis()).unwrap_or(u64::MAX));
+        let now = self.now_ms();
+        let seen = HEADER_PAIRS.map(|(remaining, reset, _)| {
+            let remaining = header(remaining).and_then(|v| v.trim().parse::<u64>().ok())?;
+            let reset = header(reset)
+                .and_then(parse_reset)
+                .unwrap_or(Duration::from_secs(60))
+                .min(MAX_HEADER_RESET);
+            Some(HeaderLimit {
+                remaining,
+                reset_at_ms: now
+                    .saturating_add(u64::try_from(reset.as_millis()).unwrap_or(u64::MAX)),
+            })
+        });
         if let Some(account) = self.lock().get_mut(provider) {
-            account.header = Some(HeaderLimit {
-                remaining_tokens: remaining,
-                reset_at_ms,
-            });
+            for (slot, seen) in account.headers.iter_mut().zip(seen) {
+                if seen.is_some() {
+                    *slot = seen;
+                }
+            }
         }
     }
 
@@ -386,7 +404,7 @@ impl Budgets {
                     budget: account.budget.map(|b| b.limit),
                     window: window.as_str(),
                     resets_at_unix: window_end(window, now),
-                    header_remaining_tokens: account.header.map(|h| h.remaining_tokens),
+                    header_remaining_tokens: account.headers[0].map(|h| h.remaining),
                 }
             })
             .collect()
@@ -520,6 +538,13 @@ mod tests {
         headers.insert("x-ratelimit-remaining-tokens", "50000".parse().unwrap());
         budgets.observe_headers("groq", &headers);
         assert_eq!(budgets.admit("groq"), None, "plenty left");
+        // Groq's requests per day: none left until the reset.
+        headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset-requests", "2m59.56s".parse().unwrap());
+        budgets.observe_headers("groq", &headers);
+        assert_eq!(budgets.admit("groq"), Some(SkipReason::RateLimited));
+        tokio::time::advance(Duration::from_millis(179_560)).await;
+        assert_eq!(budgets.admit("groq"), None);
     }
 
     #[tokio::test]
