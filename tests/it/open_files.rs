@@ -65,7 +65,6 @@ async fn slow_client(addr: SocketAddr, attack: Arc<Attack>) {
 }
 
 /// How long each kind of client waited for its answer.
-#[derive(Debug)]
 struct Probe {
     health: Duration,
     completion: Duration,
@@ -74,6 +73,20 @@ struct Probe {
     slow_open: usize,
     /// The bot's open file descriptors when the probe started.
     bot_fds: usize,
+}
+
+impl Probe {
+    fn show(&self) -> String {
+        format!(
+            "/health {:.3} s, completion {:.2} s, Telegram answer {:.2} s ({} slow connections \
+             open, the bot's open files {})",
+            self.health.as_secs_f64(),
+            self.completion.as_secs_f64(),
+            self.telegram.as_secs_f64(),
+            self.slow_open,
+            self.bot_fds
+        )
+    }
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -197,10 +210,12 @@ async fn slow_clients_beyond_the_file_limit_never_lock_the_others_out() {
 
     let stderr = bot.stderr();
     eprintln!(
-        "{SLOW_CLIENTS} slow clients under `{LIMIT}` (cap 768 connections): at once {at_once:?}; \
-         after {:?} {later:?}; connections made {made}, closed by the server {closed}, \
+        "{SLOW_CLIENTS} slow clients under `{LIMIT}` (cap 768 connections): at once {}; \
+         after {:.0} s {}; connections made {made}, closed by the server {closed}, \
          failed to connect {failed}; accept-failure warnings {}",
-        attack_started.elapsed(),
+        at_once.show(),
+        attack_started.elapsed().as_secs_f64(),
+        later.show(),
         stderr.matches("HTTP accept failed").count()
     );
     assert!(bot.exited().is_none(), "{stderr}");
@@ -223,7 +238,7 @@ async fn the_soft_file_limit_is_raised_to_the_hard_one() {
         hard > 1024,
         "the hard limit ({hard}) leaves nothing to raise"
     );
-    let shell = format!("ulimit -Hn {hard} && ulimit -Sn 1024");
+    let shell = format!("ulimit -Sn 1024 && ulimit -Hn {hard}");
     let launch = Launch {
         shell: Some(&shell),
         ..Launch::default()
