@@ -66,6 +66,7 @@ async fn an_unreachable_bot_api_is_waited_out_while_http_serves() {
     assert!(!stderr.contains("Telegram bot connected"), "{stderr}");
 
     fake.come_up();
+    let came_up = Instant::now();
     let chat = private_chat(4101);
     fake.send_text(&chat, &user(4101, "early_riser", "en"), QUESTION);
     fake.wait_for("the first message after the Bot API came back", LONG, |f| {
@@ -82,8 +83,47 @@ async fn an_unreachable_bot_api_is_waited_out_while_http_serves() {
     );
     assert!(bot.exited().is_none(), "{stderr}");
     eprintln!(
-        "Bot API down {DOWN:?}: /health answered {health_checks} checks; first message answered \
-         after it came back"
+        "Bot API down {DOWN:?}: /health answered {health_checks} checks; the first message \
+         answered {:.1} s after it came back",
+        came_up.elapsed().as_secs_f64()
     );
+    assert!(bot.terminate().await, "exits cleanly\n{}", bot.stderr());
+}
+
+/// A Bot API host that does not resolve (DNS failure) is retried past the five attempts
+/// that used to end the process, while HTTP serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_api_host_that_does_not_resolve_is_retried_while_http_serves() {
+    let _permit = BOTS.acquire().await.unwrap();
+    let fake = FakeTelegram::start_down(TOKEN);
+    let data_dir = tempfile::tempdir().unwrap();
+    // `.invalid` never resolves (RFC 2606).
+    let mut bot = BotProcess::spawn(
+        &fake,
+        data_dir.path(),
+        &["--telegram-api-url", "http://bot-api.invalid:8081"],
+        "info",
+        &Launch::default(),
+    );
+    let base = bot.http_url().await;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + LONG;
+    while bot
+        .stderr()
+        .matches("the Telegram Bot API cannot be reached")
+        .count()
+        < 6
+    {
+        if let Some(status) = bot.exited() {
+            panic!("the bot exited with {status}:\n{}", bot.stderr());
+        }
+        assert!(Instant::now() < deadline, "{}", bot.stderr());
+        let (status, _) = get(&client, &base, "/health", &bot).await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, ready) = get(&client, &base, "/ready", &bot).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["telegram"]["state"], "connecting", "{ready}");
     assert!(bot.terminate().await, "exits cleanly\n{}", bot.stderr());
 }

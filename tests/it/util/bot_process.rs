@@ -138,16 +138,15 @@ impl BotProcess {
             None => Command::new(binary),
         };
         command.envs(launch.env.iter().copied());
+        // `extra` may point the bot elsewhere (a host that does not resolve).
+        if !extra.contains(&"--telegram-api-url") {
+            command.args(["--telegram-api-url", &fake.url]);
+        }
         command
             .arg("--model")
             .arg(test_model())
             .args(flags(extra))
-            .args([
-                "--telegram-api-url",
-                &fake.url,
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--http-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
             .env("TELEGRAM_BOT_TOKEN", launch.token.unwrap_or(&fake.token))
