@@ -1172,7 +1172,11 @@ mod tests {
         assert_eq!(config.generate.min_p, 0.0);
         assert_eq!(config.generate.repeat_penalty, 1.1);
         let defaults = parse(&[]).unwrap().generate;
-        assert_eq!((defaults.top_k, defaults.min_p), (40, 0.05), "llama-server's");
+        assert_eq!(
+            (defaults.top_k, defaults.min_p),
+            (40, 0.05),
+            "llama-server's"
+        );
     }
 
     #[test]

@@ -117,9 +117,9 @@ fn walk(schema: &Value, path: &str, depth: usize, found: &mut Vec<String>) {
                 found.push(format!("{here} (must be anchored with ^ and $)"));
             }
             "$ref"
-                if !value
-                    .as_str()
-                    .is_some_and(|r| r.starts_with("#/$defs/") || r.starts_with("#/definitions/")) =>
+                if !value.as_str().is_some_and(|r| {
+                    r.starts_with("#/$defs/") || r.starts_with("#/definitions/")
+                }) =>
             {
                 found.push(format!("{here} (only local #/$defs/… references)"));
             }
@@ -161,7 +161,9 @@ pub fn gbnf(
 ) -> Result<String, ConstraintError> {
     let schema = match constraint {
         Constraint::Grammar(grammar) => return Ok(grammar.clone()),
-        Constraint::JsonObject => serde_json::json!({"type": "object", "additionalProperties": true}),
+        Constraint::JsonObject => {
+            serde_json::json!({"type": "object", "additionalProperties": true})
+        }
         Constraint::JsonSchema { schema, .. } => schema.clone(),
     };
     let unsupported = unsupported_keywords(&schema);

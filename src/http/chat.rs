@@ -43,9 +43,8 @@ struct Meta {
 /// The `system_fingerprint` of this build serving `model_id`: it changes exactly when
 /// the version or the model does, which is what OpenAI says it tracks.
 fn fingerprint(model_id: &str) -> String {
-    let hash = xxhash_rust::xxh3::xxh3_64(
-        format!("{}\0{model_id}", env!("CARGO_PKG_VERSION")).as_bytes(),
-    );
+    let hash =
+        xxhash_rust::xxh3::xxh3_64(format!("{}\0{model_id}", env!("CARGO_PKG_VERSION")).as_bytes());
     format!("fp_{:012x}", hash & 0xffff_ffff_ffff)
 }
 

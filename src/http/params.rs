@@ -163,9 +163,9 @@ fn logit_bias(map: Map<String, Value>) -> Result<Vec<(i32, f32)>, ApiError> {
                     "logit_bias keys must be token ids (non-negative integers)",
                 )
             })?;
-            let bias = value
-                .as_f64()
-                .ok_or_else(|| ApiError::invalid("logit_bias", "logit_bias values must be numbers"))?;
+            let bias = value.as_f64().ok_or_else(|| {
+                ApiError::invalid("logit_bias", "logit_bias values must be numbers")
+            })?;
             Ok((token, in_range(bias as f32, "logit_bias", -100.0, 100.0)?))
         })
         .collect()
@@ -207,7 +207,9 @@ fn constraint(
         schema,
         strict: false,
     });
-    let mut given = [from_format, from_grammar, from_schema].into_iter().flatten();
+    let mut given = [from_format, from_grammar, from_schema]
+        .into_iter()
+        .flatten();
     let first = given.next();
     if given.next().is_some() {
         return Err(ApiError::invalid(
@@ -251,7 +253,9 @@ fn response_format_constraint(format: &Value) -> Result<Option<Constraint>, ApiE
                 .get("schema")
                 .filter(|s| s.is_object() || s.is_boolean())
                 .cloned()
-                .ok_or_else(|| invalid("response_format.json_schema.schema must be a JSON Schema"))?;
+                .ok_or_else(|| {
+                    invalid("response_format.json_schema.schema must be a JSON Schema")
+                })?;
             Ok(Some(Constraint::JsonSchema {
                 name: spec
                     .get("name")
@@ -338,7 +342,10 @@ mod tests {
             })
         );
         let (params, _) = apply(json!({"json_schema": schema}), false).unwrap();
-        assert!(matches!(params.constraint, Some(Constraint::JsonSchema { .. })));
+        assert!(matches!(
+            params.constraint,
+            Some(Constraint::JsonSchema { .. })
+        ));
         let (params, _) = apply(json!({"grammar": "root ::= \"x\""}), false).unwrap();
         assert_eq!(
             params.constraint,
@@ -359,11 +366,23 @@ mod tests {
             (json!({"logit_bias": {"-1": 1}}), "logit_bias"),
             (json!({"logit_bias": {"5": 101}}), "logit_bias"),
             (json!({"logit_bias": {"5": "a"}}), "logit_bias"),
-            (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
             (json!({"top_logprobs": 2}), "top_logprobs"),
-            (json!({"response_format": {"type": "xml"}}), "response_format"),
-            (json!({"response_format": {"type": "json_schema"}}), "response_format"),
-            (json!({"grammar": "root ::= \"a\"", "json_schema": {}}), "response_format"),
+            (
+                json!({"response_format": {"type": "xml"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format",
+            ),
+            (
+                json!({"grammar": "root ::= \"a\"", "json_schema": {}}),
+                "response_format",
+            ),
             (json!({"truncation": "sometimes"}), "truncation"),
         ];
         for (fields, param) in cases {

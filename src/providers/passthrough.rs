@@ -31,9 +31,7 @@ fn refused(detail: impl Into<String>) -> ProviderError {
 /// What no cloud API here can do.
 fn common_refusal(params: &GenerateParams) -> Result<(), ProviderError> {
     if matches!(params.constraint, Some(Constraint::Grammar(_))) {
-        return Err(refused(
-            "a GBNF grammar is served by the local engine only",
-        ));
+        return Err(refused("a GBNF grammar is served by the local engine only"));
     }
     if params.logprobs.is_some() {
         return Err(refused("logprobs are served by the local engine only"));
@@ -176,7 +174,10 @@ fn gemini_schema(schema: &Value, path: &str) -> Result<Value, ProviderError> {
                 };
                 let mut converted = Map::new();
                 for (name, child) in children {
-                    converted.insert(name.clone(), gemini_schema(child, &format!("{here}/{name}"))?);
+                    converted.insert(
+                        name.clone(),
+                        gemini_schema(child, &format!("{here}/{name}"))?,
+                    );
                 }
                 out.insert("properties".into(), Value::Object(converted));
             }
@@ -235,7 +236,10 @@ mod tests {
             fields["response_format"],
             json!({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": true}})
         );
-        assert!(!fields.contains_key("frequency_penalty"), "defaults are not sent");
+        assert!(
+            !fields.contains_key("frequency_penalty"),
+            "defaults are not sent"
+        );
         assert!(openai_fields(&params(None)).unwrap().is_empty());
     }
 
@@ -276,7 +280,12 @@ mod tests {
             schema: json!({"$defs": {}, "$ref": "#/$defs/x"}),
             strict: false,
         }));
-        for (p, openai_ok) in [(&grammar, false), (&logprobs, false), (&bias, true), (&reference, true)] {
+        for (p, openai_ok) in [
+            (&grammar, false),
+            (&logprobs, false),
+            (&bias, true),
+            (&reference, true),
+        ] {
             assert_eq!(openai_fields(p).is_ok(), openai_ok, "{p:?}");
             let error = gemini_fields(p).unwrap_err();
             assert_eq!(

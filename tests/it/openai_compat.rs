@@ -15,7 +15,9 @@ use proptest::strategy::{Just, Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 
-use crate::util::app::{Fakes, TestApp, chain_app, content, shared_engine};
+use crate::util::app::{
+    Fakes, TestApp, chain_app, content, http_settings, providers_config, shared_engine, start_app,
+};
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
@@ -120,7 +122,11 @@ async fn routes_without_the_v1_prefix_answer_with_a_system_fingerprint() {
     assert_eq!(status, 200, "{with_prefix}");
     let (status, without) = post(&app, "/chat/completions", &ask(json!({}))).await;
     assert_eq!(status, 200, "{without}");
-    assert_eq!(content(&without), content(&with_prefix), "the same endpoint");
+    assert_eq!(
+        content(&without),
+        content(&with_prefix),
+        "the same endpoint"
+    );
     let fingerprint = with_prefix["system_fingerprint"].as_str().unwrap();
     assert!(fingerprint.starts_with("fp_"), "{fingerprint}");
     assert_eq!(without["system_fingerprint"], fingerprint, "stable");
@@ -128,8 +134,15 @@ async fn routes_without_the_v1_prefix_answer_with_a_system_fingerprint() {
     assert_eq!(status, 200);
     assert_eq!(models, app.get_json("/v1/models").await.1);
     let chunks = stream(&app, &ask(json!({}))).await;
-    assert!(chunks.iter().all(|c| c["system_fingerprint"] == fingerprint));
-    sdk_validates(&[&with_prefix, &without], &chunks.iter().collect::<Vec<_>>());
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["system_fingerprint"] == fingerprint)
+    );
+    sdk_validates(
+        &[&with_prefix, &without],
+        &chunks.iter().collect::<Vec<_>>(),
+    );
 }
 
 #[tokio::test]
@@ -147,8 +160,14 @@ async fn include_usage_adds_a_last_chunk_without_choices_only_when_asked() {
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
     );
-    assert!(rest.iter().all(|c| c["usage"].is_null()), "null until the last");
-    assert!(rest.iter().all(|c| c["choices"].as_array().unwrap().len() == 1));
+    assert!(
+        rest.iter().all(|c| c["usage"].is_null()),
+        "null until the last"
+    );
+    assert!(
+        rest.iter()
+            .all(|c| c["choices"].as_array().unwrap().len() == 1)
+    );
     assert!(rest.last().unwrap()["choices"][0]["finish_reason"].is_string());
 
     let plain = stream(&app, &ask(json!({}))).await;
@@ -226,8 +245,10 @@ async fn top_k_one_is_deterministic_across_seeds() {
         let (_, body) = post(
             &app,
             "/v1/chat/completions",
-            &ask(json!({"temperature": 1.5, "top_k": 0, "min_p": 0, "top_p": 1, "seed": seed,
-                "max_tokens": 16})),
+            &ask(
+                json!({"temperature": 1.5, "top_k": 0, "min_p": 0, "top_p": 1, "seed": seed,
+                "max_tokens": 16}),
+            ),
         )
         .await;
         free.push(content(&body).to_string());
@@ -240,7 +261,10 @@ async fn top_k_one_is_deterministic_across_seeds() {
 async fn token_ids_of(word: &str) -> Vec<i32> {
     let engine = shared_engine().await;
     let request = ChatRequest::new(
-        vec![ChatMessage::user(format!("{word} {word}, {word}. {}", word.to_lowercase()))],
+        vec![ChatMessage::user(format!(
+            "{word} {word}, {word}. {}",
+            word.to_lowercase()
+        ))],
         GenerateParams::greedy(1),
     );
     let mut reply = engine.submit_showing_prompt(request).unwrap();
@@ -263,8 +287,10 @@ async fn logit_bias_minus_100_bans_a_token_and_penalties_are_checked() {
     assert!(content(&free).contains("Paris"), "{free}");
     let banned = token_ids_of("Paris").await;
     assert!(!banned.is_empty());
-    let bias: serde_json::Map<String, Value> =
-        banned.iter().map(|id| (id.to_string(), json!(-100))).collect();
+    let bias: serde_json::Map<String, Value> = banned
+        .iter()
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
     let (status, body) = post(
         &app,
         "/v1/chat/completions",
@@ -324,12 +350,17 @@ async fn logprobs_have_openais_shape_whole_and_streamed() {
     let request = ask(json!({"logprobs": true, "top_logprobs": 3}));
     let (status, whole) = post(&app, "/v1/chat/completions", &request).await;
     assert_eq!(status, 200, "{whole}");
-    let entries = whole["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let entries = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     assert!(!entries.is_empty());
     for entry in entries {
         check_logprob(entry, 3);
     }
-    let joined: String = entries.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    let joined: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
     assert_eq!(joined, content(&whole), "the tokens spell the reply");
 
     let chunks = stream(&app, &request).await;
@@ -345,8 +376,16 @@ async fn logprobs_have_openais_shape_whole_and_streamed() {
 
     let (_, without) = post(&app, "/v1/chat/completions", &ask(json!({}))).await;
     assert!(without["choices"][0]["logprobs"].is_null(), "{without}");
-    let (_, no_top) = post(&app, "/v1/chat/completions", &ask(json!({"logprobs": true}))).await;
-    for entry in no_top["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+    let (_, no_top) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logprobs": true})),
+    )
+    .await;
+    for entry in no_top["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+    {
         check_logprob(entry, 0);
     }
     let (status, _) = post(
@@ -356,22 +395,34 @@ async fn logprobs_have_openais_shape_whole_and_streamed() {
     )
     .await;
     assert_eq!(status, 400);
-    sdk_validates(&[&whole, &without, &no_top], &chunks.iter().collect::<Vec<_>>());
+    sdk_validates(
+        &[&whole, &without, &no_top],
+        &chunks.iter().collect::<Vec<_>>(),
+    );
 }
 
 #[tokio::test]
 async fn json_mode_output_parses_and_schema_output_validates() {
-    let app = local_app().await;
+    // Room for a whole object: JSON cut at max_tokens (finish_reason "length") does not
+    // parse, with OpenAI too.
+    let mut settings = http_settings();
+    settings.generate.max_tokens = 400;
+    let app = start_app(
+        &providers_config(&[Local], &Fakes::default()),
+        shared_engine().await,
+        settings,
+    )
+    .await;
     let (status, body) = post(
         &app,
         "/v1/chat/completions",
-        &ask(json!({"response_format": {"type": "json_object"}, "max_tokens": 200,
-            "messages": [{"role": "user", "content": "Describe Paris as JSON."}]})),
+        &ask(json!({"response_format": {"type": "json_object"}, "max_tokens": 400,
+            "messages": [{"role": "user", "content": "Reply with exactly this JSON: {\"ok\": true}"}]})),
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let parsed: Value = serde_json::from_str(content(&body))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    let parsed: Value =
+        serde_json::from_str(content(&body)).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     assert!(parsed.is_object(), "{parsed}");
 
     let schema = json!({"type": "object", "properties": {
@@ -382,8 +433,10 @@ async fn json_mode_output_parses_and_schema_output_validates() {
     let (status, body) = post(
         &app,
         "/v1/chat/completions",
-        &ask(json!({"max_tokens": 200, "response_format": {"type": "json_schema",
-            "json_schema": {"name": "city", "strict": true, "schema": schema}}})),
+        &ask(
+            json!({"max_tokens": 200, "response_format": {"type": "json_schema",
+            "json_schema": {"name": "city", "strict": true, "schema": schema}}}),
+        ),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -403,7 +456,9 @@ async fn json_mode_output_parses_and_schema_output_validates() {
     let (status, body) = post(
         &app,
         "/v1/chat/completions",
-        &ask(json!({"json_schema": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}})),
+        &ask(
+            json!({"json_schema": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}),
+        ),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -435,7 +490,13 @@ async fn unsupported_schemas_and_bad_grammars_are_400s_naming_the_problem() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("grammar"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grammar"),
+        "{body}"
+    );
     let (status, body) = post(
         &app,
         "/v1/chat/completions",
@@ -496,8 +557,9 @@ fn validates(value: &Value, schema: &Value) -> bool {
 fn schema_strategy() -> impl Strategy<Value = Value> {
     let leaf = proptest::prop_oneof![
         (1u64..8).prop_map(|max| json!({"type": "string", "maxLength": max})),
-        (-50i64..50, 0i64..100)
-            .prop_map(|(min, span)| json!({"type": "integer", "minimum": min, "maximum": min + span})),
+        (-50i64..50, 0i64..100).prop_map(
+            |(min, span)| json!({"type": "integer", "minimum": min, "maximum": min + span})
+        ),
         Just(json!({"type": "number"})),
         Just(json!({"type": "boolean"})),
         Just(json!({"type": "null"})),
@@ -526,10 +588,7 @@ async fn generated_schemas_give_output_that_parses_and_validates() {
     let engine = shared_engine().await;
     let mut runner = TestRunner::deterministic();
     for case in 0..12u32 {
-        let schema = schema_strategy()
-            .new_tree(&mut runner)
-            .unwrap()
-            .current();
+        let schema = schema_strategy().new_tree(&mut runner).unwrap().current();
         let params = GenerateParams {
             max_tokens: 400,
             temperature: 1.0,
@@ -541,10 +600,7 @@ async fn generated_schemas_give_output_that_parses_and_validates() {
             }),
             ..GenerateParams::default()
         };
-        let request = ChatRequest::new(
-            vec![ChatMessage::user("Answer with JSON.")],
-            params,
-        );
+        let request = ChatRequest::new(vec![ChatMessage::user("Answer with JSON.")], params);
         let (text, done) = engine.submit(request).unwrap().collect().await.unwrap();
         assert_eq!(
             done.finish_reason,
@@ -553,7 +609,10 @@ async fn generated_schemas_give_output_that_parses_and_validates() {
         );
         let value: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("case {case}: {e}: {text:?} for {schema}"));
-        assert!(validates(&value, &schema), "case {case}: {value} against {schema}");
+        assert!(
+            validates(&value, &schema),
+            "case {case}: {value} against {schema}"
+        );
     }
 }
 
@@ -567,14 +626,16 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
         ..Fakes::default()
     };
     let schema = json!({"type": "object", "properties": {"a": {"type": ["integer", "null"]}}});
-    let request = ask(json!({"presence_penalty": 0.5, "top_k": 7, "logit_bias": {"11": -100},
+    let request = ask(
+        json!({"presence_penalty": 0.5, "top_k": 7, "logit_bias": {"11": -100},
         "response_format": {"type": "json_schema",
-            "json_schema": {"name": "thing", "schema": schema, "strict": true}}}));
+            "json_schema": {"name": "thing", "schema": schema, "strict": true}}}),
+    );
 
     let app = chain_app(&[Groq], &fakes).await;
     let (status, body) = post(&app, "/v1/chat/completions", &request).await;
     assert_eq!(status, 200, "{body}");
-    let sent = &groq.requests().last().unwrap().body;
+    let sent = groq.requests().last().unwrap().body.clone();
     assert_eq!(sent["presence_penalty"], 0.5);
     assert_eq!(sent["logit_bias"], json!({"11": -100.0}));
     assert_eq!(sent["response_format"]["type"], "json_schema");
@@ -587,7 +648,7 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
     let app = chain_app(&[Gemini], &fakes).await;
     let (status, body) = post(&app, "/v1/chat/completions", &request).await;
     assert_eq!(status, 200, "{body}");
-    let config = &gemini.requests().last().unwrap().body["generationConfig"];
+    let config = gemini.requests().last().unwrap().body["generationConfig"].clone();
     assert_eq!(config["topK"], 7);
     assert_eq!(config["presencePenalty"], 0.5);
     assert_eq!(config["responseMimeType"], "application/json");
@@ -600,7 +661,10 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
     // so a chain of cloud providers answers 400 and the breakers stay shut.
     let app = chain_app(&[Groq, Gemini], &fakes).await;
     let hits = (groq.hits(), gemini.hits());
-    for extra in [json!({"logprobs": true}), json!({"grammar": "root ::= \"a\""})] {
+    for extra in [
+        json!({"logprobs": true}),
+        json!({"grammar": "root ::= \"a\""}),
+    ] {
         let (status, body) = post(&app, "/v1/chat/completions", &ask(extra)).await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["error"]["code"], "invalid_request", "{body}");
@@ -609,7 +673,12 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
     assert_eq!(app.counters().await["groq.skipped"], 0);
     // With the local engine first in the chain, the same request is answered there.
     let app = chain_app(&[Groq, Local], &fakes).await;
-    let (status, body) = post(&app, "/v1/chat/completions", &ask(json!({"logprobs": true}))).await;
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logprobs": true})),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["provider"], "local");
     assert!(body["choices"][0]["logprobs"]["content"].is_array());
