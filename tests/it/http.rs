@@ -17,12 +17,12 @@ use crate::util::app::{
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 use crate::util::{prometheus, test_model};
 
-async fn local_app() -> TestApp {
+pub(crate) async fn local_app() -> TestApp {
     chain_app(&[Local], &Fakes::default()).await
 }
 
 /// The `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
+pub(crate) fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|event| {
             let data: Vec<&str> = event

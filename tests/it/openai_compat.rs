@@ -15,29 +15,13 @@ use proptest::strategy::{Just, Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 
+use crate::http::{local_app, sse_data};
 use crate::util::app::{
     Fakes, TestApp, chain_app, content, http_settings, providers_config, shared_engine, start_app,
 };
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
-
-async fn local_app() -> TestApp {
-    chain_app(&[Local], &Fakes::default()).await
-}
-
-/// The `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|event| {
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
-                .collect();
-            (!data.is_empty()).then(|| data.join("\n"))
-        })
-        .collect()
-}
 
 /// Posts `body` to `path` and returns the status and the JSON body.
 async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
