@@ -18,7 +18,7 @@ use crate::chat::GenerateParams;
 use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
-use crate::persona::{Catalog, ModesFileError};
+use crate::persona::Catalog;
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
 #[derive(Debug, Clone, Parser)]
@@ -493,9 +493,21 @@ pub enum ConfigError {
         /// The value given.
         url: String,
     },
-    /// `--modes-file` cannot be used.
-    #[error(transparent)]
-    Modes(#[from] ModesFileError),
+    /// `--modes-file` cannot be used (the reason, with its causes).
+    #[error("{0}")]
+    Modes(String),
+}
+
+/// An error and its causes, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
@@ -618,7 +630,9 @@ impl TryFrom<Args> for Config {
             max_age: parse_history_age(&args.history_max_age)?,
         };
         let modes = match &args.chat_policy.modes_file {
-            Some(path) if !path.as_os_str().is_empty() => Catalog::with_file(path)?,
+            Some(path) if !path.as_os_str().is_empty() => {
+                Catalog::with_file(path).map_err(|e| ConfigError::Modes(error_chain(&e)))?
+            }
             _ => Catalog::builtin(),
         };
         Ok(Config {

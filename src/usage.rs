@@ -401,7 +401,7 @@ mod tests {
         );
         assert_eq!(summary.top_chats, [(7, 40), (8, 5)]);
         // Old rows go as new ones come.
-        insert(&conn, 9, 9, 1000 + KEEP + 1, 1, 0, None).unwrap();
+        insert(&conn, 9, 9, 1004 + KEEP, 1, 0, None).unwrap();
         let left: i64 = conn
             .query_row("SELECT COUNT(*) FROM usage_events", [], |r| r.get(0))
             .unwrap();
