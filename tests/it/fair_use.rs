@@ -8,7 +8,7 @@ use crate::util::fake_telegram::{BOT_USERNAME, FakeTelegram, forum_group, privat
 
 /// Requests that reached the responder (`--verbose-prompt` logs each one).
 fn requests(stderr: &str) -> usize {
-    stderr.lines().filter(|l| l.contains("messages=")).count()
+    stderr.lines().filter(|l| l.contains("messages=[")).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
