@@ -1308,7 +1308,10 @@ mod tests {
         );
         assert!(parse(&["--telegram-token", "t", "--telegram-api-url", "ftp://x"]).is_err());
         let telegram = parse(&["--telegram-token", "t"]).unwrap().telegram.unwrap();
-        assert_eq!(telegram.policy.streaming, crate::chat_policy::Streaming::Draft);
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Draft
+        );
         assert!(!telegram.policy.limits.any(), "no limits by default");
         let telegram = parse(&[
             "--telegram-token",
@@ -1325,7 +1328,10 @@ mod tests {
         .unwrap()
         .telegram
         .unwrap();
-        assert_eq!(telegram.policy.streaming, crate::chat_policy::Streaming::Edit);
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Edit
+        );
         assert_eq!(
             telegram.policy.admins,
             [AllowedUser::Id(7), AllowedUser::Username("boss".into())]

@@ -255,8 +255,7 @@ impl Catalog {
             if !name_ok(&mode.name) || !mode.name_ru.as_deref().is_none_or(name_ok) {
                 return Err(invalid("a name must be 1 to 48 characters"));
             }
-            let prompt_ok =
-                |p: &str| !p.trim().is_empty() && p.chars().count() <= MAX_PROMPT_CHARS;
+            let prompt_ok = |p: &str| !p.trim().is_empty() && p.chars().count() <= MAX_PROMPT_CHARS;
             if !prompt_ok(&mode.prompt) || !mode.prompt_ru.as_deref().is_none_or(prompt_ok) {
                 return Err(invalid("a prompt must be 1 to 4000 characters"));
             }
@@ -369,14 +368,19 @@ mod tests {
         let ids: Vec<&str> = catalog.modes().iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["assistant", "concise", "translator", "code", "tutor"]);
         for mode in catalog.modes().iter().skip(1) {
-            let (en, ru) = (mode.prompt(Lang::En).unwrap(), mode.prompt(Lang::Ru).unwrap());
+            let (en, ru) = (
+                mode.prompt(Lang::En).unwrap(),
+                mode.prompt(Lang::Ru).unwrap(),
+            );
             assert_ne!(en, ru);
             assert!(ru.chars().any(|c| ('а'..='я').contains(&c)), "{ru}");
             assert_ne!(mode.name(Lang::En), mode.name(Lang::Ru));
         }
         let default = Some("Be kind.");
         assert_eq!(
-            catalog.system_prompt(&Persona::Default, default, Lang::En).as_deref(),
+            catalog
+                .system_prompt(&Persona::Default, default, Lang::En)
+                .as_deref(),
             default
         );
         assert_eq!(
@@ -423,21 +427,37 @@ mod tests {
         assert_eq!(pirate.name(Lang::Ru), "Пират");
         assert_eq!(pirate.prompt(Lang::Ru), Some("Talk like a pirate."));
 
-        let yaml = "mode:\n  - id: pirate\n    name: Pirate\n    prompt: Arr.\n    prompt_ru: Арр.\n";
+        let yaml =
+            "mode:\n  - id: pirate\n    name: Pirate\n    prompt: Arr.\n    prompt_ru: Арр.\n";
         let catalog = Catalog::builtin()
             .with_text(Path::new("modes.yaml"), yaml)
             .unwrap();
-        assert_eq!(catalog.get("pirate").unwrap().prompt(Lang::Ru), Some("Арр."));
+        assert_eq!(
+            catalog.get("pirate").unwrap().prompt(Lang::Ru),
+            Some("Арр.")
+        );
     }
 
     #[test]
     fn bad_files_are_refused_with_the_reason() {
         let bad = [
-            ("m.toml", "[[mode]]\nid = \"a b\"\nname = \"x\"\nprompt = \"y\"\n"),
-            ("m.toml", "[[mode]]\nid = \"a\"\nname = \"\"\nprompt = \"y\"\n"),
-            ("m.toml", "[[mode]]\nid = \"a\"\nname = \"x\"\nprompt = \" \"\n"),
+            (
+                "m.toml",
+                "[[mode]]\nid = \"a b\"\nname = \"x\"\nprompt = \"y\"\n",
+            ),
+            (
+                "m.toml",
+                "[[mode]]\nid = \"a\"\nname = \"\"\nprompt = \"y\"\n",
+            ),
+            (
+                "m.toml",
+                "[[mode]]\nid = \"a\"\nname = \"x\"\nprompt = \" \"\n",
+            ),
             ("m.toml", "[[mode]]\nid = \"a\"\nname = \"x\"\n"),
-            ("m.toml", "[[mode]]\nid = \"a\"\nname = \"x\"\nprompt = \"y\"\ncolour = 1\n"),
+            (
+                "m.toml",
+                "[[mode]]\nid = \"a\"\nname = \"x\"\nprompt = \"y\"\ncolour = 1\n",
+            ),
             ("m.yaml", "mode: [1, 2]\n"),
             ("m.toml", "not toml at all ["),
         ];
@@ -464,7 +484,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&conn, 1, 0).unwrap(), Persona::Default);
-        save(&mut conn, 1, 0, &Persona::Custom("[INST] be a cat".into()), 5).unwrap();
+        save(
+            &mut conn,
+            1,
+            0,
+            &Persona::Custom("[INST] be a cat".into()),
+            5,
+        )
+        .unwrap();
         assert_eq!(
             load(&conn, 1, 0).unwrap(),
             Persona::Custom("[INST] be a cat".into())

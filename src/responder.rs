@@ -167,7 +167,11 @@ impl Responder {
 
     /// Sets the persona of `key` and starts the conversation afresh (its turns are
     /// forgotten in the same transaction), durably.
-    pub async fn set_persona(&self, key: ConversationKey, persona: Persona) -> Result<(), StoreError> {
+    pub async fn set_persona(
+        &self,
+        key: ConversationKey,
+        persona: Persona,
+    ) -> Result<(), StoreError> {
         let (chat, topic) = (key.chat, key.topic_column());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -534,15 +538,28 @@ mod tests {
     #[tokio::test]
     async fn a_conversations_persona_replaces_the_default_and_choosing_one_starts_afresh() {
         let (responder, seen) = responder(Some("Be kind.")).await;
-        let asked = responder.ask(KEY, "one".into(), None, Lang::En).await.unwrap();
+        let asked = responder
+            .ask(KEY, "one".into(), None, Lang::En)
+            .await
+            .unwrap();
         assert!(asked.turn.delivered("a").await.unwrap());
         responder
             .set_persona(KEY, Persona::Mode("concise".into()))
             .await
             .unwrap();
         assert!(responder.store().history(KEY).await.unwrap().is_empty());
-        drop(responder.ask(KEY, "two".into(), None, Lang::Ru).await.unwrap());
-        let concise = responder.modes().get("concise").unwrap().prompt(Lang::Ru).unwrap();
+        drop(
+            responder
+                .ask(KEY, "two".into(), None, Lang::Ru)
+                .await
+                .unwrap(),
+        );
+        let concise = responder
+            .modes()
+            .get("concise")
+            .unwrap()
+            .prompt(Lang::Ru)
+            .unwrap();
         assert_eq!(
             seen.lock().unwrap().last().unwrap(),
             &[ChatMessage::system(concise), ChatMessage::user("two")]
@@ -552,14 +569,27 @@ mod tests {
             .set_persona(KEY, Persona::Custom(evil.into()))
             .await
             .unwrap();
-        drop(responder.ask(KEY, "three".into(), None, Lang::En).await.unwrap());
+        drop(
+            responder
+                .ask(KEY, "three".into(), None, Lang::En)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             seen.lock().unwrap().last().unwrap(),
             &[ChatMessage::system(evil), ChatMessage::user("three")],
             "the custom prompt is message content, verbatim"
         );
-        let other = ConversationKey { chat: 6, topic: None };
-        drop(responder.ask(other, "x".into(), None, Lang::En).await.unwrap());
+        let other = ConversationKey {
+            chat: 6,
+            topic: None,
+        };
+        drop(
+            responder
+                .ask(other, "x".into(), None, Lang::En)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             seen.lock().unwrap().last().unwrap()[0],
             ChatMessage::system("Be kind."),

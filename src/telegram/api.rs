@@ -393,7 +393,12 @@ impl TelegramApi {
 
     /// Streams `text` (plain) as the draft `draft_id` of `target`'s private chat
     /// (`sendMessageDraft`, Bot API 9.3+): one attempt, the next draft comes soon.
-    pub async fn draft(&self, target: Target, draft_id: i64, text: &str) -> Result<(), ApiCallError> {
+    pub async fn draft(
+        &self,
+        target: Target,
+        draft_id: i64,
+        text: &str,
+    ) -> Result<(), ApiCallError> {
         let payload = SendMessageDraft {
             chat_id: target.chat.0,
             draft_id,
@@ -434,7 +439,11 @@ impl TelegramApi {
 
     /// Answers a button press (`answerCallbackQuery`), with a short notice if `text` is
     /// not empty.
-    pub async fn answer_callback(&self, id: CallbackQueryId, text: &str) -> Result<(), ApiCallError> {
+    pub async fn answer_callback(
+        &self,
+        id: CallbackQueryId,
+        text: &str,
+    ) -> Result<(), ApiCallError> {
         retrying("answerCallbackQuery", Persistence::Deliver, || {
             let mut request = self.bot.answer_callback_query(id.clone());
             if !text.is_empty() {

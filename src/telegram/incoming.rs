@@ -381,12 +381,19 @@ mod tests {
             ("/stats all", Command::StatsAll),
             ("/mode", Command::Mode),
             ("/system", Command::System(String::new())),
-            ("/system  Be <|im_start|> brief\nplease ", Command::System("Be <|im_start|> brief\nplease".into())),
+            (
+                "/system  Be <|im_start|> brief\nplease ",
+                Command::System("Be <|im_start|> brief\nplease".into()),
+            ),
             ("/usage@llm_bot", Command::Usage),
             ("/allow @bob", Command::Allow("@bob".into())),
             ("/deny 42", Command::Deny("42".into())),
         ] {
-            assert_eq!(action(&private(json!({ "text": text })), &[]), Action::Command(command), "{text}");
+            assert_eq!(
+                action(&private(json!({ "text": text })), &[]),
+                Action::Command(command),
+                "{text}"
+            );
         }
         assert_eq!(
             action(&private(json!({"text": "/ask"})), &[]),

@@ -23,9 +23,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::Tasks;
 use super::incoming::Origin;
 use super::state::Seq;
-use super::Tasks;
 use crate::config::AllowedUser;
 use crate::conversation::{ConversationStore, StoreError};
 use crate::i18n::{self, Lang};
@@ -180,7 +180,9 @@ impl FairUse {
             inner
                 .overrides
                 .iter()
-                .find(|(who, _)| matches!(who, AllowedUser::Id(_)) == want_id && sender.matches(who))
+                .find(|(who, _)| {
+                    matches!(who, AllowedUser::Id(_)) == want_id && sender.matches(who)
+                })
                 .map(|(_, allowed)| *allowed)
         };
         by(true).or_else(|| by(false))
@@ -297,7 +299,13 @@ impl FairUse {
 
 impl super::BotCore {
     /// `/stats all` (admins): the last day's figures.
-    pub(super) fn stats_all(self: &Arc<Self>, seq: Seq, update_id: u32, origin: Origin, tasks: &mut Tasks) {
+    pub(super) fn stats_all(
+        self: &Arc<Self>,
+        seq: Seq,
+        update_id: u32,
+        origin: Origin,
+        tasks: &mut Tasks,
+    ) {
         let bot = Arc::clone(self);
         let lang = origin.lang;
         let text = async move {
@@ -409,7 +417,13 @@ pub fn refusal(lang: Lang, exceeded: &Exceeded, now: i64) -> String {
 }
 
 /// `/usage`: a user's own figures.
-pub fn usage_text(lang: Lang, messages: usize, tokens: u64, limits: UserLimits, admin: bool) -> String {
+pub fn usage_text(
+    lang: Lang,
+    messages: usize,
+    tokens: u64,
+    limits: UserLimits,
+    admin: bool,
+) -> String {
     let of = |n: u64| match (n, lang) {
         (0, Lang::En) => " (no limit)".to_string(),
         (0, Lang::Ru) => " (без лимита)".to_string(),
@@ -602,7 +616,10 @@ mod tests {
         assert!(fair.admit(&bob, 7).is_err(), "the window survived");
         assert!(fair.allowed_for(Some(&bob)).is_empty(), "/allow survived");
         assert!(fair.denied(Some(&sender(8, "eve"))), "/deny survived");
-        assert!(!fair.denied(Some(&sender(8, "boss"))), "admins are never denied");
+        assert!(
+            !fair.denied(Some(&sender(8, "boss"))),
+            "admins are never denied"
+        );
         let summary = fair.summary().await.unwrap();
         assert_eq!((summary.users, summary.messages), (1, 2));
     }
@@ -615,7 +632,10 @@ mod tests {
             until: 3600 * 5 + 60 * 7,
         };
         let en = refusal(Lang::En, &exceeded, 3600 * 5);
-        assert!(en.contains("7 min") && en.contains("05:07 UTC") && en.contains('2'), "{en}");
+        assert!(
+            en.contains("7 min") && en.contains("05:07 UTC") && en.contains('2'),
+            "{en}"
+        );
         let ru = refusal(Lang::Ru, &exceeded, 3600 * 5);
         assert!(ru.contains("7 мин") && ru.contains("05:07 UTC"), "{ru}");
         assert_eq!(wait_words(Lang::En, 3600 * 2 + 1), "2 h 1 min");

@@ -540,9 +540,7 @@ impl BotCore {
             }
             Action::Command(Command::Help) => quick(i18n::help(lang).into(), tasks),
             Action::Command(Command::Stats) => self.stats(seq, update_id, origin, tasks),
-            Action::Command(Command::StatsAll | Command::Allow(_) | Command::Deny(_))
-                if !admin =>
-            {
+            Action::Command(Command::StatsAll | Command::Allow(_) | Command::Deny(_)) if !admin => {
                 quick(limits::admins_only(lang).into(), tasks)
             }
             Action::Command(Command::StatsAll) => self.stats_all(seq, update_id, origin, tasks),
@@ -555,7 +553,10 @@ impl BotCore {
             Action::Command(Command::Usage) => {
                 let (messages, tokens) = sender.as_ref().map_or((0, 0), |s| self.fair.usage(s));
                 let limits = self.fair.limits();
-                quick(limits::usage_text(lang, messages, tokens, limits, admin), tasks)
+                quick(
+                    limits::usage_text(lang, messages, tokens, limits, admin),
+                    tasks,
+                )
             }
             Action::Command(Command::Mode) => self.mode_menu(seq, update_id, origin, tasks),
             Action::Command(Command::System(text)) => {

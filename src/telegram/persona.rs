@@ -30,7 +30,13 @@ impl BotCore {
     }
 
     /// `/mode`: sends the menu (the current mode marked).
-    pub(super) fn mode_menu(self: &Arc<Self>, seq: Seq, update_id: u32, origin: Origin, tasks: &mut Tasks) {
+    pub(super) fn mode_menu(
+        self: &Arc<Self>,
+        seq: Seq,
+        update_id: u32,
+        origin: Origin,
+        tasks: &mut Tasks,
+    ) {
         let bot = Arc::clone(self);
         let info = TaskInfo {
             what: "mode menu",
@@ -50,11 +56,18 @@ impl BotCore {
                 loop {
                     match bot
                         .api
-                        .send_menu(Self::target(&origin), menu_title(origin.lang), keyboard.clone())
+                        .send_menu(
+                            Self::target(&origin),
+                            menu_title(origin.lang),
+                            keyboard.clone(),
+                        )
                         .await
                     {
                         Ok(()) => return Ok(()),
-                        Err(e) => retry.wait("sendMessage", e).await.map_err(DeliveryError::from)?,
+                        Err(e) => retry
+                            .wait("sendMessage", e)
+                            .await
+                            .map_err(DeliveryError::from)?,
                     }
                 }
             })
@@ -174,7 +187,13 @@ impl BotCore {
             "" => None,
             word if word.eq_ignore_ascii_case("reset") => Some(Persona::Default),
             custom if custom.chars().count() > MAX_PROMPT_CHARS => {
-                return self.reply(seq, update_id, origin, std::future::ready(too_long(lang)), tasks);
+                return self.reply(
+                    seq,
+                    update_id,
+                    origin,
+                    std::future::ready(too_long(lang)),
+                    tasks,
+                );
             }
             custom => Some(Persona::Custom(custom.to_string())),
         };
@@ -203,12 +222,20 @@ impl BotCore {
     }
 
     /// Sets the conversation's persona (a job of its queue) and tells the user.
-    pub(super) async fn set_persona(&self, origin: &Origin, persona: &Persona) -> Result<(), DeliveryError> {
+    pub(super) async fn set_persona(
+        &self,
+        origin: &Origin,
+        persona: &Persona,
+    ) -> Result<(), DeliveryError> {
         let lang = origin.lang;
         let key = origin.conversation();
         let text = match self.deps.responder.set_persona(key, persona.clone()).await {
             Ok(()) => {
-                tracing::info!(chat = key.chat, persona = persona_kind(persona), "persona changed; conversation started afresh");
+                tracing::info!(
+                    chat = key.chat,
+                    persona = persona_kind(persona),
+                    "persona changed; conversation started afresh"
+                );
                 changed(self.catalog(), persona, lang)
             }
             Err(e) => {
@@ -224,8 +251,14 @@ impl BotCore {
         let lang = origin.lang;
         match self.deps.responder.persona(origin.conversation()).await {
             Ok(Persona::Custom(text)) => match lang {
-                Lang::En => format!("Persona: own system prompt ({} characters)", text.chars().count()),
-                Lang::Ru => format!("Персона: свой системный промпт ({} символов)", text.chars().count()),
+                Lang::En => format!(
+                    "Persona: own system prompt ({} characters)",
+                    text.chars().count()
+                ),
+                Lang::Ru => format!(
+                    "Персона: свой системный промпт ({} символов)",
+                    text.chars().count()
+                ),
             },
             Ok(persona) => {
                 let name = mode_name(self.catalog(), &persona, lang);
@@ -295,7 +328,11 @@ fn menu(catalog: &Catalog, current: &Persona, lang: Lang) -> InlineKeyboardMarku
         .modes()
         .iter()
         .map(|mode| {
-            let mark = if current_id == Some(mode.id.as_str()) { "• " } else { "" };
+            let mark = if current_id == Some(mode.id.as_str()) {
+                "• "
+            } else {
+                ""
+            };
             InlineKeyboardButton::callback(
                 format!("{mark}{}", mode.name(lang)),
                 format!("{MODE_DATA}{}", mode.id),
@@ -314,8 +351,12 @@ fn menu_title(lang: Lang) -> &'static str {
 
 fn too_long(lang: Lang) -> String {
     match lang {
-        Lang::En => format!("That system prompt is too long: at most {MAX_PROMPT_CHARS} characters."),
-        Lang::Ru => format!("Системный промпт слишком длинный: не больше {MAX_PROMPT_CHARS} символов."),
+        Lang::En => {
+            format!("That system prompt is too long: at most {MAX_PROMPT_CHARS} characters.")
+        }
+        Lang::Ru => {
+            format!("Системный промпт слишком длинный: не больше {MAX_PROMPT_CHARS} символов.")
+        }
     }
 }
 
@@ -323,7 +364,8 @@ fn too_long(lang: Lang) -> String {
 fn changed(catalog: &Catalog, persona: &Persona, lang: Lang) -> String {
     match (persona, lang) {
         (Persona::Custom(_), Lang::En) => {
-            "System prompt set for this conversation. I have started the conversation afresh.".into()
+            "System prompt set for this conversation. I have started the conversation afresh."
+                .into()
         }
         (Persona::Custom(_), Lang::Ru) => {
             "Системный промпт для этого разговора задан. Я начал разговор заново.".into()
@@ -353,7 +395,8 @@ mod tests {
     fn the_menu_marks_the_current_mode_and_fits_callback_data() {
         let catalog = Catalog::builtin();
         let keyboard = menu(&catalog, &Persona::Mode("tutor".into()), Lang::Ru);
-        let buttons: Vec<&InlineKeyboardButton> = keyboard.inline_keyboard.iter().flatten().collect();
+        let buttons: Vec<&InlineKeyboardButton> =
+            keyboard.inline_keyboard.iter().flatten().collect();
         assert_eq!(buttons.len(), catalog.modes().len());
         assert!(keyboard.inline_keyboard.iter().all(|row| row.len() <= 2));
         let marked: Vec<&str> = buttons
@@ -369,7 +412,11 @@ mod tests {
             assert!(data.len() <= 64, "Telegram's limit for callback data");
         }
         for lang in [Lang::En, Lang::Ru] {
-            for persona in [Persona::Default, Persona::Mode("code".into()), Persona::Custom("x".into())] {
+            for persona in [
+                Persona::Default,
+                Persona::Mode("code".into()),
+                Persona::Custom("x".into()),
+            ] {
                 assert!(changed(&catalog, &persona, lang).contains(match lang {
                     Lang::En => "afresh",
                     Lang::Ru => "заново",

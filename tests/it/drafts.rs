@@ -42,17 +42,28 @@ async fn private_answers_stream_as_drafts_groups_as_edits_and_refused_drafts_fal
     let expected = reference(ESSAY, FLAGS);
     let s = Setup::start(FLAGS).await;
     let expected = expected.await;
-    s.fake.send_text(&private_chat(501), &user(501, "ann", "en"), ESSAY);
+    s.fake
+        .send_text(&private_chat(501), &user(501, "ann", "en"), ESSAY);
     s.answers(1).await;
     let report = s.report();
     let messages = s.fake.messages(501);
     assert_eq!(messages.len(), 1, "one message\n{report}");
-    assert_eq!(messages[0].text, markdown_to_html(&expected), "today's final text\n{report}");
+    assert_eq!(
+        messages[0].text,
+        markdown_to_html(&expected),
+        "today's final text\n{report}"
+    );
     assert!(messages[0].html && messages[0].edits == 0, "{report}");
-    assert!(s.fake.calls_in(501, "editMessageText").is_empty(), "{report}");
+    assert!(
+        s.fake.calls_in(501, "editMessageText").is_empty(),
+        "{report}"
+    );
     let ids = draft_ids(&s.fake, 501);
     assert!(ids.len() >= 2, "several drafts\n{report}");
-    assert!(ids.iter().all(|&id| id != 0 && id == ids[0]), "one animated draft\n{report}");
+    assert!(
+        ids.iter().all(|&id| id != 0 && id == ids[0]),
+        "one animated draft\n{report}"
+    );
     let drafts = s.fake.calls_in(501, "sendMessageDraft");
     for pair in drafts.windows(2) {
         assert!(
@@ -62,32 +73,72 @@ async fn private_answers_stream_as_drafts_groups_as_edits_and_refused_drafts_fal
     }
     let sent = s.fake.calls_in(501, "sendMessage");
     assert_eq!(sent.len(), 1, "{report}");
-    assert!(drafts.last().unwrap().at <= sent[0].at, "no draft after the message\n{report}");
-    assert_eq!(s.fake.draft(501), None, "the message replaced the draft\n{report}");
-    println!("calls for one answer with drafts: {:?}", calls_by_method(&s.fake, 501));
+    assert!(
+        drafts.last().unwrap().at <= sent[0].at,
+        "no draft after the message\n{report}"
+    );
+    assert_eq!(
+        s.fake.draft(501),
+        None,
+        "the message replaced the draft\n{report}"
+    );
+    println!(
+        "calls for one answer with drafts: {:?}",
+        calls_by_method(&s.fake, 501)
+    );
 
     // A group: edits only.
     let group = forum_group(-5000);
-    s.fake.send_text(&group, &user(502, "bo", "en"), &format!("@{BOT_USERNAME} {ESSAY}"));
+    s.fake.send_text(
+        &group,
+        &user(502, "bo", "en"),
+        &format!("@{BOT_USERNAME} {ESSAY}"),
+    );
     s.answers(2).await;
     let report = s.report();
-    assert!(s.fake.calls_in(-5000, "sendMessageDraft").is_empty(), "{report}");
-    assert!(!s.fake.calls_in(-5000, "editMessageText").is_empty(), "{report}");
-    println!("calls for one answer with edits (group): {:?}", calls_by_method(&s.fake, -5000));
+    assert!(
+        s.fake.calls_in(-5000, "sendMessageDraft").is_empty(),
+        "{report}"
+    );
+    assert!(
+        !s.fake.calls_in(-5000, "editMessageText").is_empty(),
+        "{report}"
+    );
+    println!(
+        "calls for one answer with edits (group): {:?}",
+        calls_by_method(&s.fake, -5000)
+    );
 
     // A server that refuses the method: edits at once, the text intact, and remembered.
-    s.fake.fail_next("sendMessageDraft", 1, 400, "Bad Request: method is not available", None, false);
-    s.fake.send_text(&private_chat(503), &user(503, "cy", "en"), ESSAY);
+    s.fake.fail_next(
+        "sendMessageDraft",
+        1,
+        400,
+        "Bad Request: method is not available",
+        None,
+        false,
+    );
+    s.fake
+        .send_text(&private_chat(503), &user(503, "cy", "en"), ESSAY);
     s.answers(3).await;
     let report = s.report();
     let messages = s.fake.messages(503);
     assert_eq!(messages.len(), 1, "{report}");
     assert_eq!(messages[0].text, markdown_to_html(&expected), "{report}");
-    assert!(!s.fake.calls_in(503, "editMessageText").is_empty(), "{report}");
+    assert!(
+        !s.fake.calls_in(503, "editMessageText").is_empty(),
+        "{report}"
+    );
     assert_eq!(draft_ids(&s.fake, 503).len(), 1, "{report}");
-    s.fake.send_text(&private_chat(503), &user(503, "cy", "en"), "And then?");
+    s.fake
+        .send_text(&private_chat(503), &user(503, "cy", "en"), "And then?");
     s.answers(4).await;
-    assert_eq!(draft_ids(&s.fake, 503).len(), 1, "no draft tried again\n{}", s.report());
+    assert_eq!(
+        draft_ids(&s.fake, 503).len(),
+        1,
+        "no draft tried again\n{}",
+        s.report()
+    );
     assert!(s.bot.stderr().contains("streams with edits from now on"));
 }
 
@@ -101,7 +152,8 @@ async fn calls_for_a_thousand_token_answer_drafts_against_edits() {
         let mut flags = FLAGS.to_vec();
         flags.extend(["--telegram-streaming", mode]);
         let s = Setup::start(&flags).await;
-        s.fake.send_text(&private_chat(504), &user(504, "di", "en"), ESSAY);
+        s.fake
+            .send_text(&private_chat(504), &user(504, "di", "en"), ESSAY);
         s.answers(1).await;
         let stderr = s.bot.stderr();
         let tokens = stderr
@@ -140,18 +192,25 @@ async fn a_9000_character_answer_is_split_and_delivered_once_with_drafts() {
         "draft",
     ];
     let s = Setup::start(&flags).await;
-    s.fake.send_text(&private_chat(505), &user(505, "el", "en"), ESSAY);
+    s.fake
+        .send_text(&private_chat(505), &user(505, "el", "en"), ESSAY);
     s.answers(1).await;
     let report = s.report();
     let messages = s.fake.messages(505);
     assert_eq!(messages.len(), 3, "{report}");
     for m in &messages {
-        assert!(m.visible.encode_utf16().count() <= 4096 && m.html && m.edits == 0, "{report}");
+        assert!(
+            m.visible.encode_utf16().count() <= 4096 && m.html && m.edits == 0,
+            "{report}"
+        );
     }
     let squeeze = |s: &str| -> String { s.split_whitespace().collect() };
     let joined: String = messages.iter().map(|m| m.visible.as_str()).collect();
     assert_eq!(squeeze(&joined), squeeze(&answer), "{report}");
-    assert!(s.fake.calls_in(505, "editMessageText").is_empty(), "{report}");
+    assert!(
+        s.fake.calls_in(505, "editMessageText").is_empty(),
+        "{report}"
+    );
     assert_eq!(s.fake.calls_in(505, "sendMessage").len(), 3, "{report}");
     assert_eq!(s.fake.draft(505), None, "{report}");
 }
@@ -163,23 +222,34 @@ async fn stop_during_a_draft_delivers_what_was_written_once() {
     let fa = user(506, "fa", "en");
     s.fake.send_text(&chat, &fa, ESSAY);
     s.fake
-        .wait_for("a draft", LONG, |f| !f.calls_in(506, "sendMessageDraft").is_empty())
+        .wait_for("a draft", LONG, |f| {
+            !f.calls_in(506, "sendMessageDraft").is_empty()
+        })
         .await;
     s.fake.send_text(&chat, &fa, "/stop");
     s.answers(1).await;
     let report = s.report();
     assert!(s.bot.stderr().contains("stopped=true"), "{report}");
     let messages = s.fake.messages(506);
-    assert_eq!(messages.len(), 2, "the partial answer and \"Stopped.\"\n{report}");
+    assert_eq!(
+        messages.len(),
+        2,
+        "the partial answer and \"Stopped.\"\n{report}"
+    );
     assert!(messages.iter().any(|m| m.visible == "Stopped."), "{report}");
     let partial = messages.iter().find(|m| m.visible != "Stopped.").unwrap();
     assert!(partial.html && partial.edits == 0, "{report}");
     let last_draft = s.fake.calls_in(506, "sendMessageDraft").pop().unwrap();
     assert!(
-        partial.visible.starts_with(last_draft.text().unwrap().trim()),
+        partial
+            .visible
+            .starts_with(last_draft.text().unwrap().trim()),
         "the message holds at least what the draft showed\n{report}"
     );
-    assert!(s.fake.calls_in(506, "editMessageText").is_empty(), "{report}");
+    assert!(
+        s.fake.calls_in(506, "editMessageText").is_empty(),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,19 +261,26 @@ async fn kill_9_during_a_draft_is_answered_once_after_the_restart() {
     let data_dir = tempfile::tempdir().unwrap();
     let bot = BotProcess::start(&fake, data_dir.path(), FLAGS, "info").await;
     fake.send_text(&private_chat(507), &user(507, "gi", "en"), ESSAY);
-    fake.wait_for("a draft", LONG, |f| !f.calls_in(507, "sendMessageDraft").is_empty())
-        .await;
+    fake.wait_for("a draft", LONG, |f| {
+        !f.calls_in(507, "sendMessageDraft").is_empty()
+    })
+    .await;
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &bot.pid().to_string()])
         .status();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut stderr = bot.stderr();
     drop(bot);
-    assert!(fake.messages(507).is_empty(), "nothing was sent before the kill");
+    assert!(
+        fake.messages(507).is_empty(),
+        "nothing was sent before the kill"
+    );
     let bot = BotProcess::start(&fake, data_dir.path(), FLAGS, "info").await;
     let expected = expected.await;
-    fake.wait_for("the answer after the restart", LONG, |f| !f.messages(507).is_empty())
-        .await;
+    fake.wait_for("the answer after the restart", LONG, |f| {
+        !f.messages(507).is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stderr.push_str(&bot.stderr());
     let report = format!("{}\n--- stderr ---\n{stderr}", fake.dump());
@@ -215,7 +292,10 @@ async fn kill_9_during_a_draft_is_answered_once_after_the_restart() {
         .iter()
         .map(|c| c.params["draft_id"].clone())
         .collect();
-    assert!(ids.len() >= 2, "drafts before and after the restart\n{report}");
+    assert!(
+        ids.len() >= 2,
+        "drafts before and after the restart\n{report}"
+    );
     drop(bot);
     drop(permit);
 }

@@ -69,21 +69,31 @@ async fn the_mode_menu_sets_the_next_prompts_system_prompt_and_starts_afresh() {
     s.fake.press_button(&chat, &ann, menu, &data);
     let texts = s.messages(301, 3).await;
     let report = s.report();
-    assert!(texts[2].contains("Concise") && texts[2].contains("afresh"), "{report}");
+    assert!(
+        texts[2].contains("Concise") && texts[2].contains("afresh"),
+        "{report}"
+    );
     let answered = s.fake.calls_of("answerCallbackQuery");
     assert_eq!(answered.len(), 1, "the press is answered once\n{report}");
     assert!(answered[0].text().unwrap_or("").contains("Concise"));
 
-    s.fake.send_text(&chat, &ann, "What is the capital of France?");
+    s.fake
+        .send_text(&chat, &ann, "What is the capital of France?");
     s.answers(2).await;
     let report = s.report();
     let logged = requests(&s.bot.stderr());
     assert_eq!(logged.len(), 2, "{report}");
     assert!(logged[0].contains("Default framing."), "{report}");
     let second = &logged[1];
-    assert!(second.contains(CONCISE_PROMPT), "the mode's prompt\n{report}");
+    assert!(
+        second.contains(CONCISE_PROMPT),
+        "the mode's prompt\n{report}"
+    );
     assert!(!second.contains("Default framing."), "{report}");
-    assert!(!second.contains("2+2"), "the conversation started afresh\n{report}");
+    assert!(
+        !second.contains("2+2"),
+        "the conversation started afresh\n{report}"
+    );
 
     // /stats names the persona; the menu marks it.
     s.fake.send_text(&chat, &ann, "/stats");
@@ -112,7 +122,10 @@ async fn a_system_prompt_survives_sigterm_and_kill_9_and_stays_plain_text() {
         .await;
     let logged = requests(&bot.stderr());
     assert!(
-        logged.last().unwrap().contains(&EVIL_SYSTEM.replace('"', "\\\"")),
+        logged
+            .last()
+            .unwrap()
+            .contains(&EVIL_SYSTEM.replace('"', "\\\"")),
         "the custom prompt, verbatim\n{}",
         bot.stderr()
     );
@@ -126,7 +139,11 @@ async fn a_system_prompt_survives_sigterm_and_kill_9_and_stays_plain_text() {
         fake.wait_for("/system shown", LONG, |f| f.messages(302).len() > before)
             .await;
         let text = fake.texts(302).pop().unwrap();
-        assert!(text.contains(EVIL_SYSTEM), "kill={kill}: {text}\n{}", bot.stderr());
+        assert!(
+            text.contains(EVIL_SYSTEM),
+            "kill={kill}: {text}\n{}",
+            bot.stderr()
+        );
         if kill {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &bot.pid().to_string()])
@@ -139,12 +156,16 @@ async fn a_system_prompt_survives_sigterm_and_kill_9_and_stays_plain_text() {
     let bot = BotProcess::start(&fake, data_dir.path(), &flags, "info").await;
     fake.send_text(&chat, &bo, "/system reset");
     fake.wait_for("reset", LONG, |f| {
-        f.texts(302).iter().any(|t| t.contains("снова по умолчанию"))
+        f.texts(302)
+            .iter()
+            .any(|t| t.contains("снова по умолчанию"))
     })
     .await;
     fake.send_text(&chat, &bo, "/system");
     fake.wait_for("the default shown", LONG, |f| {
-        f.texts(302).iter().any(|t| t.starts_with("Режим: Ассистент"))
+        f.texts(302)
+            .iter()
+            .any(|t| t.starts_with("Режим: Ассистент"))
     })
     .await;
     assert!(
@@ -182,6 +203,12 @@ async fn control_token_spellings_in_a_system_prompt_are_plain_text() {
     };
     let (benign, benign_len) = controls("Speak like a pirate.").await;
     let (evil, evil_len) = controls(EVIL_SYSTEM).await;
-    assert_eq!(evil, benign, "no control token from the system prompt's text");
-    assert!(evil_len > benign_len + 10, "the spellings are there as text");
+    assert_eq!(
+        evil, benign,
+        "no control token from the system prompt's text"
+    );
+    assert!(
+        evil_len > benign_len + 10,
+        "the spellings are there as text"
+    );
 }

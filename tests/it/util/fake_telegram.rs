@@ -699,7 +699,10 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
             let chat_id = params.get("chat_id").and_then(Value::as_i64).unwrap_or(0);
             let draft_id = params.get("draft_id").and_then(Value::as_i64).unwrap_or(0);
             if draft_id == 0 {
-                return (400, error(400, "Bad Request: draft_id must be non-zero", None));
+                return (
+                    400,
+                    error(400, "Bad Request: draft_id must be non-zero", None),
+                );
             }
             let private = inner.chats.get(&chat_id).map_or(chat_id > 0, |chat| {
                 chat.get("type").and_then(Value::as_str) == Some("private")
