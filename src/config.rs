@@ -79,6 +79,30 @@ pub struct Args {
     )]
     pub top_p: f32,
 
+    /// Top-k sampling: keep the k most likely tokens (0 keeps all). llama-server's default.
+    #[arg(long, env = "MISTRAL_BOT_TOP_K", default_value_t = crate::chat::DEFAULT_TOP_K)]
+    pub top_k: u32,
+
+    /// Min-p sampling: drop tokens less likely than this fraction of the most likely one,
+    /// in [0, 1] (0 = off). llama-server's default.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_MIN_P",
+        default_value_t = crate::chat::DEFAULT_MIN_P,
+        allow_negative_numbers = true
+    )]
+    pub min_p: f32,
+
+    /// Repetition penalty over the last 64 tokens, in (0, 2] (1 = off), as llama-server's
+    /// `--repeat-penalty`.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_REPEAT_PENALTY",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub repeat_penalty: f32,
+
     /// Sampler seed, for reproducible sampling [default: random per request].
     #[arg(long, env = "MISTRAL_BOT_SEED")]
     pub seed: Option<u32>,
@@ -579,6 +603,20 @@ impl TryFrom<Args> for Config {
                 range: "above 0, at most 1",
             });
         }
+        if !(0.0..=1.0).contains(&args.min_p) {
+            return Err(ConfigError::OutOfRange {
+                flag: "min-p",
+                value: args.min_p,
+                range: "0 to 1",
+            });
+        }
+        if !(args.repeat_penalty > 0.0 && args.repeat_penalty <= 2.0) {
+            return Err(ConfigError::OutOfRange {
+                flag: "repeat-penalty",
+                value: args.repeat_penalty,
+                range: "above 0, at most 2",
+            });
+        }
         let chat_template = match args.chat_template.trim() {
             "" => return Err(ConfigError::EmptyTemplate),
             "auto" => ChatTemplateChoice::Auto,
@@ -656,8 +694,10 @@ impl TryFrom<Args> for Config {
                 temperature: args.temperature,
                 top_p: args.top_p,
                 seed: args.seed,
-                stop: Vec::new(),
-                ignore_eos: false,
+                top_k: args.top_k,
+                min_p: args.min_p,
+                repeat_penalty: args.repeat_penalty,
+                ..GenerateParams::default()
             },
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,
@@ -1157,6 +1197,20 @@ mod tests {
         assert!(parse(&["--top-p", "1.5"]).is_err());
         assert!(parse(&["--temperature", "-1"]).is_err());
         assert!(parse(&["--temperature", "0"]).is_ok());
+        assert!(parse(&["--min-p", "1.5"]).is_err());
+        assert!(parse(&["--min-p", "-0.1"]).is_err());
+        assert!(parse(&["--repeat-penalty", "0"]).is_err());
+        assert!(parse(&["--repeat-penalty", "3"]).is_err());
+        let config = parse(&["--top-k", "1", "--min-p", "0", "--repeat-penalty", "1.1"]).unwrap();
+        assert_eq!(config.generate.top_k, 1);
+        assert_eq!(config.generate.min_p, 0.0);
+        assert_eq!(config.generate.repeat_penalty, 1.1);
+        let defaults = parse(&[]).unwrap().generate;
+        assert_eq!(
+            (defaults.top_k, defaults.min_p),
+            (40, 0.05),
+            "llama-server's"
+        );
     }
 
     #[test]

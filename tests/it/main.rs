@@ -19,6 +19,7 @@ mod fair_use;
 mod history;
 mod http;
 mod open_files;
+mod openai_compat;
 mod park;
 mod personas;
 mod providers;
