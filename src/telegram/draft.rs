@@ -205,7 +205,7 @@ async fn whole(
                     completion = Some(done);
                     break;
                 }
-                Some(StreamEvent::Started | StreamEvent::Prompt(_)) => {}
+                Some(StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)) => {}
                 None => break,
             },
             _ = tokio::time::sleep_until(next_draft), if due => {

@@ -37,8 +37,8 @@
 //! only), `link`, `i18n`, `config`, `chat`.
 
 pub mod api;
-pub mod draft;
 mod connect;
+pub mod draft;
 pub mod format;
 pub mod guard;
 pub mod incoming;
