@@ -8,14 +8,17 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use url::Url;
 
 use crate::chat::GenerateParams;
+use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
+use crate::persona::Catalog;
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
 #[derive(Debug, Clone, Parser)]
@@ -174,6 +177,10 @@ pub struct Args {
     )]
     pub allowed_users: Vec<String>,
 
+    /// Personas, streaming and fair use in Telegram.
+    #[command(flatten)]
+    pub chat_policy: ChatPolicyArgs,
+
     /// Directory for state kept across restarts: the conversation histories
     /// (conversations.sqlite3), the Telegram polling offset and the updates not yet answered.
     #[arg(
@@ -330,6 +337,8 @@ pub struct TelegramConfig {
     pub allowed_users: Vec<AllowedUser>,
     /// Where the polling state is kept across restarts.
     pub data_dir: PathBuf,
+    /// Streaming, admins and per-user limits.
+    pub policy: ChatPolicy,
 }
 
 /// What the process was asked to do.
@@ -366,6 +375,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How much conversation history is kept.
     pub history: HistoryLimits,
+    /// The modes a conversation may choose (`/mode`): built in, plus `--modes-file`.
+    pub modes: Arc<Catalog>,
 }
 
 impl Config {
@@ -506,6 +517,21 @@ pub enum ConfigError {
         /// The value given.
         url: String,
     },
+    /// `--modes-file` cannot be used (the reason, with its causes).
+    #[error("{0}")]
+    Modes(String),
+}
+
+/// An error and its causes, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
@@ -630,6 +656,7 @@ impl TryFrom<Args> for Config {
                     api_url,
                     allowed_users,
                     data_dir: args.data_dir.clone(),
+                    policy: ChatPolicy::try_from(args.chat_policy.clone())?,
                 })
             }
         };
@@ -640,7 +667,14 @@ impl TryFrom<Args> for Config {
             max_turns: non_zero_usize(args.history_max_turns, "history-max-turns")?,
             max_age: parse_history_age(&args.history_max_age)?,
         };
+        let modes = match &args.chat_policy.modes_file {
+            Some(path) if !path.as_os_str().is_empty() => {
+                Catalog::with_file(path).map_err(|e| ConfigError::Modes(error_chain(&e)))?
+            }
+            _ => Catalog::builtin(),
+        };
         Ok(Config {
+            modes: Arc::new(modes),
             engine: EngineConfig {
                 model_path: args.model,
                 slots,
@@ -1327,6 +1361,42 @@ mod tests {
             "a name with a dash is no username"
         );
         assert!(parse(&["--telegram-token", "t", "--telegram-api-url", "ftp://x"]).is_err());
+        let telegram = parse(&["--telegram-token", "t"]).unwrap().telegram.unwrap();
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Draft
+        );
+        assert!(!telegram.policy.limits.any(), "no limits by default");
+        let telegram = parse(&[
+            "--telegram-token",
+            "t",
+            "--telegram-streaming",
+            "edit",
+            "--admin-users",
+            "7,@Boss",
+            "--user-messages-per-hour",
+            "20",
+            "--user-tokens-per-day",
+            "50000",
+        ])
+        .unwrap()
+        .telegram
+        .unwrap();
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Edit
+        );
+        assert_eq!(
+            telegram.policy.admins,
+            [AllowedUser::Id(7), AllowedUser::Username("boss".into())]
+        );
+        assert_eq!(telegram.policy.limits.messages_per_hour, 20);
+        assert_eq!(telegram.policy.limits.tokens_per_day, 50_000);
+        assert!(parse(&["--telegram-token", "t", "--admin-users", "a b"]).is_err());
+        assert!(matches!(
+            parse(&["--modes-file", "/nonexistent/modes.toml"]),
+            Err(ConfigError::Modes(_))
+        ));
     }
 
     #[test]
