@@ -16,7 +16,7 @@ use url::Url;
 
 use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
-use super::{EventStream, Provider, ProviderError, sse};
+use super::{EventStream, Provider, ProviderError, passthrough, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -266,6 +266,10 @@ impl OpenAiProvider {
         if let Some(key) = session_key(self.flavor, request) {
             body["prompt_cache_key"] = json!(key);
         }
+        // Refusals were checked in `stream`: here only the fields.
+        for (key, value) in passthrough::openai_fields(params).unwrap_or_default() {
+            body[key] = value;
+        }
         body
     }
 }
@@ -280,6 +284,7 @@ impl Provider for OpenAiProvider {
             if self.key_required && self.api_key.is_none() {
                 return Err(ProviderError::MissingKey);
             }
+            passthrough::openai_fields(&request.params)?;
             let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
             let mut http = self
                 .client
