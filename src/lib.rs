@@ -15,6 +15,7 @@
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`host`]: host limits decided at start-up (the memory plan, the data-dir lock).
 //!
 //! # Data path
 //! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt,
@@ -42,6 +43,7 @@ pub mod conversation;
 pub mod doctor;
 pub mod engine;
 pub mod gguf;
+pub mod host;
 pub mod http;
 pub mod i18n;
 pub mod metrics;
@@ -128,7 +130,12 @@ pub fn http_settings(config: &Config) -> HttpSettings {
 /// Serve mode: the HTTP API starts at once (`/ready` is 503 while the model loads), then
 /// the engine loads, then chats are answered through the provider chain until Ctrl-C or
 /// SIGTERM, after which the requests in flight finish.
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    // One process per data directory, before anything in it is touched.
+    let _data_dir_lock = uses_data_dir(&config)
+        .then(|| host::lock::DataDirLock::acquire(&config.data_dir))
+        .transpose()?;
+    let (host_memory, memory_plan) = host::plan_memory(&mut config);
     if config.telegram.is_none() {
         tracing::warn!("{NO_TOKEN}");
     }
@@ -150,6 +157,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("starting the in-memory conversation store")?
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some(limit) = memory_plan.limit {
+        metrics.set_memory_limit(limit.bytes);
+    }
     let state = AppState::new(http_settings(&config), Arc::clone(&metrics));
     let listener = TcpListener::bind(config.http.addr)
         .await
@@ -193,6 +203,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());
+    if config.engine.park.is_some() {
+        tokio::spawn(host::pressure::watch(
+            host_memory,
+            memory_plan,
+            engine.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     tracing::info!(model = %config.engine.model_path.display(), "ready");
 
     let result = serve_front_ends(&config, responder, engine.clone(), server, stop_rx).await;
@@ -205,6 +223,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+/// Whether serve mode writes under `--data-dir`: the Telegram bot's state and histories,
+/// or park files.
+fn uses_data_dir(config: &Config) -> bool {
+    config.telegram.is_some()
+        || config
+            .engine
+            .park
+            .as_ref()
+            .is_some_and(|p| p.disk_bytes > 0)
 }
 
 /// How long shutdown waits for the KV caches to be written to disk.
