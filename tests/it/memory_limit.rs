@@ -20,12 +20,12 @@ use crate::util::test_model;
 const MIB: u64 = 1 << 20;
 /// Slots and window of the bot under test: few slots, so chats take turns.
 const SLOTS: u64 = 2;
-const CTX: u64 = 1280;
+const CTX: u64 = 1024;
 /// Chats of about this many prompt tokens, more of them than slots plus what fits parked.
-const CHAT_TOKENS: usize = 1000;
+const CHAT_TOKENS: usize = 800;
 const CHATS: usize = 5;
 /// What `auto` should leave for parking under the limit the test sets: about two chats.
-const PARK_TARGET: u64 = 48 * MIB;
+const PARK_TARGET: u64 = 40 * MIB;
 
 /// A memory cgroup made for one test, under this process's own; removed on drop (after
 /// killing what is still in it: only the bot this test started).
@@ -210,7 +210,7 @@ async fn in_a_memory_cgroup_the_bot_parks_within_its_budget_and_answers_every_ch
             &CTX.to_string(),
         ])
         .args(["--threads", "1", "--temperature", "0", "--max-tokens", "8"])
-        .args(["--prefill-chunk", "256", "--chain", "local"])
+        .args(["--prefill-chunk", "512", "--chain", "local"])
         .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())
         .env_remove("TELEGRAM_BOT_TOKEN")
