@@ -22,10 +22,10 @@ const MIB: u64 = 1 << 20;
 const SLOTS: u64 = 2;
 const CTX: u64 = 1024;
 /// Chats of about this many prompt tokens, more of them than slots plus what fits parked.
-const CHAT_TOKENS: usize = 800;
-const CHATS: usize = 5;
-/// What `auto` should leave for parking under the limit the test sets: about two chats.
-const PARK_TARGET: u64 = 40 * MIB;
+const CHAT_TOKENS: usize = 600;
+const CHATS: usize = 4;
+/// What `auto` should leave for parking under the limit the test sets: more than one chat, less than two.
+const PARK_TARGET: u64 = 24 * MIB;
 
 /// A memory cgroup made for one test, under this process's own; removed on drop (after
 /// killing what is still in it: only the bot this test started).
@@ -377,6 +377,10 @@ async fn in_a_memory_cgroup_the_bot_parks_within_its_budget_and_answers_every_ch
         disk > 0.0,
         "{}",
         report("more chats than fit: some states spilled to disk")
+    );
+    eprintln!(
+        "memory cgroup {limit} B: park RAM budget {budget} B, at most {max_parked} B parked in RAM, \
+         {disk} B on disk"
     );
     let _ = child.kill().await;
     let _ = child.wait().await;
