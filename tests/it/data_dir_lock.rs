@@ -4,17 +4,12 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
+use crate::restart::{echo_flags, en_user};
 use crate::telegram::{BOTS, LONG, TOKEN};
 use crate::util::bot_process::BotProcess;
-use crate::util::fake_provider::{Behavior, FAKE_KEY, FakeProvider, Shape};
-use crate::util::fake_telegram::{FakeTelegram, private_chat, user};
+use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
+use crate::util::fake_telegram::{FakeTelegram, private_chat};
 use crate::util::test_model;
-
-fn en_user(id: i64) -> Value {
-    user(id, &format!("user{id}"), "en")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_on_the_same_data_dir_exits_naming_it_and_the_first_keeps_answering() {
@@ -22,14 +17,8 @@ async fn a_second_instance_on_the_same_data_dir_exits_naming_it_and_the_first_ke
     let fake = FakeTelegram::start(TOKEN).await;
     let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let flags = [
-        "--chain",
-        "openai",
-        "--openai-api-key",
-        FAKE_KEY,
-        "--openai-base-url",
-        provider.base_url.as_str(),
-    ];
+    let flags = echo_flags(&provider);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let first = BotProcess::start(&fake, data_dir.path(), &flags, "info").await;
     fake.send_text(
         &private_chat(80),
@@ -45,7 +34,7 @@ async fn a_second_instance_on_the_same_data_dir_exits_naming_it_and_the_first_ke
     let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_mistral-bot"))
         .arg("--model")
         .arg(test_model())
-        .args(flags)
+        .args(&flags)
         .args(["--threads", "1", "--telegram-api-url", &fake.url])
         .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())

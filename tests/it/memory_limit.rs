@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mistral_bot::host::cgroup::{CgroupVersion, MemoryCgroup};
+use mistral_bot::host::cgroup::{CgroupVersion, MemoryCgroup, stat_value};
 use mistral_bot::host::memory::{self, LimitSource, MemoryLimit, MemoryNeeds, ParkRam};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -89,16 +89,9 @@ impl TestCgroup {
         };
         std::fs::read_to_string(self.dir.join(file))
             .ok()
-            .and_then(|t| memory_stat(&t, key))
+            .and_then(|t| stat_value(&t, key))
             .unwrap_or(0)
     }
-}
-
-fn memory_stat(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (name, value) = line.split_once(' ')?;
-        (name == key).then(|| value.trim().parse().ok())?
-    })
 }
 
 impl Drop for TestCgroup {
