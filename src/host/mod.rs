@@ -5,12 +5,14 @@
 //!   less the model's needs and a margin ([`memory::plan`]), read through [`cgroup`];
 //!   [`pressure`] shrinks that budget while the process nears its limit.
 //! - [`lock`]: one process per `--data-dir` (an exclusive `flock` on `<data-dir>/lock`).
+//! - [`nofile`]: the open-file limit.
 //!
 //! May use `config`, `gguf` and `engine` (the pressure watch sets the engine's budget).
 
 pub mod cgroup;
 pub mod lock;
 pub mod memory;
+pub mod nofile;
 pub mod pressure;
 
 use crate::config::Config;

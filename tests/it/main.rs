@@ -6,6 +6,7 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod bot_api_down;
 mod chaos;
 mod cli;
 mod cloud_apis;
@@ -17,6 +18,7 @@ mod engine;
 mod history;
 mod http;
 mod memory_limit;
+mod open_files;
 mod park;
 mod providers;
 mod refusals;
