@@ -289,7 +289,7 @@ struct Job {
 /// What the engine thread receives.
 enum Command {
     /// Run a request.
-    Run(Job),
+    Run(Box<Job>),
     /// Panic, to test what a dead engine thread looks like from outside.
     Panic,
 }
@@ -432,7 +432,7 @@ impl EngineHandle {
             events_tx,
             submitted: Instant::now(),
         };
-        match self.inner.submit_tx.try_send(Command::Run(job)) {
+        match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
             Ok(()) => Ok(ReplyStream { events_rx }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
                 waiting: self.queue_len(),

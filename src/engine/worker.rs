@@ -296,7 +296,7 @@ impl Worker<'_> {
 
     fn obey(&mut self, command: Command) {
         match command {
-            Command::Run(job) => self.admit(job, Preload::None),
+            Command::Run(job) => self.admit(*job, Preload::None),
             Command::Panic => {
                 panic!("engine thread crash requested (EngineHandle::crash_for_tests)")
             }
