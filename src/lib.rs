@@ -15,6 +15,7 @@
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`host`]: host limits decided at start-up (the memory plan, the data-dir lock).
 //! - [`persona`]: the modes a conversation may choose and its stored choice;
 //!   [`usage`]: per-user fair-use windows and their rows; [`chat_policy`]: their flags.
 //!
@@ -176,9 +177,14 @@ fn affinity_seed(config: &Config) -> u64 {
 /// Serve mode: the HTTP API starts at once (`/ready` is 503 while the model loads), then
 /// the engine loads, then chats are answered through the provider chain until Ctrl-C or
 /// SIGTERM, after which the requests in flight finish.
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
     // First, before anything opens a file or a socket.
     let max_connections = nofile_limit();
+    // One process per data directory, before anything in it is touched.
+    let _data_dir_lock = uses_data_dir(&config)
+        .then(|| host::lock::DataDirLock::acquire(&config.data_dir))
+        .transpose()?;
+    let (host_memory, memory_plan) = host::plan_memory(&mut config);
     if config.telegram.is_none() {
         tracing::warn!("{NO_TOKEN}");
     }
@@ -200,6 +206,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("starting the in-memory conversation store")?
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some(limit) = memory_plan.limit {
+        metrics.set_memory_limit(limit.bytes);
+    }
     let mut settings = http_settings(&config);
     settings.connections = http::ConnectionLimits::with_max_connections(max_connections);
     let state = AppState::new(settings, Arc::clone(&metrics));
@@ -257,6 +266,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());
+    if let (Some(engine_config), Some(engine)) = (&config.engine, &engine)
+        && engine_config.park.is_some()
+    {
+        tokio::spawn(host::pressure::watch(
+            host_memory,
+            memory_plan,
+            engine.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     match &config.engine {
         Some(engine) => tracing::info!(model = %engine.model_path.display(), "ready"),
         None => tracing::info!(model = %model_id(&config), "ready"),
@@ -274,6 +293,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+/// Whether serve mode writes under `--data-dir`: the Telegram bot's state and histories,
+/// or park files.
+fn uses_data_dir(config: &Config) -> bool {
+    config.telegram.is_some()
+        || config
+            .engine
+            .as_ref()
+            .and_then(|e| e.park.as_ref())
+            .is_some_and(|p| p.disk_bytes > 0)
 }
 
 /// Raises the open-file limit to the hard limit, logs it, and returns how many client

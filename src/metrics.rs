@@ -11,6 +11,7 @@
 //! So `requests = success + errors + timeouts + cancelled + (attempts in flight)`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
@@ -65,6 +66,10 @@ pub const ENGINE_KV_PARK_MISSES: &str = "mistral_bot_engine_kv_park_misses";
 pub const ENGINE_KV_PARK_RAM_BYTES: &str = "mistral_bot_engine_kv_park_ram_bytes";
 /// Bytes of KV park files on disk now.
 pub const ENGINE_KV_PARK_DISK_BYTES: &str = "mistral_bot_engine_kv_park_disk_bytes";
+/// The RAM budget of parked KV states now (as planned at start-up, less under pressure).
+pub const ENGINE_KV_PARK_RAM_BUDGET_BYTES: &str = "mistral_bot_engine_kv_park_ram_budget_bytes";
+/// The memory this process may use (its cgroup's limit, or `MemAvailable` at start-up).
+pub const MEMORY_LIMIT_BYTES: &str = "mistral_bot_memory_limit_bytes";
 
 /// Whether a fleet server takes requests (1) or is marked down (0), by `server`.
 pub const FLEET_SERVER_UP: &str = "mistral_bot_fleet_server_up";
@@ -146,6 +151,8 @@ pub struct EngineFigures {
     pub kv_park_ram_bytes: u64,
     /// Bytes of KV park files on disk now.
     pub kv_park_disk_bytes: u64,
+    /// The RAM budget of parked KV states now.
+    pub kv_park_ram_budget_bytes: u64,
 }
 
 /// One server of a fleet (the OpenAI-compatible provider over several base URLs).
@@ -262,6 +269,8 @@ pub struct Metrics {
     engine: std::sync::Arc<EngineCollector>,
     fleet: std::sync::Arc<FleetCollector>,
     budgets: std::sync::Arc<BudgetCollector>,
+    /// The memory limit decided at start-up (0 until then, or when the host tells none).
+    memory_limit: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -341,6 +350,12 @@ impl Metrics {
         registry.register_collector(Box::new(std::sync::Arc::clone(&fleet)));
         let budgets = std::sync::Arc::new(BudgetCollector::default());
         registry.register_collector(Box::new(std::sync::Arc::clone(&budgets)));
+        let memory_limit = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            MEMORY_LIMIT_BYTES,
+            "Memory this process may use: its cgroup's limit, or MemAvailable at start-up",
+            memory_limit.clone(),
+        );
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -361,6 +376,7 @@ impl Metrics {
             engine,
             fleet,
             budgets,
+            memory_limit,
         }
     }
 
@@ -369,6 +385,19 @@ impl Metrics {
         // still the best we have.
         let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
         update(tallies.entry(provider).or_default());
+    }
+
+    /// Records the memory limit decided at start-up.
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.memory_limit
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The memory limit decided at start-up, if the host told one.
+    pub fn memory_limit(&self) -> Option<u64> {
+        u64::try_from(self.memory_limit.get())
+            .ok()
+            .filter(|&b| b > 0)
     }
 
     /// The chain calls `provider`.
@@ -572,7 +601,7 @@ impl Collector for EngineCollector {
             return Ok(());
         };
         let figures = source();
-        let gauges: [(&str, &str, i64); 5] = [
+        let gauges: [(&str, &str, i64); 6] = [
             (ENGINE_SLOTS, "Engine slots", figures.slots as i64),
             (
                 ENGINE_SLOTS_BUSY,
@@ -593,6 +622,11 @@ impl Collector for EngineCollector {
                 ENGINE_KV_PARK_DISK_BYTES,
                 "Bytes of KV park files on disk",
                 i64::try_from(figures.kv_park_disk_bytes).unwrap_or(i64::MAX),
+            ),
+            (
+                ENGINE_KV_PARK_RAM_BUDGET_BYTES,
+                "RAM budget of parked KV states now",
+                i64::try_from(figures.kv_park_ram_budget_bytes).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {

@@ -220,7 +220,7 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
         "Thanks!",
     ];
     // Three rounds: the first places each chat, the next two must find their caches.
-    for round in 0..3 {
+    for (round, followup) in followups.iter().take(3).enumerate() {
         for chat in 0..CHATS {
             let got = turn(&client, &front, &ports, &alive, &history[chat]).await;
             if round == 0 {
@@ -236,7 +236,7 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
                 );
             }
             history[chat].push(json!({"role": "assistant", "content": got.text}));
-            history[chat].push(json!({"role": "user", "content": followups[round]}));
+            history[chat].push(json!({"role": "user", "content": followup}));
         }
     }
     let used: std::collections::BTreeSet<usize> = home.iter().copied().collect();
@@ -250,12 +250,10 @@ async fn each_chat_returns_to_its_backend_moves_when_it_dies_and_comes_back() {
     alive[dead] = false;
     let mut moved_seconds = Vec::new();
     let mut stayed_seconds = Vec::new();
-    let mut moved_to = vec![usize::MAX; CHATS];
     for chat in 0..CHATS {
         let got = turn(&client, &front, &ports, &alive, &history[chat]).await;
         if home[chat] == dead {
             assert_ne!(got.backend, dead);
-            moved_to[chat] = got.backend;
             moved_seconds.push(got.seconds);
         } else {
             assert_eq!(
