@@ -275,7 +275,11 @@ fn context_check(args: &Args, header: &GgufHeader) -> Option<Check> {
 /// Weights + KV cache at `--slots × --ctx-size` against the memory available.
 fn memory_check(args: &Args, weights: u64, header: &GgufHeader, available: Option<u64>) -> Check {
     let tokens = (args.slots as u64).saturating_mul(u64::from(args.ctx_size));
-    let Some(per_token) = header.kv_bytes_per_token() else {
+    let (type_k, type_v) = (args.cache_type_k, args.cache_type_v);
+    let Some(per_token) = header
+        .kv_shape()
+        .map(|shape| shape.bytes_per_token(type_k, type_v))
+    else {
         return Check::new(
             Status::Warn,
             "memory",
@@ -286,7 +290,7 @@ fn memory_check(args: &Args, weights: u64, header: &GgufHeader, available: Optio
     let kv = per_token.saturating_mul(tokens);
     let need = weights.saturating_add(kv);
     let sizing = format!(
-        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token)",
+        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token, K {type_k} V {type_v})",
         human_bytes(need),
         human_bytes(weights),
         human_bytes(kv),
@@ -790,6 +794,15 @@ mod tests {
         let fits = memory_check(&args(&[]), weights, &seven_b(), Some(24 * GIB));
         assert_eq!(fits.status, Status::Ok, "{fits}");
         assert!(fits.message.contains("KV cache 2.0 GiB"), "{fits}");
+        // q8_0 keys and values: 68 KiB a token, 1.06 GiB.
+        let q8 = memory_check(
+            &args(&["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]),
+            weights,
+            &seven_b(),
+            Some(24 * GIB),
+        );
+        assert!(q8.message.contains("KV cache 1.1 GiB"), "{q8}");
+        assert!(q8.message.contains("68.0 KiB/token, K q8_0 V q8_0"), "{q8}");
         let tight = memory_check(&args(&[]), weights, &seven_b(), Some(7 * GIB));
         assert_eq!(tight.status, Status::Warn, "{tight}");
         let short = memory_check(

@@ -14,6 +14,7 @@
 //! - [`responder`]: the one place a prompt is assembled (system prompt, stored history,
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
+//! - [`kv_cache`]: the KV cache's settings (flash attention, K/V types) and its size per token.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //!
 //! # Data path
@@ -44,6 +45,7 @@ pub mod engine;
 pub mod gguf;
 pub mod http;
 pub mod i18n;
+pub mod kv_cache;
 pub mod metrics;
 pub mod providers;
 pub mod redact;

@@ -81,6 +81,9 @@ pub enum SkipReason {
     RateLimited,
     /// Its circuit breaker is open.
     CircuitOpen,
+    /// Its estimated wait for the first token was longer than allowed
+    /// (`--local-max-wait`) and a later provider was available.
+    Eta,
 }
 
 impl SkipReason {
@@ -89,6 +92,7 @@ impl SkipReason {
         match self {
             SkipReason::RateLimited => "rate_limited",
             SkipReason::CircuitOpen => "circuit_open",
+            SkipReason::Eta => "eta",
         }
     }
 }

@@ -245,6 +245,15 @@ pub trait Provider: Send + Sync {
 
     /// Starts a reply.
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>>;
+
+    /// How long `request` would wait for its first text if asked now, when the provider
+    /// can tell (the local engine, from its queue and measured rates); `None` otherwise.
+    /// The chain skips a provider whose estimate is over its allowed wait when a later one
+    /// is available.
+    fn estimated_wait<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Option<Duration>> {
+        let _ = request;
+        Box::pin(async { None })
+    }
 }
 
 /// Why the chain could not be built.
@@ -300,6 +309,9 @@ pub fn build_chain(
             ProviderKind::Local => {
                 builder =
                     builder.provider(LocalProvider::new(engine.clone()), config.local_timeout);
+                if let Some(max_wait) = config.local_max_wait {
+                    builder = builder.max_wait(max_wait);
+                }
                 continue;
             }
             ProviderKind::Groq => &config.groq,

@@ -112,6 +112,16 @@ impl DiskHandle {
         Some((index.get(i)?.fingerprint, common))
     }
 
+    /// Calls `f` with the tokens of every file in the index.
+    pub fn for_each_tokens(&self, mut f: impl FnMut(&[i32])) {
+        let index = lock(&self.index);
+        for i in 0..index.len() {
+            if let Some(entry) = index.get(i) {
+                f(&entry.tokens);
+            }
+        }
+    }
+
     /// Queues work for the disk thread. A thread that is gone only loses a cache.
     pub fn send(&self, op: DiskOp) {
         if self.ops_tx.send(op).is_err() {
