@@ -492,12 +492,30 @@ impl EngineHandle {
 
     /// How long `request` would wait for its first token if it were queued now
     /// ([`eta`]: the queue, the prompts ahead of it, its own tokens not cached, at the
-    /// engine's measured rates). `None` before the engine has timed a prompt token, or
-    /// when the request cannot be prepared (submitting it gives the error). Prepares the
-    /// request (a large one on tokio's blocking pool); nothing is queued.
-    pub async fn estimated_wait(&self, request: &ChatRequest) -> Option<Duration> {
+    /// engine's measured rates), as precisely as comparing it with `limit` needs: when the
+    /// work ahead alone is over `limit`, or even all of its text uncached would stay under
+    /// it, that bound is the answer and the request is not prepared; otherwise it is
+    /// prepared (a large one on tokio's blocking pool) to count its uncached tokens.
+    /// Nothing is queued. `None` before the engine has timed a prompt token, or when the
+    /// request cannot be prepared (submitting it gives the error).
+    pub async fn estimated_wait(&self, request: &ChatRequest, limit: Duration) -> Option<Duration> {
         let stats = &self.inner.stats;
         let rates = stats.rates()?;
+        let mut inputs = eta::EtaInputs {
+            slots: self.inner.slots,
+            busy: stats.slots_busy.load(Ordering::Relaxed),
+            queued_ahead: self.queue_len(),
+            queued_tokens: stats.queued_tokens.load(Ordering::Relaxed),
+            reading_tokens: stats.reading_tokens.load(Ordering::Relaxed),
+            own_tokens: 0,
+        };
+        let lower = eta::estimate(&inputs, &rates);
+        // A token is at least a byte of text; the chat template adds a few per message.
+        inputs.own_tokens = (prepare::request_bytes(request) + 64 * request.messages.len()) as u64;
+        let upper = eta::estimate(&inputs, &rates);
+        if lower > limit || upper <= limit {
+            return Some(if lower > limit { lower } else { upper });
+        }
         let request = request.clone();
         let prepared = if prepare::request_bytes(&request) <= prepare::INLINE_PREPARE_MAX_BYTES {
             self.inner.preparer.prepare(request, false).ok()?
@@ -508,14 +526,7 @@ impl EngineHandle {
                 .ok()?
                 .ok()?
         };
-        let inputs = eta::EtaInputs {
-            slots: self.inner.slots,
-            busy: stats.slots_busy.load(Ordering::Relaxed),
-            queued_ahead: self.queue_len(),
-            queued_tokens: stats.queued_tokens.load(Ordering::Relaxed),
-            reading_tokens: stats.reading_tokens.load(Ordering::Relaxed),
-            own_tokens: stats.uncached(&prepared.prompt),
-        };
+        inputs.own_tokens = stats.uncached(&prepared.prompt);
         Some(eta::estimate(&inputs, &rates))
     }
 

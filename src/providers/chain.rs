@@ -193,7 +193,7 @@ impl Chain {
         if !later_available {
             return false;
         }
-        let Some(eta) = entry.provider.estimated_wait(request).await else {
+        let Some(eta) = entry.provider.estimated_wait(request, max_wait).await else {
             return false;
         };
         if eta <= max_wait {
@@ -951,7 +951,11 @@ mod tests {
             self.inner.stream(request)
         }
 
-        fn estimated_wait<'a>(&'a self, _: &'a ChatRequest) -> BoxFuture<'a, Option<Duration>> {
+        fn estimated_wait<'a>(
+            &'a self,
+            _: &'a ChatRequest,
+            _: Duration,
+        ) -> BoxFuture<'a, Option<Duration>> {
             let eta = self.eta;
             Box::pin(async move { eta })
         }

@@ -54,8 +54,12 @@ impl Provider for LocalProvider {
         true
     }
 
-    fn estimated_wait<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Option<Duration>> {
-        Box::pin(self.engine.estimated_wait(request))
+    fn estimated_wait<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+        limit: Duration,
+    ) -> BoxFuture<'a, Option<Duration>> {
+        Box::pin(self.engine.estimated_wait(request, limit))
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
