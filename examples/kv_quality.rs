@@ -131,10 +131,9 @@ async fn main() -> anyhow::Result<()> {
     for (flash_attn, type_k, type_v) in settings {
         let kv = KvCacheSettings::new(flash_attn, type_k, type_v)?;
         let dir = tempfile::tempdir()?;
-        let engine =
-            EngineHandle::start(config(&model, threads, kv, dir.path().to_path_buf()))
-                .await
-                .with_context(|| format!("engine with {kv}"))?;
+        let engine = EngineHandle::start(config(&model, threads, kv, dir.path().to_path_buf()))
+            .await
+            .with_context(|| format!("engine with {kv}"))?;
         let texts = answers(&engine, max_tokens).await?;
         anyhow::ensure!(engine.park_all(Duration::from_secs(60)).await, "park_all");
         let per_token = state_bytes_per_token(&dir.path().to_path_buf())?;

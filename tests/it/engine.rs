@@ -523,7 +523,10 @@ async fn a_step_target_sizes_the_prompt_share_of_each_step() {
                 "never a --prefill-chunk of 128: {stats:?}"
             );
             let steps = stats.decode_steps - before.decode_steps;
-            assert!(steps >= processed / 4, "{steps} steps for {processed} tokens");
+            assert!(
+                steps >= processed / 4,
+                "{steps} steps for {processed} tokens"
+            );
             assert!(
                 stats.tokens_generated - before.tokens_generated >= processed / 4,
                 "the reply got a token in every step: {stats:?}"

@@ -581,8 +581,8 @@ async fn gemini_faults_rate_limit_from_the_body_and_a_cut_stream() {
 /// A unique cold prompt of about `words` words (a token or two each).
 fn cold_notes(seed: usize, words: usize) -> String {
     let vocabulary = [
-        "garden", "river", "market", "lantern", "copper", "meadow", "harbor", "violet",
-        "thunder", "pebble", "orchard", "saddle", "mirror", "cinnamon", "glacier", "ribbon",
+        "garden", "river", "market", "lantern", "copper", "meadow", "harbor", "violet", "thunder",
+        "pebble", "orchard", "saddle", "mirror", "cinnamon", "glacier", "ribbon",
     ];
     let mut text = format!("Notes {seed}. Summarize them.\n");
     for i in 0..words {
@@ -607,7 +607,10 @@ async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a
     let engine = start_engine(config).await;
     // One request first: the engine times its steps (no estimate before that).
     engine
-        .submit(ChatRequest::new(vec![ChatMessage::user("Hello!")], greedy(4)))
+        .submit(ChatRequest::new(
+            vec![ChatMessage::user("Hello!")],
+            greedy(4),
+        ))
         .unwrap()
         .collect()
         .await
@@ -691,7 +694,11 @@ async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a
     // A short question: a few tokens to read beside the streaming reply.
     let before = app.counters().await;
     let (status, provider, body) = app.ask("What is the capital of France?").await;
-    assert_eq!((status, provider.as_deref()), (200, Some("local")), "{body}");
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("local")),
+        "{body}"
+    );
     assert_moved(
         &before,
         &app.counters().await,
