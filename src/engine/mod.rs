@@ -300,6 +300,16 @@ impl SharedStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes a request's tokens off `queued_tokens` (saturating: a slip in the accounting
+    /// must never make the queue look endless and send every request elsewhere).
+    fn unqueue(&self, tokens: u64) {
+        let _ = self
+            .queued_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                Some(queued.saturating_sub(tokens))
+            });
+    }
+
     /// How many of `prompt`'s tokens the engine would have to read (none found cached).
     fn uncached(&self, prompt: &[i32]) -> u64 {
         let cached = self.known().cached_prefix(prompt);
@@ -484,9 +494,7 @@ impl EngineHandle {
             },
             Err(mpsc::error::TrySendError::Closed(_)) => EngineError::Stopped,
         };
-        stats
-            .queued_tokens
-            .fetch_sub(queued_tokens, Ordering::Relaxed);
+        stats.unqueue(queued_tokens);
         Err(refused)
     }
 

@@ -352,9 +352,7 @@ impl Worker<'_> {
 
     fn admit(&mut self, mut job: Job, preload: Preload) {
         // Off the queue (for the estimates), whatever happens to it next.
-        self.stats
-            .queued_tokens
-            .fetch_sub(std::mem::take(&mut job.queued_tokens), Ordering::Relaxed);
+        self.stats.unqueue(std::mem::take(&mut job.queued_tokens));
         if job.events_tx.is_closed() {
             return; // cancelled while it waited
         }

@@ -15,6 +15,7 @@ use crate::util::app::{
     shared_engine, start_app,
 };
 use crate::util::fake_provider::{Behavior, FAKE_KEY, FakeProvider, Shape};
+use crate::util::prometheus;
 use crate::util::{engine_config, greedy, start_engine, wait_until};
 
 /// Groq failing as `behavior`, Mistral answering "Bonjour.".
@@ -636,33 +637,16 @@ async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a
     let mut providers = providers_config(&[Local, Groq], &fakes);
     providers.local_max_wait = Some(Duration::from_secs(2));
     let app = start_app(&providers, engine.clone(), http_settings()).await;
-    let cold = cold_notes(1, 1200);
-    let ask_cold = |app: &crate::util::app::TestApp| {
-        let body = json!({
-            "messages": [{"role": "user", "content": cold}],
-            "temperature": 0,
-            "max_tokens": 8
-        });
-        let app_base = app.base.clone();
-        let client = app.client.clone();
-        async move {
-            let response = client
-                .post(format!("{app_base}/v1/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let provider = response
-                .headers()
-                .get("x-mistral-bot-provider")
-                .map(|v| v.to_str().unwrap().to_string());
-            (response.status().as_u16(), provider)
-        }
-    };
+    let cold = json!({
+        "messages": [{"role": "user", "content": cold_notes(1, 1200)}],
+        "temperature": 0,
+        "max_tokens": 8
+    });
 
     let started = engine.stats().requests_started;
     let before = app.counters().await;
-    assert_eq!(ask_cold(&app).await, (200, Some("groq".to_string())));
+    let (status, provider, body) = app.post_chat(&cold).await;
+    assert_eq!((status, provider.as_deref()), (200, Some("groq")), "{body}");
     assert_eq!(
         engine.stats().requests_started,
         started,
@@ -677,19 +661,14 @@ async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a
             ("groq.success", 1),
         ],
     );
-    let (_, prometheus) = {
-        let response = app
-            .client
-            .get(format!("{}/metrics", app.base))
-            .send()
-            .await
-            .unwrap();
-        (response.status(), response.text().await.unwrap())
-    };
-    assert!(
-        prometheus.contains(r#"provider="local",reason="eta""#),
-        "{prometheus}"
+    let metrics = app.client.get(format!("{}/metrics", app.base)).send();
+    let samples = prometheus::parse(&metrics.await.unwrap().text().await.unwrap()).unwrap();
+    let skipped = prometheus::value(
+        &samples,
+        "mistral_bot_provider_skipped_total",
+        &[("provider", "local"), ("reason", "eta")],
     );
+    assert_eq!(skipped, Some(1.0));
 
     // A short question: a few tokens to read beside the streaming reply.
     let before = app.counters().await;
@@ -711,6 +690,11 @@ async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a
     let mut local_only = providers_config(&[Local], &Fakes::default());
     local_only.local_max_wait = Some(Duration::from_secs(2));
     let app = start_app(&local_only, engine.clone(), http_settings()).await;
-    assert_eq!(ask_cold(&app).await, (200, Some("local".to_string())));
+    let (status, provider, body) = app.post_chat(&cold).await;
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("local")),
+        "{body}"
+    );
     assert_eq!(app.counters().await["local.skipped"], 0);
 }
