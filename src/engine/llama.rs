@@ -44,10 +44,6 @@ fn kv_cache_type(cache_type: CacheType) -> KvCacheType {
         CacheType::Bf16 => KvCacheType::BF16,
         CacheType::Q8_0 => KvCacheType::Q8_0,
         CacheType::Q5_1 => KvCacheType::Q5_1,
-        CacheType::Q5_0 => KvCacheType::Q5_0,
-        CacheType::Q4_1 => KvCacheType::Q4_1,
-        CacheType::Q4_0 => KvCacheType::Q4_0,
-        CacheType::Iq4Nl => KvCacheType::IQ4_NL,
     }
 }
 
