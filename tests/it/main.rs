@@ -6,6 +6,7 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod bot_api_down;
 mod chaos;
 mod cli;
 mod cloud_apis;
@@ -15,6 +16,7 @@ mod doctor;
 mod engine;
 mod history;
 mod http;
+mod open_files;
 mod park;
 mod providers;
 mod refusals;
