@@ -16,6 +16,8 @@
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`kv_cache`]: the KV cache's settings (flash attention, K/V types) and its size per token.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`persona`]: the modes a conversation may choose and its stored choice;
+//!   [`usage`]: per-user fair-use windows and their rows; [`chat_policy`]: their flags.
 //!
 //! # Data path
 //! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt,
@@ -37,6 +39,7 @@
 //! Tests run the same server in process with [`serve_http`] on a pre-bound listener.
 
 pub mod chat;
+pub mod chat_policy;
 pub mod config;
 pub mod console;
 pub mod conversation;
@@ -49,10 +52,12 @@ pub mod i18n;
 pub mod kv_cache;
 pub mod link;
 pub mod metrics;
+pub mod persona;
 pub mod providers;
 pub mod redact;
 pub mod responder;
 pub mod telegram;
+pub mod usage;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -106,6 +111,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
             verbose_prompt: false,
+            modes: Arc::clone(&config.modes),
         },
     );
     match prompt {
@@ -203,6 +209,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
             verbose_prompt: config.verbose_prompt,
+            modes: Arc::clone(&config.modes),
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());

@@ -22,10 +22,12 @@
 
 mod detok;
 pub mod eta;
+pub mod grammar;
 mod llama;
 pub mod park;
 mod prepare;
 pub mod prompt;
+pub mod sampling;
 mod scheduler;
 mod slot;
 pub mod step_budget;
@@ -189,6 +191,9 @@ pub enum EngineError {
     /// The prompt could not be built.
     #[error(transparent)]
     Prompt(#[from] prompt::PromptError),
+    /// The request's response format or grammar cannot be followed.
+    #[error(transparent)]
+    Constraint(#[from] grammar::ConstraintError),
     /// llama.cpp failed to decode a batch holding this request's tokens (llama.cpp's own
     /// typed error; shared, as one failure can end several requests).
     #[error("inference failed: {0}")]
@@ -202,6 +207,7 @@ impl EngineError {
             EngineError::Overloaded { .. } => "overloaded",
             EngineError::Stopped => "stopped",
             EngineError::Prompt(_) => "prompt",
+            EngineError::Constraint(_) => "constraint",
             EngineError::Decode(_) => "decode",
         }
     }
@@ -327,6 +333,8 @@ struct Job {
     max_tokens: u32,
     /// Strings that end the reply: the chat format's, then the request's.
     stops: Vec<String>,
+    /// The GBNF grammar the reply must follow, checked to parse.
+    grammar: Option<String>,
     /// The prompt's tokens to show the caller when the request gets a slot
     /// (`--verbose-prompt`).
     shown: Option<Vec<crate::chat::PromptToken>>,
@@ -339,7 +347,7 @@ struct Job {
 /// What the engine thread receives.
 enum Command {
     /// Run a request.
-    Run(Job),
+    Run(Box<Job>),
     /// Panic, to test what a dead engine thread looks like from outside.
     Panic,
 }
@@ -482,12 +490,13 @@ impl EngineHandle {
             params: prepared.params,
             max_tokens: prepared.max_tokens,
             stops: prepared.stops,
+            grammar: prepared.grammar,
             shown: prepared.shown,
             events_tx,
             submitted: Instant::now(),
             queued_tokens,
         };
-        let refused = match self.inner.submit_tx.try_send(Command::Run(job)) {
+        let refused = match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
             Ok(()) => return Ok(ReplyStream { events_rx }),
             Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 waiting: self.queue_len(),
@@ -648,7 +657,7 @@ impl ReplyStream {
             match event? {
                 StreamEvent::Delta(delta) => text.push_str(&delta),
                 StreamEvent::Done(completion) => return Ok((text, completion)),
-                StreamEvent::Started | StreamEvent::Prompt(_) => {}
+                StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
             }
         }
         Err(EngineError::Stopped)
