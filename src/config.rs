@@ -18,6 +18,7 @@ use crate::chat::GenerateParams;
 use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
+use crate::host::memory::ParkRam;
 use crate::kv_cache::{CacheType, FlashAttn, KvCacheError, KvCacheSettings};
 use crate::persona::Catalog;
 
@@ -244,15 +245,17 @@ pub struct Args {
     )]
     pub history_max_age: String,
 
-    /// RAM for parked KV caches of conversations that lost their slot, in MiB (0: none).
-    /// Mistral 7B at f16 takes 128 KiB per token: a 1500-token chat ≈ 190 MiB.
+    /// RAM for parked KV caches of conversations that lost their slot: `auto` (what the
+    /// memory limit — cgroup, else MemAvailable — leaves after the model, its slots and a
+    /// margin) or MiB (0: none; more than fits is clamped). Mistral 7B at f16 takes
+    /// 128 KiB per token: a 1500-token chat ≈ 190 MiB.
     #[arg(
         long,
         env = "MISTRAL_BOT_KV_PARK_RAM",
-        default_value_t = 4096,
-        value_name = "MIB"
+        default_value = "auto",
+        value_name = "auto|MIB"
     )]
-    pub kv_park_ram: u64,
+    pub kv_park_ram: String,
 
     /// Disk for parked KV caches under --data-dir/kv, in MiB (0: none; then nothing
     /// survives a restart). Least recently used files are deleted first.
@@ -413,6 +416,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How much conversation history is kept.
     pub history: HistoryLimits,
+    /// `--kv-park-ram` as asked; the bytes in `engine.park` are decided at start-up.
+    pub kv_park_ram: ParkRam,
     /// The modes a conversation may choose (`/mode`): built in, plus `--modes-file`.
     pub modes: Arc<Catalog>,
 }
@@ -537,6 +542,12 @@ pub enum ConfigError {
         /// The value given.
         mib: u64,
     },
+    /// `--kv-park-ram` neither `auto` nor a number of MiB.
+    #[error("--kv-park-ram `{value}` is neither `auto` nor a number of MiB")]
+    ParkRam {
+        /// The value given (its start).
+        value: String,
+    },
     /// `--history-max-turns` out of range.
     #[error("--history-max-turns must be 1 to {MAX_HISTORY_TURNS}")]
     HistoryTurns,
@@ -592,6 +603,18 @@ fn park_budget(mib: u64, flag: &'static str) -> Result<u64, ConfigError> {
         return Err(ConfigError::ParkBudget { flag, mib });
     }
     Ok(mib << 20)
+}
+
+/// `--kv-park-ram`: `auto`, or MiB (at most 1 PiB).
+pub fn parse_park_ram(value: &str) -> Result<ParkRam, ConfigError> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("auto") {
+        return Ok(ParkRam::Auto);
+    }
+    let mib: u64 = value.parse().map_err(|_| ConfigError::ParkRam {
+        value: value.chars().take(40).collect(),
+    })?;
+    park_budget(mib, "kv-park-ram").map(ParkRam::Bytes)
 }
 
 /// The largest reply budget a window allows: a quarter of it stays for the prompt.
@@ -667,14 +690,20 @@ impl TryFrom<Args> for Config {
         let kv = KvCacheSettings::new(args.flash_attn, args.cache_type_k, args.cache_type_v)?;
         let step_target = (args.step_target_ms > 0)
             .then(|| Duration::from_millis(u64::from(args.step_target_ms)));
-        let park_ram = park_budget(args.kv_park_ram, "kv-park-ram")?;
+        let kv_park_ram = parse_park_ram(&args.kv_park_ram)?;
         let park_disk = park_budget(args.kv_park_disk, "kv-park-disk")?;
         // Only serve mode has many conversations; --prompt and --console hold one.
         let serving = args.prompt.is_none() && !args.console;
-        let park = (serving && (park_ram > 0 || park_disk > 0)).then(|| ParkConfig {
-            dir: args.data_dir.join("kv"),
-            ram_bytes: park_ram,
-            disk_bytes: park_disk,
+        let park = (serving && (kv_park_ram != ParkRam::Bytes(0) || park_disk > 0)).then(|| {
+            ParkConfig {
+                dir: args.data_dir.join("kv"),
+                // `auto` is decided at start-up from the host (`host::plan_memory`).
+                ram_bytes: match kv_park_ram {
+                    ParkRam::Bytes(bytes) => bytes,
+                    ParkRam::Auto => 0,
+                },
+                disk_bytes: park_disk,
+            }
         });
         let mode = match (args.prompt, args.console) {
             (Some(prompt), _) => Mode::Prompt(prompt),
@@ -753,6 +782,7 @@ impl TryFrom<Args> for Config {
             telegram,
             data_dir: args.data_dir,
             history,
+            kv_park_ram,
         })
     }
 }
@@ -1193,8 +1223,19 @@ mod tests {
             .park
             .unwrap();
         assert_eq!(park.dir, PathBuf::from("/var/lib/bot/kv"));
-        assert_eq!(park.ram_bytes, 4096 << 20);
         assert_eq!(park.disk_bytes, 20480 << 20);
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.kv_park_ram, ParkRam::Auto, "sized from the host");
+        for (value, expected) in [
+            ("AUTO", ParkRam::Auto),
+            (" 512 ", ParkRam::Bytes(512 << 20)),
+            ("0", ParkRam::Bytes(0)),
+        ] {
+            assert_eq!(parse_park_ram(value).unwrap(), expected, "{value}");
+        }
+        for bad in ["", "1.5", "-1", "4G", "18446744073709551615"] {
+            assert!(parse_park_ram(bad).is_err(), "{bad}");
+        }
         let park = parse(&["--kv-park-ram", "0", "--kv-park-disk", "10"])
             .unwrap()
             .engine

@@ -20,16 +20,19 @@ use url::Url;
 
 use crate::config::{
     Args, Config, ConfigError, HttpConfig, ProvidersConfig, Secret, max_tokens_limit,
+    parse_park_ram,
 };
 use crate::gguf::{self, GgufHeader};
+use crate::host::lock;
+use crate::host::memory::{
+    self, HostMemory, MemoryLimit, MemoryNeeds, ModelShapes, ParkRam, human_bytes,
+};
 use crate::providers::{self, probe};
 
 /// How long the Telegram checks may take.
 const TELEGRAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Telegram's own Bot API server.
 const TELEGRAM_API: &str = "https://api.telegram.org";
-/// A memory need above this share of the available memory is a warning.
-const MEMORY_WARN_SHARE: f64 = 0.8;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -208,7 +211,7 @@ fn model_checks(args: &Args) -> Vec<Check> {
     };
     let mut checks = vec![describe_model(path, len, &header)];
     checks.extend(context_check(args, &header));
-    checks.push(memory_check(args, len, &header, available_memory()));
+    checks.push(memory_check(args, len, &header, HostMemory::read().limit()));
     checks
 }
 
@@ -272,14 +275,17 @@ fn context_check(args: &Args, header: &GgufHeader) -> Option<Check> {
     ))
 }
 
-/// Weights + KV cache at `--slots × --ctx-size` against the memory available.
-fn memory_check(args: &Args, weights: u64, header: &GgufHeader, available: Option<u64>) -> Check {
-    let tokens = (args.slots as u64).saturating_mul(u64::from(args.ctx_size));
+/// Weights, the KV cache at `--slots × --ctx-size`, compute buffers and the park RAM that
+/// `--kv-park-ram` comes to (the start-up plan, [`memory::plan`]) against the memory this
+/// process may use (its cgroup's limit, else `MemAvailable`).
+fn memory_check(
+    args: &Args,
+    weights: u64,
+    header: &GgufHeader,
+    limit: Option<MemoryLimit>,
+) -> Check {
     let (type_k, type_v) = (args.cache_type_k, args.cache_type_v);
-    let Some(per_token) = header
-        .kv_shape()
-        .map(|shape| shape.bytes_per_token(type_k, type_v))
-    else {
+    let Some(shapes) = ModelShapes::of(header, type_k, type_v) else {
         return Check::new(
             Status::Warn,
             "memory",
@@ -287,55 +293,65 @@ fn memory_check(args: &Args, weights: u64, header: &GgufHeader, available: Optio
                 + &human_bytes(weights),
         );
     };
-    let kv = per_token.saturating_mul(tokens);
-    let need = weights.saturating_add(kv);
+    let needs = MemoryNeeds::estimate(
+        weights,
+        &shapes,
+        args.slots as u64,
+        u64::from(args.ctx_size),
+        u64::from(args.batch_size),
+    );
+    // A bad value is reported by the flags check; size `auto` meanwhile.
+    let requested = parse_park_ram(&args.kv_park_ram).unwrap_or(ParkRam::Auto);
+    let plan = memory::plan(limit, needs, requested);
+    let park = match (requested, plan.clamped_from) {
+        (ParkRam::Auto, _) => "auto".to_string(),
+        (ParkRam::Bytes(_), Some(asked)) => {
+            format!("--kv-park-ram {} MiB clamped: it does not fit", asked >> 20)
+        }
+        (ParkRam::Bytes(_), None) => "--kv-park-ram".to_string(),
+    };
     let sizing = format!(
-        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token, K {type_k} V {type_v})",
-        human_bytes(need),
-        human_bytes(weights),
-        human_bytes(kv),
+        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token, K {type_k} V {type_v} + compute, \
+         transit and runtime {}) + parked KV states up to {} ({park})",
+        human_bytes(needs.total()),
+        human_bytes(needs.weights),
+        human_bytes(needs.kv_cache),
         args.slots,
         args.ctx_size,
-        human_bytes(per_token)
+        human_bytes(shapes.kv_bytes_per_token),
+        human_bytes(needs.compute + needs.transit + needs.runtime),
+        human_bytes(plan.park_ram),
     );
-    let Some(available) = available else {
+    let Some(limit) = limit else {
         return Check::new(
             Status::Warn,
             "memory",
             format!("{sizing}; free memory unknown"),
         );
     };
+    let of = format!("of {} ({})", human_bytes(limit.bytes), limit.source);
     let fix = "lower --slots or --ctx-size, or use a smaller quantization";
-    if need > available {
+    if needs.total() > limit.bytes {
         Check::new(
             Status::Fail,
             "memory",
-            format!("{sizing}, only {} available: {fix}", human_bytes(available)),
+            format!("{sizing}: more than the {of} this process may use: {fix}"),
         )
-    } else if need as f64 > available as f64 * MEMORY_WARN_SHARE {
+    } else if plan.overcommitted() {
         Check::new(
             Status::Warn,
             "memory",
-            format!(
-                "{sizing} of {} available: little room left; {fix}",
-                human_bytes(available)
-            ),
+            format!("{sizing} {of}: no room for the safety margin or parked chats; {fix}"),
+        )
+    } else if plan.clamped_from.is_some() {
+        Check::new(
+            Status::Warn,
+            "memory",
+            format!("{sizing} {of}: lower --kv-park-ram, or leave it at auto"),
         )
     } else {
-        Check::new(
-            Status::Ok,
-            "memory",
-            format!("{sizing} of {} available", human_bytes(available)),
-        )
+        Check::new(Status::Ok, "memory", format!("{sizing} {of}"))
     }
-}
-
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 /// CPU features this build was compiled for against the CPU's; `--threads` against cores.
@@ -456,18 +472,33 @@ fn data_dir_check(dir: &Path) -> Check {
             "data dir",
             format!("{} exists but is not a directory: {fix}", dir.display()),
         ),
-        Ok(_) => match try_write(dir) {
-            Ok(()) => Check::new(
-                Status::Ok,
-                "data dir",
-                format!("{} is writable", dir.display()),
-            ),
-            Err(e) => Check::new(
-                Status::Fail,
-                "data dir",
-                format!("{} is not writable ({e}): {fix}", dir.display()),
-            ),
-        },
+        Ok(_) => {
+            if let Some(pid) = lock::holder(dir) {
+                return Check::new(
+                    Status::Fail,
+                    "data dir",
+                    format!(
+                        "{} is in use by a running mistral-bot ({}): one directory belongs to \
+                         one process, so this configuration cannot start beside it; stop that \
+                         one first, or pass another --data-dir",
+                        dir.display(),
+                        pid.map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"))
+                    ),
+                );
+            }
+            match try_write(dir) {
+                Ok(()) => Check::new(
+                    Status::Ok,
+                    "data dir",
+                    format!("{} is writable", dir.display()),
+                ),
+                Err(e) => Check::new(
+                    Status::Fail,
+                    "data dir",
+                    format!("{} is not writable ({e}): {fix}", dir.display()),
+                ),
+            }
+        }
         Err(_) => {
             // It will be created: the nearest existing ancestor must take it.
             let ancestor = dir
@@ -745,21 +776,6 @@ async fn cloud_checks(args: &Args) -> Vec<Check> {
     checks
 }
 
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 fn human_count(n: u64) -> String {
     match n {
         0..=999_999 => format!("{n}"),
@@ -786,33 +802,67 @@ mod tests {
         gguf::read_header(&mut std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap()
     }
 
+    fn limit(bytes: u64) -> Option<MemoryLimit> {
+        Some(MemoryLimit {
+            bytes,
+            source: memory::LimitSource::MemAvailable,
+        })
+    }
+
     #[test]
-    fn memory_is_weights_plus_kv_for_every_slot() {
+    fn memory_is_weights_plus_kv_for_every_slot_plus_what_parks() {
         const GIB: u64 = 1 << 30;
         let weights = 4_372_755_040;
         // 4 slots × 4096 tokens × 128 KiB = 2 GiB of KV cache.
-        let fits = memory_check(&args(&[]), weights, &seven_b(), Some(24 * GIB));
+        let fits = memory_check(&args(&[]), weights, &seven_b(), limit(24 * GIB));
         assert_eq!(fits.status, Status::Ok, "{fits}");
         assert!(fits.message.contains("KV cache 2.0 GiB"), "{fits}");
-        // q8_0 keys and values: 68 KiB a token, 1.06 GiB.
-        let q8 = memory_check(
-            &args(&["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]),
+        // Parked RAM is counted: `auto` takes what is left, shown with the limit.
+        assert!(
+            fits.message.contains("parked KV states up to 15."),
+            "{fits}"
+        );
+        assert!(
+            fits.message.contains("(auto) of 24.0 GiB (MemAvailable)"),
+            "{fits}"
+        );
+        let tight = memory_check(&args(&[]), weights, &seven_b(), limit(7 * GIB));
+        assert_eq!(tight.status, Status::Warn, "{tight}");
+        let clamped = memory_check(
+            &args(&["--kv-park-ram", "4096"]),
             weights,
             &seven_b(),
-            Some(24 * GIB),
+            limit(8 * GIB),
         );
-        assert!(q8.message.contains("KV cache 1.1 GiB"), "{q8}");
-        assert!(q8.message.contains("68.0 KiB/token, K q8_0 V q8_0"), "{q8}");
-        let tight = memory_check(&args(&[]), weights, &seven_b(), Some(7 * GIB));
-        assert_eq!(tight.status, Status::Warn, "{tight}");
+        assert_eq!(clamped.status, Status::Warn, "{clamped}");
+        assert!(
+            clamped.message.contains("--kv-park-ram 4096 MiB clamped"),
+            "{clamped}"
+        );
         let short = memory_check(
             &args(&["--slots", "16"]),
             weights,
             &seven_b(),
-            Some(8 * GIB),
+            limit(8 * GIB),
         );
         assert_eq!(short.status, Status::Fail, "{short}");
         assert!(short.message.contains("lower --slots"), "{short}");
+    }
+
+    #[test]
+    fn a_data_dir_held_by_a_running_bot_fails_naming_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock::DataDirLock::acquire(dir.path()).unwrap();
+        let check = data_dir_check(dir.path());
+        assert_eq!(check.status, Status::Fail, "{check}");
+        assert!(
+            check
+                .message
+                .contains(&format!("pid {}", std::process::id())),
+            "{check}"
+        );
+        drop(held);
+        assert_eq!(data_dir_check(dir.path()).status, Status::Ok);
     }
 
     #[test]

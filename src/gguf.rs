@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom};
 
-use crate::kv_cache::KvShape;
+use crate::kv_cache::{CacheType, KvShape};
 
 /// The longest string value kept (longer ones, e.g. a chat template, are kept cut).
 const MAX_KEPT_STRING: usize = 64 * 1024;
@@ -135,6 +135,12 @@ impl GgufHeader {
             key_length: key,
             value_length: value,
         })
+    }
+    /// KV-cache bytes per token of context with these cache types
+    /// ([`KvShape::bytes_per_token`]); `None` when the header lacks the shapes.
+    pub fn kv_bytes_per_token(&self, type_k: CacheType, type_v: CacheType) -> Option<u64> {
+        self.kv_shape()
+            .map(|shape| shape.bytes_per_token(type_k, type_v))
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`kv_cache`]: the KV cache's settings (flash attention, K/V types) and its size per token.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`host`]: host limits decided at start-up (the memory plan, the data-dir lock).
 //! - [`persona`]: the modes a conversation may choose and its stored choice;
 //!   [`usage`]: per-user fair-use windows and their rows; [`chat_policy`]: their flags.
 //!
@@ -139,9 +140,14 @@ pub fn http_settings(config: &Config) -> HttpSettings {
 /// Serve mode: the HTTP API starts at once (`/ready` is 503 while the model loads), then
 /// the engine loads, then chats are answered through the provider chain until Ctrl-C or
 /// SIGTERM, after which the requests in flight finish.
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
     // First, before anything opens a file or a socket.
     let max_connections = nofile_limit();
+    // One process per data directory, before anything in it is touched.
+    let _data_dir_lock = uses_data_dir(&config)
+        .then(|| host::lock::DataDirLock::acquire(&config.data_dir))
+        .transpose()?;
+    let (host_memory, memory_plan) = host::plan_memory(&mut config);
     if config.telegram.is_none() {
         tracing::warn!("{NO_TOKEN}");
     }
@@ -163,6 +169,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("starting the in-memory conversation store")?
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some(limit) = memory_plan.limit {
+        metrics.set_memory_limit(limit.bytes);
+    }
     let mut settings = http_settings(&config);
     settings.connections = http::ConnectionLimits::with_max_connections(max_connections);
     let state = AppState::new(settings, Arc::clone(&metrics));
@@ -213,6 +222,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());
+    if config.engine.park.is_some() {
+        tokio::spawn(host::pressure::watch(
+            host_memory,
+            memory_plan,
+            engine.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     tracing::info!(model = %config.engine.model_path.display(), "ready");
 
     let result = serve_front_ends(&config, responder, engine.clone(), link, server, stop_rx).await;
@@ -225,6 +242,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+/// Whether serve mode writes under `--data-dir`: the Telegram bot's state and histories,
+/// or park files.
+fn uses_data_dir(config: &Config) -> bool {
+    config.telegram.is_some()
+        || config
+            .engine
+            .park
+            .as_ref()
+            .is_some_and(|p| p.disk_bytes > 0)
 }
 
 /// Raises the open-file limit to the hard limit, logs it, and returns how many client

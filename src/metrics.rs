@@ -11,6 +11,7 @@
 //! So `requests = success + errors + timeouts + cancelled + (attempts in flight)`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
@@ -65,6 +66,10 @@ pub const ENGINE_KV_PARK_MISSES: &str = "mistral_bot_engine_kv_park_misses";
 pub const ENGINE_KV_PARK_RAM_BYTES: &str = "mistral_bot_engine_kv_park_ram_bytes";
 /// Bytes of KV park files on disk now.
 pub const ENGINE_KV_PARK_DISK_BYTES: &str = "mistral_bot_engine_kv_park_disk_bytes";
+/// The RAM budget of parked KV states now (as planned at start-up, less under pressure).
+pub const ENGINE_KV_PARK_RAM_BUDGET_BYTES: &str = "mistral_bot_engine_kv_park_ram_budget_bytes";
+/// The memory this process may use (its cgroup's limit, or `MemAvailable` at start-up).
+pub const MEMORY_LIMIT_BYTES: &str = "mistral_bot_memory_limit_bytes";
 
 /// Providers listed in every snapshot, even before their first request.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["local", "groq", "mistral", "gemini", "openai", "canned"];
@@ -128,6 +133,8 @@ pub struct EngineFigures {
     pub kv_park_ram_bytes: u64,
     /// Bytes of KV park files on disk now.
     pub kv_park_disk_bytes: u64,
+    /// The RAM budget of parked KV states now.
+    pub kv_park_ram_budget_bytes: u64,
 }
 
 /// Where the engine figures come from (set once the engine is loaded).
@@ -196,6 +203,8 @@ pub struct Metrics {
     /// Per-provider figures for the JSON snapshot (and the percentiles).
     tallies: Mutex<BTreeMap<&'static str, ProviderTally>>,
     engine: std::sync::Arc<EngineCollector>,
+    /// The memory limit decided at start-up (0 until then, or when the host tells none).
+    memory_limit: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -271,6 +280,12 @@ impl Metrics {
         );
         let engine = std::sync::Arc::new(EngineCollector::default());
         registry.register_collector(Box::new(std::sync::Arc::clone(&engine)));
+        let memory_limit = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            MEMORY_LIMIT_BYTES,
+            "Memory this process may use: its cgroup's limit, or MemAvailable at start-up",
+            memory_limit.clone(),
+        );
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -289,6 +304,7 @@ impl Metrics {
             first_text,
             tallies: Mutex::new(BTreeMap::new()),
             engine,
+            memory_limit,
         }
     }
 
@@ -297,6 +313,19 @@ impl Metrics {
         // still the best we have.
         let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
         update(tallies.entry(provider).or_default());
+    }
+
+    /// Records the memory limit decided at start-up.
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.memory_limit
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The memory limit decided at start-up, if the host told one.
+    pub fn memory_limit(&self) -> Option<u64> {
+        u64::try_from(self.memory_limit.get())
+            .ok()
+            .filter(|&b| b > 0)
     }
 
     /// The chain calls `provider`.
@@ -466,7 +495,7 @@ impl Collector for EngineCollector {
             return Ok(());
         };
         let figures = source();
-        let gauges: [(&str, &str, i64); 5] = [
+        let gauges: [(&str, &str, i64); 6] = [
             (ENGINE_SLOTS, "Engine slots", figures.slots as i64),
             (
                 ENGINE_SLOTS_BUSY,
@@ -487,6 +516,11 @@ impl Collector for EngineCollector {
                 ENGINE_KV_PARK_DISK_BYTES,
                 "Bytes of KV park files on disk",
                 i64::try_from(figures.kv_park_disk_bytes).unwrap_or(i64::MAX),
+            ),
+            (
+                ENGINE_KV_PARK_RAM_BUDGET_BYTES,
+                "RAM budget of parked KV states now",
+                i64::try_from(figures.kv_park_ram_budget_bytes).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {

@@ -313,6 +313,9 @@
   function drawFacts(now) {
     $("f-uptime").textContent = duration(now.uptime_seconds);
     $("f-rss").textContent = bytes(now.rss_bytes);
+    const budget = now.engine ? bytes(now.engine.kv_park_ram_budget_bytes) : "–";
+    $("f-memory").textContent = (now.memory_limit_bytes ? bytes(now.memory_limit_bytes) : "unknown") +
+      " · " + budget;
     const m = now.model;
     $("f-model").textContent = m ? m.name + " · " + params(m.n_params) + " · " + bytes(m.size_bytes)
       : now.model_id + (now.ready ? "" : " (loading)");

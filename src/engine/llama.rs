@@ -326,6 +326,12 @@ impl Context<'_> {
             .clear_kv_cache_seq(Some(seq_id as u32), Some(from), None);
     }
 
+    /// How many bytes [`seq_state`](Self::seq_state) would copy out for `seq_id` now.
+    pub fn seq_state_size(&self, seq_id: i32) -> usize {
+        self.ctx
+            .state_seq_get_size_ext(seq_id, LlamaStateSeqFlags::empty())
+    }
+
     /// Copies sequence `seq_id`'s KV state out (llama.cpp's serialized cells: a memcpy of
     /// the sequence's keys and values). `None` if llama.cpp failed to write it.
     #[allow(unsafe_code)]

@@ -247,8 +247,11 @@ pub struct EngineStats {
     /// Requests (with parking on) that found less than half of their prompt in a slot or
     /// a parked state: new chats, and chats whose state was evicted or unusable.
     pub kv_park_misses: u64,
-    /// Bytes of parked states in RAM now (at most `--kv-park-ram`).
+    /// Bytes of parked states in RAM now (at most `kv_park_ram_budget_bytes`).
     pub kv_park_ram_bytes: u64,
+    /// The RAM budget of parked states now: `--kv-park-ram` as decided at start-up, less
+    /// while memory is short (see [`EngineHandle::set_park_ram_budget`]).
+    pub kv_park_ram_budget_bytes: u64,
     /// Bytes of park files on disk now (at most `--kv-park-disk`).
     pub kv_park_disk_bytes: u64,
 }
@@ -273,6 +276,7 @@ pub(crate) struct SharedStats {
     kv_park_hits_disk: AtomicU64,
     kv_park_misses: AtomicU64,
     kv_park_ram_bytes: AtomicU64,
+    kv_park_ram_budget_bytes: AtomicU64,
     kv_park_disk_bytes: AtomicU64,
     /// Uncached prompt tokens of the requests in the queue (for [`eta`]).
     queued_tokens: AtomicU64,
@@ -606,6 +610,13 @@ impl EngineHandle {
         }
     }
 
+    /// Keeps at most `bytes` of parked KV states in RAM from now on (never more than
+    /// parking was started with is sensible: that was sized to fit); the least recently
+    /// used states beyond it spill to disk. Without parking it does nothing.
+    pub fn set_park_ram_budget(&self, bytes: u64) {
+        let _ = self.inner.control_tx.send(park::Control::RamBudget(bytes));
+    }
+
     /// The engine's figures now.
     pub fn stats(&self) -> EngineStats {
         let s = &self.inner.stats;
@@ -632,6 +643,7 @@ impl EngineHandle {
             kv_park_hits_disk: s.kv_park_hits_disk.load(Ordering::Relaxed),
             kv_park_misses: s.kv_park_misses.load(Ordering::Relaxed),
             kv_park_ram_bytes: s.kv_park_ram_bytes.load(Ordering::Relaxed),
+            kv_park_ram_budget_bytes: s.kv_park_ram_budget_bytes.load(Ordering::Relaxed),
             kv_park_disk_bytes: s.kv_park_disk_bytes.load(Ordering::Relaxed),
         }
     }

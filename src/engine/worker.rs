@@ -338,6 +338,11 @@ impl Worker<'_> {
                     let _ = done_tx.send(());
                 }
             },
+            Control::RamBudget(bytes) => {
+                if let Some(parking) = self.parking.as_mut() {
+                    parking.set_ram_budget(bytes);
+                }
+            }
         }
     }
 

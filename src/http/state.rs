@@ -100,6 +100,7 @@ impl AppState {
                 kv_park_misses: stats.kv_park_misses,
                 kv_park_ram_bytes: stats.kv_park_ram_bytes,
                 kv_park_disk_bytes: stats.kv_park_disk_bytes,
+                kv_park_ram_budget_bytes: stats.kv_park_ram_budget_bytes,
             }
         });
         let _ = self.inner.backend.set(Backend { responder, engine });

@@ -20,7 +20,7 @@ fn poison_text() -> String {
 
 /// Flags that make a fake OpenAI-compatible provider answer everything (fast and
 /// deterministic: `Echo: <question>`).
-fn echo_flags(provider: &FakeProvider) -> Vec<String> {
+pub(crate) fn echo_flags(provider: &FakeProvider) -> Vec<String> {
     [
         "--chain",
         "openai",
@@ -33,7 +33,7 @@ fn echo_flags(provider: &FakeProvider) -> Vec<String> {
     .to_vec()
 }
 
-fn en_user(id: i64) -> Value {
+pub(crate) fn en_user(id: i64) -> Value {
     user(id, &format!("user{id}"), "en")
 }
 

@@ -58,7 +58,9 @@ pub enum DiskOp {
 
 /// The engine thread's side of the disk tier.
 pub struct DiskHandle {
-    ops_tx: std::sync::mpsc::Sender<DiskOp>,
+    /// A rendezvous channel: a send waits until the disk thread takes the operation, so a
+    /// state handed over is never queued behind another (one in transit at most).
+    ops_tx: std::sync::mpsc::SyncSender<DiskOp>,
     index: Arc<Mutex<Lru<DiskEntry>>>,
 }
 
@@ -91,7 +93,7 @@ impl DiskHandle {
         stats
             .kv_park_disk_bytes
             .store(lock(&index).used(), Ordering::Relaxed);
-        let (ops_tx, ops_rx) = std::sync::mpsc::channel();
+        let (ops_tx, ops_rx) = std::sync::mpsc::sync_channel(0);
         let worker = DiskWorker {
             dir: dir.to_path_buf(),
             key,
@@ -122,7 +124,9 @@ impl DiskHandle {
         }
     }
 
-    /// Queues work for the disk thread. A thread that is gone only loses a cache.
+    /// Hands work to the disk thread, waiting until it has finished the operation before
+    /// (a write takes tens of milliseconds per state). A thread that is gone only loses
+    /// a cache.
     pub fn send(&self, op: DiskOp) {
         if self.ops_tx.send(op).is_err() {
             tracing::warn!("the KV park disk thread has stopped; state not written");

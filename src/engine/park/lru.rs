@@ -39,6 +39,34 @@ impl<T: Weighted> Lru<T> {
         self.used
     }
 
+    /// The most bytes it may hold.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Changes the budget; returns what no longer fits, least recently used first.
+    pub fn set_budget(&mut self, budget: u64) -> Vec<T> {
+        self.budget = budget;
+        self.evict_until(|used| used <= budget)
+    }
+
+    /// Evicts the least recently used items until `size` more bytes fit (or nothing is
+    /// left), and returns them, oldest first: room made before the item exists.
+    pub fn make_room(&mut self, size: u64) -> Vec<T> {
+        let budget = self.budget;
+        self.evict_until(|used| used.saturating_add(size) <= budget)
+    }
+
+    fn evict_until(&mut self, fits: impl Fn(u64) -> bool) -> Vec<T> {
+        let mut evicted = Vec::new();
+        while !fits(self.used) && !self.items.is_empty() {
+            let old = self.items.remove(0);
+            self.used -= old.bytes();
+            evicted.push(old);
+        }
+        evicted
+    }
+
     /// Items held.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -57,12 +85,7 @@ impl<T: Weighted> Lru<T> {
         if size > self.budget {
             return vec![item];
         }
-        let mut evicted = Vec::new();
-        while self.used + size > self.budget && !self.items.is_empty() {
-            let old = self.items.remove(0);
-            self.used -= old.bytes();
-            evicted.push(old);
-        }
+        let evicted = self.make_room(size);
         self.used += size;
         self.items.push(item);
         evicted
@@ -190,6 +213,8 @@ mod tests {
         Touch(prop::sample::Index),
         RemoveStartingWith(i32),
         Drain,
+        SetBudget(u64),
+        MakeRoom(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -200,6 +225,8 @@ mod tests {
             1 => any::<prop::sample::Index>().prop_map(Op::Touch),
             1 => (0i32..4).prop_map(Op::RemoveStartingWith),
             1 => Just(Op::Drain),
+            1 => (0u64..1000).prop_map(Op::SetBudget),
+            1 => (0u64..400).prop_map(Op::MakeRoom),
         ]
     }
 
@@ -210,6 +237,7 @@ mod tests {
             ops in proptest::collection::vec(op(), 0..60),
         ) {
             let mut lru = Lru::new(budget);
+            let mut budget = budget;
             let mut inserted = 0u64;
             let mut out = 0u64;
             for op in ops {
@@ -230,6 +258,14 @@ mod tests {
                             .sum::<u64>();
                     }
                     Op::Drain => out += lru.drain_oldest_first().iter().map(|i| i.bytes).sum::<u64>(),
+                    Op::SetBudget(new) => {
+                        budget = new;
+                        out += lru.set_budget(new).iter().map(|i| i.bytes).sum::<u64>();
+                    }
+                    Op::MakeRoom(size) => {
+                        out += lru.make_room(size).iter().map(|i| i.bytes).sum::<u64>();
+                        prop_assert!(lru.is_empty() || lru.used() + size <= budget);
+                    }
                     _ => {}
                 }
                 let held: u64 = lru.items.iter().map(|i| i.bytes).sum();

@@ -86,6 +86,9 @@ pub(crate) enum Control {
     },
     /// Write every slot's cache and every state in RAM to disk, then answer.
     ParkAll(oneshot::Sender<()>),
+    /// Keep at most this many bytes of parked states in RAM from now on (the memory
+    /// pressure watch); what no longer fits spills to disk.
+    RamBudget(u64),
 }
 
 /// A state read from disk for a request that waited for it.
@@ -167,11 +170,13 @@ impl Parking {
         } else {
             None
         };
-        Ok(Self {
+        let parking = Self {
             ram: Lru::new(config.ram_bytes),
             disk,
             stats,
-        })
+        };
+        parking.publish();
+        Ok(parking)
     }
 
     /// Calls `f` with the tokens of every park file on disk.
@@ -185,6 +190,35 @@ impl Parking {
         self.stats
             .kv_park_ram_bytes
             .store(self.ram.used(), Ordering::Relaxed);
+        self.stats
+            .kv_park_ram_budget_bytes
+            .store(self.ram.budget(), Ordering::Relaxed);
+    }
+
+    /// Changes the RAM budget; what no longer fits spills to disk (or is dropped without
+    /// a disk tier), least recently used first.
+    pub fn set_ram_budget(&mut self, bytes: u64) {
+        let spilled = self.ram.set_budget(bytes);
+        if !spilled.is_empty() {
+            tracing::debug!(
+                states = spilled.len(),
+                budget = bytes,
+                "the park RAM budget shrank: states spill to disk"
+            );
+        }
+        self.spill(spilled);
+        self.publish();
+    }
+
+    /// Hands states that left RAM to the disk thread, one at a time: each send waits until
+    /// the disk thread has finished the previous one, so at most one state is in transit
+    /// outside the RAM budget. Without a disk tier they are dropped.
+    fn spill(&self, states: Vec<Parked>) {
+        if let Some(disk) = &self.disk {
+            for parked in states {
+                disk.send(DiskOp::Store(parked));
+            }
+        }
     }
 
     /// Chooses the slot for `prompt`, restoring a parked state into it when one extends
@@ -292,7 +326,17 @@ impl Parking {
     }
 
     /// Copies `slot`'s KV state out and keeps it in RAM (spilling the oldest to disk).
+    /// Room is made, and what leaves written, before the copy exists: parked RAM never
+    /// holds more than its budget plus the one state in transit.
     fn park_slot(&mut self, ctx: &Context<'_>, slot: &Slot) {
+        // A state whose tokens start the new one's is of no more use.
+        self.ram
+            .remove_where(|old| slot.cached.starts_with(&old.tokens));
+        let size = (ctx.seq_state_size(slot.seq_id) + 4 * slot.cached.len()) as u64;
+        if size <= self.ram.budget() {
+            let spilled = self.ram.make_room(size);
+            self.spill(spilled);
+        }
         let started = Instant::now();
         let Some(state) = ctx.seq_state(slot.seq_id) else {
             tracing::warn!(seq = slot.seq_id, "llama.cpp gave no KV state to park");
@@ -308,16 +352,9 @@ impl Parking {
             tokens: slot.cached.clone(),
             state,
         };
-        // A state whose tokens start the new one's is of no more use.
-        self.ram
-            .remove_where(|old| parked.tokens.starts_with(&old.tokens));
         let spilled = self.ram.insert(parked);
         self.publish();
-        if let Some(disk) = &self.disk {
-            for parked in spilled {
-                disk.send(DiskOp::Store(parked));
-            }
-        }
+        self.spill(spilled);
     }
 
     /// Writes every slot's cache and every state in RAM to disk, then answers `done_tx`

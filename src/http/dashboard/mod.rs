@@ -210,6 +210,7 @@ async fn data(State(state): State<AppState>, Query(query): Query<DataQuery>) -> 
             "unix_ms": unix_ms(),
             "uptime_seconds": state.uptime_seconds(),
             "rss_bytes": rss_bytes,
+            "memory_limit_bytes": state.metrics().memory_limit(),
             "version": env!("CARGO_PKG_VERSION"),
             "commit": BUILD_COMMIT,
             "ready": state.is_ready(),
