@@ -39,6 +39,8 @@ fn engine_config() -> EngineConfig {
         threads: NonZeroUsize::new(2).expect("non-zero"),
         batch_size: NonZeroU32::new(512).expect("non-zero"),
         prefill_chunk: NonZeroU32::new(128).expect("non-zero"),
+        step_target: None,
+        kv: Default::default(),
         queue_size: NonZeroUsize::new(4).expect("non-zero"),
         mmap: false,
         chat_template: ChatTemplateChoice::Auto,

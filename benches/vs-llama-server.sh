@@ -28,6 +28,15 @@
 #   forced   FORCED_TOKENS=64 tokens exactly (ignore_eos) for 1 and then 4 streams at once,
 #            FORCED_REPS=5: aggregate tok/s. For random-weight models, which answer
 #            end-of-sequence at once under greedy sampling.
+#   deadline mistral-bot against itself (llama-server has no fallback): a fake OpenAI-
+#            compatible cloud answering after CLOUD_DELAY=0.5 s is the chain's second
+#            provider; DEADLINE_CHATS=8 chats at once, DEADLINE_COLD=2 of them new with a
+#            COLD_WORDS message, the others returning, DEADLINE_REPS=3 rounds: p50/p95 time
+#            to first token and the share the cloud answered, with --local-max-wait
+#            DEADLINE_WAIT=20 vs 0 (off). (CHAT_IGNORE_EOS=1 forces reply lengths.)
+# The step budget (issue 17) is in `basic`'s fairness rows: the streamer's largest gap, its
+# rate while the cold prompt is read as a share of its rate alone, the cold prompt's time to
+# first token. BOT_ARGS="--step-target-ms T" measures another target (0: fixed chunks).
 # Servers: mistral-bot --slots 4 --ctx-size C; llama-server --parallel 4 -c 4C (the same
 # C tokens per slot; llama-server's default RAM prompt cache). Extra flags: BOT_ARGS,
 # LLAMA_ARGS; READY_LIMIT=900 s for a model to load; BOT_LOG=warn,mistral_bot=info;
@@ -56,7 +65,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,55p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,64p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -83,14 +92,21 @@ ready_limit="${READY_LIMIT:-900}"
 bot_log="${BOT_LOG:-warn,mistral_bot=info}"
 read -r -a bot_args <<<"${BOT_ARGS:-}"
 read -r -a llama_args <<<"${LLAMA_ARGS:-}"
+cloud_delay="${CLOUD_DELAY:-0.5}"
+deadline_chats="${DEADLINE_CHATS:-8}"
+deadline_cold="${DEADLINE_COLD:-2}"
+deadline_reps="${DEADLINE_REPS:-3}"
+deadline_wait="${DEADLINE_WAIT:-20}"
+# The chain of mistral-bot: the local engine alone, except in the deadline scenario.
+bot_chain=(--chain local)
 client="$repo/benches/vs_llama_server.py"
 
 [[ -x $llama_server ]] || { echo "error: not an executable: $llama_server" >&2; exit 1; }
 [[ -f $model ]] || { echo "error: no model at $model (bash models/fetch-test-model.sh)" >&2; exit 1; }
 for s in $scenarios; do
     case $s in
-        basic | chats | restart | long | forced) ;;
-        *) echo "error: unknown scenario '$s' (basic chats restart long forced)" >&2; exit 2 ;;
+        basic | chats | restart | long | forced | deadline) ;;
+        *) echo "error: unknown scenario '$s' (basic chats restart long forced deadline)" >&2; exit 2 ;;
     esac
 done
 selected() { [[ " $scenarios " == *" $1 "* ]]; }
@@ -180,7 +196,7 @@ start_server() {
         (cd "$data" && exec env "${unset_vars[@]}" RUST_LOG="$bot_log" "$bot" \
             --model "$model" --slots 4 --ctx-size "$ctx" --max-tokens $((ctx / 2)) \
             --threads "$threads" --http-addr "127.0.0.1:$port" --temperature 0 \
-            --chain local --local-timeout 3600 --data-dir "$data" "${bot_args[@]}") \
+            "${bot_chain[@]}" --local-timeout 3600 --data-dir "$data" "${bot_args[@]}") \
             >>"$log" 2>&1 &
         server_pid=$!
         wait_ready "http://127.0.0.1:$port/ready" "$ready_limit"
@@ -251,6 +267,30 @@ run_forced() {
     stop_server
 }
 
+# deadline: mistral-bot twice, with and without --local-max-wait, a fake cloud second.
+run_deadline() {
+    local cloud_port cloud_pid side wait eos=()
+    [[ $chat_ignore_eos == 1 ]] && eos=(--ignore-eos)
+    cloud_port="$(free_port)"
+    python3 "$client" fakecloud --port "$cloud_port" --delay "$cloud_delay" &
+    cloud_pid=$!
+    for side in max-wait no-max-wait; do
+        wait=$deadline_wait
+        [[ $side == no-max-wait ]] && wait=0
+        bot_chain=(--chain local,openai --openai-base-url "http://127.0.0.1:$cloud_port/v1"
+            --openai-model fake --local-max-wait "$wait")
+        start_server mistral-bot 4096 "$out/deadline-$side" "$out/deadline-$side.log"
+        note "deadline: $deadline_chats chats ($deadline_cold cold), --local-max-wait $wait"
+        python3 "$client" deadline --port "$port" --name "$side" --chats "$deadline_chats" \
+            --cold "$deadline_cold" --cold-words "$cold_words" --reps "$deadline_reps" \
+            --max-tokens "$chat_tokens" "${eos[@]}" >"$out/deadline-$side.json"
+        stop_server
+    done
+    bot_chain=(--chain local)
+    kill "$cloud_pid" 2>/dev/null || true
+    wait "$cloud_pid" 2>/dev/null || true
+}
+
 note "model $(basename "$model"), $threads threads, scenarios: $scenarios"
 for name in "${servers[@]}"; do
     selected basic && run_basic "$name"
@@ -258,6 +298,7 @@ for name in "${servers[@]}"; do
     selected long && run_long "$name"
     selected forced && run_forced "$name"
 done
+selected deadline && run_deadline
 
 echo
 echo "model: $(basename "$model"), $threads threads; events in $out/events.log"
@@ -267,3 +308,7 @@ for s in basic chats restart long forced; do
     echo
     python3 "$client" table --scenario "$s" "$out/$s-mistral-bot.json" "$out/$s-llama-server.json"
 done
+if selected deadline && [[ -f $out/deadline-max-wait.json && -f $out/deadline-no-max-wait.json ]]; then
+    echo
+    python3 "$client" table --scenario deadline "$out/deadline-max-wait.json" "$out/deadline-no-max-wait.json"
+fi

@@ -10,6 +10,8 @@ goes to stderr.
                              [--ports P1,P2]   # plain round-robin over servers instead
     vs_llama_server.py longchat --port P --name NAME [--turns 40] [--client-trim]
     vs_llama_server.py forced --port P --name NAME [--max-tokens 64] [--reps 2]
+    vs_llama_server.py deadline --port P --name NAME [--chats 8] [--cold 2] [--reps 3]
+    vs_llama_server.py fakecloud --port P [--delay 0.5]   # an OpenAI-compatible fake cloud
     vs_llama_server.py table A.json B.json      # side-by-side table, ratios A / B
 
 `chats` keeps every chat's history in the --state file, so a second run with --resume
@@ -104,6 +106,7 @@ def stream_chat(port, content, max_tokens, on_chunk=None, messages=None, ignore_
                     if on_chunk:
                         on_chunk(len(chunks))
         end = time.monotonic()
+        provider = resp.getheader("x-mistral-bot-provider")
     finally:
         conn.close()
     tokens = usage.get("completion_tokens") if usage else None
@@ -117,6 +120,7 @@ def stream_chat(port, content, max_tokens, on_chunk=None, messages=None, ignore_
         "prompt_tokens": usage.get("prompt_tokens") if usage else None,
         "cached_tokens": details.get("cached_tokens"),
         "text": "".join(text),
+        "provider": provider,
     }
 
 
@@ -236,7 +240,13 @@ def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20):
     ch = s["chunks"]
     during = [b - a for a, b in zip(ch, ch[1:]) if b > c0 and a < c1]
     before = [b - a for a, b in zip(ch, ch[1:]) if b <= c0]
+    # The streamer's token rate while the cold prompt is read, as a share of its rate
+    # alone before (issue 17: at least 25 % on the 7B shape; llama-server: 0).
+    tokens_during = sum(1 for t in ch if c0 < t <= c1)
+    solo_rate = len(before) / sum(before) if before and sum(before) > 0 else float("nan")
+    share = (tokens_during / (c1 - c0)) / solo_rate if c1 > c0 and solo_rate > 0 else float("nan")
     return {
+        "stream_share": share,
         "max_gap_s": max(during) if during else float("nan"),
         "median_gap_s": statistics.median(during) if during else float("nan"),
         "gap_before_s": max(before) if before else float("nan"),
@@ -421,6 +431,100 @@ def forced(args):
     print(json.dumps(out))
 
 
+def deadline(args):
+    """Issue 17 part 4: `chats` short chats (opened first, unmeasured) and `cold` new chats
+    with a ~`cold_words`-word first message, all at once, `reps` times: time to first token
+    of every request and who answered (the `x-mistral-bot-provider` header). Run against
+    mistral-bot with a fake cloud after the local engine, with and without
+    --local-max-wait."""
+    rng = random.Random("deadline")
+    warm = [[{"role": "system", "content": SYSTEM},
+             {"role": "user", "content": cold_prompt(args.warm_words, random.Random(f"w{i}"))}]
+            for i in range(args.chats - args.cold)]
+    log(f"[{args.name}] opening {len(warm)} chats")
+    for messages in warm:
+        chat_turn(args.port, messages, args.max_tokens, args.ignore_eos)
+    out = {"name": args.name, "reps": args.reps}
+    runs = {"all": [], "cold": [], "warm": []}
+    answered_by = {}
+    for rep in range(args.reps):
+        jobs = [("warm", m) for m in warm] + [
+            ("cold", [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": cold_prompt(args.cold_words, rng)}])
+            for _ in range(args.cold)]
+        for kind, messages in jobs:
+            if kind == "warm":
+                messages.append({"role": "user", "content": QUESTIONS[rep % len(QUESTIONS)]})
+        results = [None] * len(jobs)
+
+        def run(i):
+            kind, messages = jobs[i]
+            r = stream_chat(args.port, None, args.max_tokens, messages=messages,
+                            ignore_eos=args.ignore_eos)
+            results[i] = (kind, r)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        for (kind, messages), result in zip(jobs, results):
+            if result is None:
+                raise RuntimeError("a request did not finish")
+            _, r = result
+            if kind == "warm":
+                messages.append({"role": "assistant",
+                                 "content": FORCED_REPLY if args.ignore_eos else r["text"]})
+            figures = {"ttft_s": ttft(r), "prompt_tokens": r["prompt_tokens"],
+                       "cached_tokens": r["cached_tokens"]}
+            runs[kind].append(figures)
+            runs["all"].append(figures)
+            answered_by[r["provider"]] = answered_by.get(r["provider"], 0) + 1
+        log(f"[{args.name}] round {rep}: {answered_by}")
+    for kind, values in runs.items():
+        out[kind] = summary(values)
+    out["answered_by"] = answered_by
+    total = sum(answered_by.values())
+    out["all"]["cloud_share"] = 1 - answered_by.get("local", 0) / total if total else None
+    print(json.dumps(out))
+
+
+def fakecloud(args):
+    """An OpenAI-compatible chat completions server answering after `delay` seconds, for
+    the deadline scenario (loopback only)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(min(length, 10 << 20))
+            time.sleep(args.delay)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for piece in ["From ", "the ", "cloud."]:
+                chunk = {"id": "c", "object": "chat.completion.chunk", "model": "fake",
+                         "choices": [{"index": 0, "delta": {"content": piece},
+                                      "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            end = {"id": "c", "object": "chat.completion.chunk", "model": "fake",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}
+            self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+
+    http.server.ThreadingHTTPServer((HOST, args.port), Handler).serve_forever()
+
+
 def median_of(runs, key):
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -482,6 +586,7 @@ TABLES = {
         ("fairness: median gap while cold prompt read (s)", "fairness", "median_gap_s", "{:.3f}"),
         ("fairness: largest gap before it arrived (s)", "fairness", "gap_before_s", "{:.3f}"),
         ("fairness: cold prompt time to first token (s)", "fairness", "cold_ttft_s", "{:.2f}"),
+        ("fairness: streamer's rate while it is read / alone", "fairness", "stream_share", "{:.2f}"),
         ("fairness: cold prompt tokens", "fairness", "cold_prompt_tokens", "{:.0f}"),
     ],
     "chats": [
@@ -499,6 +604,15 @@ TABLES = {
         ("long chat: cached tokens, median", "long", "cached_tokens", "{:.0f}"),
         ("long chat: turns re-reading > 200 tokens", "long", "reread_turns", "{:.0f}"),
         ("long chat: requests refused as too long", "long", "rejected", "{:.0f}"),
+    ],
+    "deadline": [
+        ("deadline: every request TTFT, median (s)", "all", "median_s", "{:.2f}"),
+        ("deadline: every request TTFT, p95 (s)", "all", "p95_s", "{:.2f}"),
+        ("deadline: cold chats TTFT, median (s)", "cold", "median_s", "{:.2f}"),
+        ("deadline: cold chats TTFT, p95 (s)", "cold", "p95_s", "{:.2f}"),
+        ("deadline: returning chats TTFT, median (s)", "warm", "median_s", "{:.2f}"),
+        ("deadline: returning chats TTFT, p95 (s)", "warm", "p95_s", "{:.2f}"),
+        ("deadline: share answered by the cloud", "all", "cloud_share", "{:.2f}"),
     ],
     "forced": [
         ("forced, 1 stream: tok/s", "forced1", "agg_tok_s", "{:.2f}"),
@@ -575,13 +689,24 @@ def main():
     fo = server_command("forced")
     fo.add_argument("--reps", type=int, default=5)
     fo.add_argument("--max-tokens", type=int, default=64)
+    d = server_command("deadline")
+    d.add_argument("--chats", type=int, default=8)
+    d.add_argument("--cold", type=int, default=2)
+    d.add_argument("--cold-words", type=int, default=1650)
+    d.add_argument("--warm-words", type=int, default=200)
+    d.add_argument("--reps", type=int, default=3)
+    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--ignore-eos", action="store_true")
+    fc = sub.add_parser("fakecloud")
+    fc.add_argument("--port", type=int, required=True)
+    fc.add_argument("--delay", type=float, default=0.5)
     t = sub.add_parser("table")
     t.add_argument("a")
     t.add_argument("b")
     t.add_argument("--scenario", choices=sorted(TABLES), default="basic")
     args = p.parse_args()
     {"measure": measure, "chats": chats, "longchat": longchat, "forced": forced,
-     "table": table}[args.cmd](args)
+     "deadline": deadline, "fakecloud": fakecloud, "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
         threads: NonZeroUsize::new(2).context("threads")?,
         batch_size: NonZeroU32::new(512).context("batch")?,
         prefill_chunk: NonZeroU32::new(128).context("chunk")?,
+        step_target: None,
+        kv: Default::default(),
         queue_size: NonZeroUsize::new(4).context("queue")?,
         mmap: false,
         chat_template: ChatTemplateChoice::Auto,

@@ -19,6 +19,7 @@ use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
 use crate::host::memory::ParkRam;
+use crate::kv_cache::{CacheType, FlashAttn, KvCacheError, KvCacheSettings};
 use crate::persona::Catalog;
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
@@ -54,11 +55,48 @@ pub struct Args {
     #[arg(long, env = "MISTRAL_BOT_BATCH_SIZE", default_value_t = 512)]
     pub batch_size: u32,
 
-    /// Most prompt tokens decoded in one step while other replies stream, so a long new
-    /// prompt does not freeze them (measured: worst stall 0.3 s at 32, 0.5 s at 64, 2.7 s
-    /// at 512 with the test model; see benches/fairness.rs).
+    /// Prompt tokens decoded in one step while other replies stream, until the engine has
+    /// timed its own steps (then --step-target-ms sizes them), and always with
+    /// --step-target-ms 0 (measured: worst stall 0.3 s at 32, 0.5 s at 64, 2.7 s at 512
+    /// with the test model; see benches/fairness.rs).
     #[arg(long, env = "MISTRAL_BOT_PREFILL_CHUNK", default_value_t = 64)]
     pub prefill_chunk: u32,
+
+    /// What a step should take while replies stream and a prompt is read, in milliseconds:
+    /// the prompt tokens of a step are sized from the engine's own recent step times so the
+    /// streaming chats get a token about this often (at least 4 prompt tokens a step).
+    /// 0: a fixed --prefill-chunk.
+    #[arg(long, env = "MISTRAL_BOT_STEP_TARGET_MS", default_value_t = 500)]
+    pub step_target_ms: u32,
+
+    /// Flash attention: `auto` is off (measured faster for decode on this CPU, equal for
+    /// prompts) unless the V cache is quantized, which needs it on.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_FLASH_ATTN",
+        value_enum,
+        default_value_t = FlashAttn::Auto
+    )]
+    pub flash_attn: FlashAttn,
+
+    /// Element type of the KV cache's keys: f16, or q8_0 (about half the memory and park
+    /// file size), q5_1, bf16, f32 (the 4-bit types failed the quality check).
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_CACHE_TYPE_K",
+        value_enum,
+        default_value_t = CacheType::F16
+    )]
+    pub cache_type_k: CacheType,
+
+    /// Element type of the KV cache's values (a quantized one needs flash attention).
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_CACHE_TYPE_V",
+        value_enum,
+        default_value_t = CacheType::F16
+    )]
+    pub cache_type_v: CacheType,
 
     /// Most tokens of one reply.
     #[arg(long, env = "MISTRAL_BOT_MAX_TOKENS", default_value_t = 1000)]
@@ -549,6 +587,9 @@ pub enum ConfigError {
         /// `prompt` or `console`.
         flag: &'static str,
     },
+    /// KV cache settings that do not work together.
+    #[error(transparent)]
+    KvCache(#[from] KvCacheError),
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
     BadApiUrl {
@@ -673,6 +714,9 @@ impl TryFrom<Args> for Config {
             "mistral" => ChatTemplateChoice::Mistral,
             name => ChatTemplateChoice::Named(name.to_string()),
         };
+        let kv = KvCacheSettings::new(args.flash_attn, args.cache_type_k, args.cache_type_v)?;
+        let step_target = (args.step_target_ms > 0)
+            .then(|| Duration::from_millis(u64::from(args.step_target_ms)));
         let kv_park_ram = parse_park_ram(&args.kv_park_ram)?;
         let park_disk = park_budget(args.kv_park_disk, "kv-park-disk")?;
         // Only serve mode has many conversations; --prompt and --console hold one.
@@ -751,6 +795,8 @@ impl TryFrom<Args> for Config {
                 threads,
                 batch_size,
                 prefill_chunk,
+                step_target,
+                kv,
                 queue_size,
                 mmap: args.mmap,
                 chat_template,
@@ -838,6 +884,13 @@ pub struct ProviderArgs {
     /// included) before the next provider is tried; also the longest pause mid-reply.
     #[arg(long, env = "MISTRAL_BOT_LOCAL_TIMEOUT", default_value_t = 120.0)]
     pub local_timeout: f64,
+
+    /// Seconds: when the local engine's estimated time to a request's first token (its
+    /// queue, the prompts ahead of it and its own uncached tokens, at the engine's measured
+    /// rates) is longer, and a later provider of the chain is available, that provider
+    /// answers at once. 0: always wait for the local engine.
+    #[arg(long, env = "MISTRAL_BOT_LOCAL_MAX_WAIT", default_value_t = 20.0)]
+    pub local_max_wait: f64,
 
     /// Groq API key.
     #[arg(long, env = "GROQ_API_KEY", hide_env_values = true)]
@@ -1134,6 +1187,9 @@ pub struct ProvidersConfig {
     pub chain: Vec<ProviderKind>,
     /// Time allowed to the local engine until the first text, and between two pieces.
     pub local_timeout: Duration,
+    /// A request whose estimated wait for the local engine's first token is longer goes
+    /// to a later available provider at once; `None`: never.
+    pub local_max_wait: Option<Duration>,
     /// Groq.
     pub groq: CloudConfig,
     /// Mistral La Plateforme.
@@ -1207,6 +1263,11 @@ impl TryFrom<ProviderArgs> for ProvidersConfig {
         Ok(ProvidersConfig {
             chain,
             local_timeout: seconds(args.local_timeout, "local-timeout")?,
+            local_max_wait: if args.local_max_wait == 0.0 {
+                None
+            } else {
+                Some(seconds(args.local_max_wait, "local-max-wait")?)
+            },
             groq: CloudConfig {
                 base_url: args.groq_base_url,
                 api_key: secret(args.groq_api_key),
@@ -1477,6 +1538,63 @@ mod tests {
     #[test]
     fn prefill_chunk_must_fit_a_batch() {
         assert!(parse(&["--batch-size", "64", "--prefill-chunk", "128"]).is_err());
+    }
+
+    #[test]
+    fn kv_cache_flags_are_checked_against_each_other() {
+        let defaults = parse(&[]).unwrap().engine.unwrap();
+        assert_eq!(defaults.kv, KvCacheSettings::default());
+        assert!(!defaults.kv.flash_attn(), "auto is off for an f16 cache");
+        assert_eq!(defaults.step_target, Some(Duration::from_millis(500)));
+        let err = parse(&["--cache-type-v", "q8_0", "--flash-attn", "off"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--cache-type-v q8_0 is quantized, which needs flash attention"),
+            "{err}"
+        );
+        let q8 = parse(&["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"])
+            .unwrap()
+            .engine
+            .unwrap()
+            .kv;
+        assert!(q8.flash_attn(), "auto turns it on for a quantized V");
+        assert_eq!(
+            (q8.type_k(), q8.type_v()),
+            (CacheType::Q8_0, CacheType::Q8_0)
+        );
+        let k_only = parse(&["--cache-type-k", "q5_1", "--flash-attn", "off"]).unwrap();
+        assert!(!k_only.engine.unwrap().kv.flash_attn());
+        assert!(
+            parse(&["--flash-attn", "on"])
+                .unwrap()
+                .engine
+                .unwrap()
+                .kv
+                .flash_attn()
+        );
+        // Unknown values are clap's errors, listing the possible ones.
+        let unknown = Args::try_parse_from(["mistral-bot", "-m", "x", "--cache-type-k", "q4_0"])
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("q8_0"), "{unknown}");
+        assert!(Args::try_parse_from(["mistral-bot", "-m", "x", "--flash-attn", "yes"]).is_err());
+    }
+
+    #[test]
+    fn step_target_and_local_max_wait_zero_mean_off() {
+        let config = parse(&["--step-target-ms", "0", "--local-max-wait", "0"]).unwrap();
+        assert_eq!(config.engine.as_ref().unwrap().step_target, None);
+        assert_eq!(config.providers.local_max_wait, None);
+        let config = parse(&["--local-max-wait", "7.5"]).unwrap();
+        assert_eq!(
+            config.providers.local_max_wait,
+            Some(Duration::from_millis(7500))
+        );
+        assert_eq!(
+            parse(&[]).unwrap().providers.local_max_wait,
+            Some(Duration::from_secs(20))
+        );
+        assert!(parse(&["--local-max-wait", "nan"]).is_err());
     }
 
     #[test]

@@ -298,7 +298,8 @@ fn memory_check(
     header: &GgufHeader,
     limit: Option<MemoryLimit>,
 ) -> Check {
-    let Some(shapes) = ModelShapes::of(header) else {
+    let (type_k, type_v) = (args.cache_type_k, args.cache_type_v);
+    let Some(shapes) = ModelShapes::of(header, type_k, type_v) else {
         return Check::new(
             Status::Warn,
             "memory",
@@ -324,7 +325,7 @@ fn memory_check(
         (ParkRam::Bytes(_), None) => "--kv-park-ram".to_string(),
     };
     let sizing = format!(
-        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token + compute, \
+        "needs ~{} (weights {} + KV cache {} for {} slots × {} tokens at {}/token, K {type_k} V {type_v} + compute, \
          transit and runtime {}) + parked KV states up to {} ({park})",
         human_bytes(needs.total()),
         human_bytes(needs.weights),

@@ -1,7 +1,7 @@
 //! A GGUF header reader: the metadata and tensor table of a model file, read without
-//! loading the weights (for `mistral-bot doctor`). A leaf module; pure over any
-//! `Read + Seek`, bounded by the file's length so a corrupt count cannot make it allocate
-//! or loop without end.
+//! loading the weights (for `mistral-bot doctor`). Uses only [`kv_cache`](crate::kv_cache)
+//! (a leaf); pure over any `Read + Seek`, bounded by the file's length so a corrupt count
+//! cannot make it allocate or loop without end.
 //!
 //! Format (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>), little-endian:
 //! magic `GGUF`, version u32 (2 or 3), tensor count u64, metadata count u64; each metadata
@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom};
+
+use crate::kv_cache::{CacheType, KvShape};
 
 /// The longest string value kept (longer ones, e.g. a chat template, are kept cut).
 const MAX_KEPT_STRING: usize = 64 * 1024;
@@ -113,9 +115,10 @@ impl GgufHeader {
         file_type_name(self.uint("general.file_type")?)
     }
 
-    /// KV-cache bytes per token of context at f16: 2 (K and V) × layers × KV heads ×
-    /// head size × 2 bytes. `None` when the header lacks the shapes.
-    pub fn kv_bytes_per_token(&self) -> Option<u64> {
+    /// The shape of the model's KV cache (layers, KV heads, key and value sizes); its bytes
+    /// per token under given cache types are [`KvShape::bytes_per_token`]. `None` when the
+    /// header lacks the shapes.
+    pub fn kv_shape(&self) -> Option<KvShape> {
         let layers = self.arch_uint("block_count")?;
         let width = self.arch_uint("embedding_length")?;
         let heads = self.arch_uint("attention.head_count").filter(|h| *h > 0)?;
@@ -126,12 +129,18 @@ impl GgufHeader {
         let value = self
             .arch_uint("attention.value_length")
             .unwrap_or(width / heads);
-        Some(
-            layers
-                .saturating_mul(kv_heads)
-                .saturating_mul(key.saturating_add(value))
-                .saturating_mul(2),
-        )
+        Some(KvShape {
+            layers,
+            kv_heads,
+            key_length: key,
+            value_length: value,
+        })
+    }
+    /// KV-cache bytes per token of context with these cache types
+    /// ([`KvShape::bytes_per_token`]); `None` when the header lacks the shapes.
+    pub fn kv_bytes_per_token(&self, type_k: CacheType, type_v: CacheType) -> Option<u64> {
+        self.kv_shape()
+            .map(|shape| shape.bytes_per_token(type_k, type_v))
     }
 }
 
@@ -493,7 +502,10 @@ mod tests {
         assert_eq!(h.parameters(), 4096 * 32768 + 4096);
         assert_eq!(h.metadata["tokenizer.ggml.tokens"], MetaValue::Array(2));
         // The design's figure: Mistral 7B at f16 is 128 KiB per token.
-        assert_eq!(h.kv_bytes_per_token(), Some(128 * 1024));
+        let shape = h.kv_shape().unwrap();
+        use crate::kv_cache::CacheType::{F16, Q8_0};
+        assert_eq!(shape.bytes_per_token(F16, F16), 128 * 1024);
+        assert_eq!(shape.bytes_per_token(Q8_0, Q8_0), 68 * 1024);
     }
 
     #[test]

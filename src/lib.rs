@@ -14,6 +14,7 @@
 //! - [`responder`]: the one place a prompt is assembled (system prompt, stored history,
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
+//! - [`kv_cache`]: the KV cache's settings (flash attention, K/V types) and its size per token.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
 //! - [`host`]: host limits decided at start-up (the memory plan, the data-dir lock).
 //! - [`persona`]: the modes a conversation may choose and its stored choice;
@@ -49,6 +50,7 @@ pub mod gguf;
 pub mod host;
 pub mod http;
 pub mod i18n;
+pub mod kv_cache;
 pub mod link;
 pub mod metrics;
 pub mod persona;

@@ -107,6 +107,9 @@ pub enum SkipReason {
     CircuitOpen,
     /// It is past its budget for the current window (`--groq-daily-tokens`, …).
     Budget,
+    /// Its estimated wait for the first token was longer than allowed
+    /// (`--local-max-wait`) and a later provider was available.
+    Eta,
 }
 
 impl SkipReason {
@@ -116,6 +119,7 @@ impl SkipReason {
             SkipReason::RateLimited => "rate_limited",
             SkipReason::CircuitOpen => "circuit_open",
             SkipReason::Budget => "budget",
+            SkipReason::Eta => "eta",
         }
     }
 }

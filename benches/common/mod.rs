@@ -26,6 +26,8 @@ pub fn bench_engine_config(prefill_chunk: u32) -> EngineConfig {
         threads: NonZeroUsize::new(num_cpus::get()).expect("non-zero"),
         batch_size: NonZeroU32::new(512).expect("non-zero"),
         prefill_chunk: NonZeroU32::new(prefill_chunk).expect("non-zero"),
+        step_target: None,
+        kv: Default::default(),
         queue_size: NonZeroUsize::new(16).expect("non-zero"),
         mmap: false,
         chat_template: ChatTemplateChoice::Auto,

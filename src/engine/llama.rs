@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -32,6 +32,23 @@ use super::sampling::{self, Step};
 use super::scheduler::BatchEntry;
 use super::{ModelInfo, StartError};
 use crate::chat::ChatMessage;
+use crate::kv_cache::{CacheType, KvCacheSettings};
+
+/// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_DISABLED` / `_ENABLED` (`llama_flash_attn_type`, a C
+/// int; llama-cpp-2 takes the raw value). Never `_AUTO` (-1): on a CPU it resolves to on,
+/// and the choice is this crate's ([`KvCacheSettings`]).
+const FLASH_ATTN_DISABLED: i32 = 0;
+const FLASH_ATTN_ENABLED: i32 = 1;
+
+fn kv_cache_type(cache_type: CacheType) -> KvCacheType {
+    match cache_type {
+        CacheType::F32 => KvCacheType::F32,
+        CacheType::F16 => KvCacheType::F16,
+        CacheType::Bf16 => KvCacheType::BF16,
+        CacheType::Q8_0 => KvCacheType::Q8_0,
+        CacheType::Q5_1 => KvCacheType::Q5_1,
+    }
+}
 
 /// llama.cpp's backend is process-wide state: `llama_backend_init` may run only once at a
 /// time, so every engine of the process (tests start several, concurrently) shares one.
@@ -172,7 +189,14 @@ impl Model {
             // Each sequence gets n_ctx / n_seq_max cells: one slot can never crowd out another.
             .with_kv_unified(false)
             .with_n_threads(options.threads)
-            .with_n_threads_batch(options.threads);
+            .with_n_threads_batch(options.threads)
+            .with_flash_attention_policy(if options.kv.flash_attn() {
+                FLASH_ATTN_ENABLED
+            } else {
+                FLASH_ATTN_DISABLED
+            })
+            .with_type_k(kv_cache_type(options.kv.type_k()))
+            .with_type_v(kv_cache_type(options.kv.type_v()));
         let ctx = self
             .model
             .new_context(self.backend, params)
@@ -250,6 +274,8 @@ pub struct ContextOptions {
     pub n_seq_max: u32,
     /// CPU threads.
     pub threads: i32,
+    /// Flash attention and the K/V cache types.
+    pub kv: KvCacheSettings,
 }
 
 /// The engine's one context plus a reusable batch.

@@ -14,10 +14,14 @@
 //! files under `--data-dir/kv`), and gets it back when it returns, also after a restart
 //! ([`EngineHandle::park_all`] writes everything at shutdown).
 //!
-//! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt`, `detok`, `park::lru`
-//! and `park::file` are pure.
+//! Each step's prompt share is sized by time ([`step_budget`]), and a request can be
+//! priced before it is queued ([`EngineHandle::estimated_wait`], [`eta`]).
+//!
+//! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt`, `detok`, `park::lru`,
+//! `park::file`, `step_budget` and `eta` are pure.
 
 mod detok;
+pub mod eta;
 pub mod grammar;
 mod llama;
 pub mod park;
@@ -26,6 +30,7 @@ pub mod prompt;
 pub mod sampling;
 mod scheduler;
 mod slot;
+pub mod step_budget;
 mod worker;
 
 use std::io::Read;
@@ -46,6 +51,7 @@ pub use llama::DecodeError;
 pub use park::ParkConfig;
 
 use crate::chat::{ChatRequest, Completion, GenerateParams, StreamEvent};
+use crate::kv_cache::KvCacheSettings;
 use prepare::{Prepared, Preparer};
 
 /// How the engine is set up.
@@ -61,9 +67,14 @@ pub struct EngineConfig {
     pub threads: NonZeroUsize,
     /// Most tokens decoded in one step.
     pub batch_size: NonZeroU32,
-    /// Most prompt tokens decoded in one step, so streaming chats keep streaming while a
-    /// long prompt is read.
+    /// Prompt tokens decoded in one step while replies stream, before the engine has
+    /// timed its steps (and always without `step_target`).
     pub prefill_chunk: NonZeroU32,
+    /// What a step with streaming replies and a prompt should take; the prompt's share is
+    /// sized to it ([`step_budget`]). `None`: always `prefill_chunk`.
+    pub step_target: Option<Duration>,
+    /// Flash attention and the K/V cache types.
+    pub kv: KvCacheSettings,
     /// Requests that may wait for a slot; one more is refused with `Overloaded`.
     pub queue_size: NonZeroUsize,
     /// Map the model file instead of reading it.
@@ -141,9 +152,11 @@ pub enum StartError {
     /// llama.cpp's backend failed to initialize.
     #[error("llama.cpp backend failed to initialize: {0}")]
     Backend(String),
-    /// The context could not be created (usually: not enough memory for the KV cache).
+    /// The context could not be created (usually: not enough memory for the KV cache; or
+    /// a quantized cache type whose block does not divide the model's head size).
     #[error(
-        "could not create the llama.cpp context ({0}); try fewer --slots or a smaller --ctx-size"
+        "could not create the llama.cpp context ({0}); try fewer --slots or a smaller --ctx-size \
+         (or --cache-type-k/-v f16; --llama-log shows llama.cpp's reason)"
     )]
     Context(String),
     /// The chat template cannot be used.
@@ -265,6 +278,53 @@ pub(crate) struct SharedStats {
     kv_park_ram_bytes: AtomicU64,
     kv_park_ram_budget_bytes: AtomicU64,
     kv_park_disk_bytes: AtomicU64,
+    /// Uncached prompt tokens of the requests in the queue (for [`eta`]).
+    queued_tokens: AtomicU64,
+    /// Prompt tokens the slots have still to read (for [`eta`]).
+    reading_tokens: AtomicU64,
+    /// The engine's measured rates, as `f64` bits (0: not measured yet).
+    prompt_token_secs: AtomicU64,
+    step_secs: AtomicU64,
+    reply_secs: AtomicU64,
+    /// The prefixes the engine holds or held in a KV cache.
+    known: std::sync::Mutex<eta::KnownPrefixes>,
+}
+
+impl SharedStats {
+    /// The rates an estimate needs, once a prompt token has been timed.
+    fn rates(&self) -> Option<eta::Rates> {
+        let read = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        let prompt_token = read(&self.prompt_token_secs);
+        (prompt_token > 0.0).then(|| eta::Rates {
+            prompt_token,
+            step: read(&self.step_secs),
+            reply: read(&self.reply_secs),
+        })
+    }
+
+    /// The known prefixes, locked (a panic elsewhere leaves them usable: every change is
+    /// one call).
+    fn known(&self) -> std::sync::MutexGuard<'_, eta::KnownPrefixes> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a request's tokens off `queued_tokens` (saturating: a slip in the accounting
+    /// must never make the queue look endless and send every request elsewhere).
+    fn unqueue(&self, tokens: u64) {
+        let _ = self
+            .queued_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                Some(queued.saturating_sub(tokens))
+            });
+    }
+
+    /// How many of `prompt`'s tokens the engine would have to read (none found cached).
+    fn uncached(&self, prompt: &[i32]) -> u64 {
+        let cached = self.known().cached_prefix(prompt);
+        prompt.len().saturating_sub(cached) as u64
+    }
 }
 
 /// A request on its way to the engine thread, prepared: token ids only.
@@ -284,6 +344,8 @@ struct Job {
     shown: Option<Vec<crate::chat::PromptToken>>,
     events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
     submitted: Instant,
+    /// Its prompt tokens counted in `SharedStats::queued_tokens` (zeroed once taken off).
+    queued_tokens: u64,
 }
 
 /// What the engine thread receives.
@@ -422,6 +484,11 @@ impl EngineHandle {
 
     fn enqueue(&self, prepared: Prepared) -> Result<ReplyStream, EngineError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let stats = &self.inner.stats;
+        let queued_tokens = stats.uncached(&prepared.prompt);
+        stats
+            .queued_tokens
+            .fetch_add(queued_tokens, Ordering::Relaxed);
         let job = Job {
             prompt: prepared.prompt,
             params: prepared.params,
@@ -431,14 +498,57 @@ impl EngineHandle {
             shown: prepared.shown,
             events_tx,
             submitted: Instant::now(),
+            queued_tokens,
         };
-        match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
-            Ok(()) => Ok(ReplyStream { events_rx }),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+        let refused = match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
+            Ok(()) => return Ok(ReplyStream { events_rx }),
+            Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 waiting: self.queue_len(),
-            }),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => EngineError::Stopped,
+        };
+        stats.unqueue(queued_tokens);
+        Err(refused)
+    }
+
+    /// How long `request` would wait for its first token if it were queued now
+    /// ([`eta`]: the queue, the prompts ahead of it, its own tokens not cached, at the
+    /// engine's measured rates), as precisely as comparing it with `limit` needs: when the
+    /// work ahead alone is over `limit`, or even all of its text uncached would stay under
+    /// it, that bound is the answer and the request is not prepared; otherwise it is
+    /// prepared (a large one on tokio's blocking pool) to count its uncached tokens.
+    /// Nothing is queued. `None` before the engine has timed a prompt token, or when the
+    /// request cannot be prepared (submitting it gives the error).
+    pub async fn estimated_wait(&self, request: &ChatRequest, limit: Duration) -> Option<Duration> {
+        let stats = &self.inner.stats;
+        let rates = stats.rates()?;
+        let mut inputs = eta::EtaInputs {
+            slots: self.inner.slots,
+            busy: stats.slots_busy.load(Ordering::Relaxed),
+            queued_ahead: self.queue_len(),
+            queued_tokens: stats.queued_tokens.load(Ordering::Relaxed),
+            reading_tokens: stats.reading_tokens.load(Ordering::Relaxed),
+            own_tokens: 0,
+        };
+        let lower = eta::estimate(&inputs, &rates);
+        // A token is at least a byte of text; the chat template adds a few per message.
+        inputs.own_tokens = (prepare::request_bytes(request) + 64 * request.messages.len()) as u64;
+        let upper = eta::estimate(&inputs, &rates);
+        if lower > limit || upper <= limit {
+            return Some(if lower > limit { lower } else { upper });
         }
+        let request = request.clone();
+        let prepared = if prepare::request_bytes(&request) <= prepare::INLINE_PREPARE_MAX_BYTES {
+            self.inner.preparer.prepare(request, false).ok()?
+        } else {
+            let preparer = Arc::clone(&self.inner.preparer);
+            tokio::task::spawn_blocking(move || preparer.prepare(request, false))
+                .await
+                .ok()?
+                .ok()?
+        };
+        inputs.own_tokens = stats.uncached(&prepared.prompt);
+        Some(eta::estimate(&inputs, &rates))
     }
 
     /// Whether the engine thread is running. It stops only when every handle is gone or

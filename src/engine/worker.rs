@@ -20,6 +20,7 @@ use super::prompt::{ChatFormat, MistralFormat};
 use super::sampling;
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
+use super::step_budget::{StepBudget, StepTimings};
 use super::{
     ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
@@ -91,6 +92,7 @@ pub(super) fn run(
         n_batch,
         n_seq_max: slots as u32,
         threads,
+        kv: config.kv,
     }) {
         Ok(ctx) => ctx,
         Err(e) => {
@@ -104,7 +106,7 @@ pub(super) fn run(
             let started = Instant::now();
             let key = park::model_identity(&config.model_path).map(|model| park::file::ParkKey {
                 model,
-                context: park::context_key(config.ctx_size.get(), slots),
+                context: park::context_key(config.ctx_size.get(), slots, &config.kv),
             });
             let parking = key.and_then(|key| {
                 Parking::start(
@@ -116,6 +118,8 @@ pub(super) fn run(
             });
             match parking {
                 Ok(parking) => {
+                    // What is on disk is cached too, for the estimates of returning chats.
+                    parking.for_each_on_disk(|tokens| stats.known().insert(tokens));
                     tracing::debug!(
                         ms = started.elapsed().as_millis() as u64,
                         "KV parking ready"
@@ -139,6 +143,7 @@ pub(super) fn run(
         slots,
         ctx_size = config.ctx_size.get(),
         threads,
+        kv_cache = %config.kv,
         seconds = format!("{:.1}", loaded.elapsed().as_secs_f64()),
         "model loaded"
     );
@@ -157,6 +162,8 @@ pub(super) fn run(
         parking,
         waiting_for_disk: Vec::new(),
         ready: VecDeque::new(),
+        timings: StepTimings::default(),
+        reply_secs: None,
     };
     worker.run(channels.submit_rx, channels.control_rx);
 }
@@ -243,6 +250,10 @@ struct Worker<'m> {
     waiting_for_disk: Vec<(u64, Job)>,
     /// Requests whose park file was read (or failed), admitted before new ones.
     ready: VecDeque<(Job, Preload)>,
+    /// Recent step costs: they size the prompt share of a step and feed the estimates.
+    timings: StepTimings,
+    /// Seconds a reply keeps its slot after its first token, moving average.
+    reply_secs: Option<f64>,
 }
 
 /// What woke the idle engine thread.
@@ -350,6 +361,8 @@ impl Worker<'_> {
     }
 
     fn admit(&mut self, mut job: Job, preload: Preload) {
+        // Off the queue (for the estimates), whatever happens to it next.
+        self.stats.unqueue(std::mem::take(&mut job.queued_tokens));
         if job.events_tx.is_closed() {
             return; // cancelled while it waited
         }
@@ -425,6 +438,29 @@ impl Worker<'_> {
             self.stats.kv_park_misses.fetch_add(1, Ordering::Relaxed);
         }
         self.publish_busy();
+        self.publish_reading();
+    }
+
+    /// Publishes the prompt tokens the slots have still to read.
+    fn publish_reading(&self) {
+        let reading: usize = self.slots.iter().map(|s| s.remaining_prompt().len()).sum();
+        self.stats
+            .reading_tokens
+            .store(reading as u64, Ordering::Relaxed);
+    }
+
+    /// Publishes the measured rates for the estimates.
+    fn publish_rates(&self) {
+        let store = |atomic: &std::sync::atomic::AtomicU64, value: Option<f64>| {
+            atomic.store(value.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+        };
+        let ms = |v: Option<f64>| v.map(|ms| ms / 1e3);
+        store(
+            &self.stats.prompt_token_secs,
+            ms(self.timings.prompt_ms_per_token()),
+        );
+        store(&self.stats.step_secs, ms(self.timings.decode_ms()));
+        store(&self.stats.reply_secs, self.reply_secs);
     }
 
     /// Frees the slots whose caller went away. Their KV cache stays: it is still valid.
@@ -441,16 +477,40 @@ impl Worker<'_> {
 
     fn step(&mut self) {
         let rotation = self.stats.decode_steps.load(Ordering::Relaxed) as usize;
-        let entries = scheduler::plan_batch(
-            &self.slots,
-            self.config.batch_size.get() as usize,
-            self.config.prefill_chunk.get() as usize,
-            rotation,
-        );
+        let capacity = self.config.batch_size.get() as usize;
+        let initial = self.config.prefill_chunk.get() as usize;
+        let chunk = match self.config.step_target {
+            None => initial,
+            Some(target) => {
+                let generating = self
+                    .slots
+                    .iter()
+                    .filter(|s| matches!(s.state, SlotState::Decode { .. }))
+                    .count();
+                StepBudget {
+                    target_ms: target.as_secs_f64() * 1e3,
+                    initial,
+                }
+                .prompt_chunk(&self.timings, capacity.saturating_sub(generating))
+            }
+        };
+        let entries = scheduler::plan_batch(&self.slots, capacity, chunk, rotation);
         if entries.is_empty() {
             return;
         }
+        let (mut decode_tokens, mut prompt_tokens) = (0, 0);
+        for entry in &entries {
+            match self.slots[entry.slot].state {
+                SlotState::Prefill { .. } => prompt_tokens += entry.tokens.len(),
+                _ => decode_tokens += entry.tokens.len(),
+            }
+        }
+        let started = Instant::now();
         scheduler::run_batch(self, entries);
+        self.timings
+            .record(decode_tokens, prompt_tokens, started.elapsed());
+        self.publish_rates();
+        self.publish_reading();
     }
 
     fn after_decode(&mut self, entry: &BatchEntry, row: Option<i32>) {
@@ -520,8 +580,13 @@ impl Worker<'_> {
         let Some(mut job) = self.jobs[i].take() else {
             return;
         };
+        self.stats.known().insert(&self.slots[i].cached);
         let now = Instant::now();
         let first = job.first_token.unwrap_or(now);
+        if job.first_token.is_some() {
+            let secs = (now - first).as_secs_f64();
+            self.reply_secs = Some(self.reply_secs.map_or(secs, |old| old + 0.3 * (secs - old)));
+        }
         let timings = Timings {
             queued: job.queued,
             prompt: first - job.admitted,

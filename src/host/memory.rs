@@ -13,6 +13,7 @@ use std::path::Path;
 
 use super::cgroup::{self, CgroupVersion, MemoryCgroup};
 use crate::gguf::{self, GgufHeader, MetaValue};
+use crate::kv_cache::{CacheType, KvCacheSettings};
 
 const MIB: u64 = 1 << 20;
 
@@ -95,6 +96,7 @@ impl MemoryNeeds {
         slots: u64,
         ctx_size: u64,
         batch_size: u64,
+        kv: &KvCacheSettings,
     ) -> Result<Self, NeedsError> {
         let file = std::fs::File::open(path).map_err(|e| NeedsError::Read(e.to_string()))?;
         let len = file
@@ -103,7 +105,8 @@ impl MemoryNeeds {
             .len();
         let header = gguf::read_header(&mut BufReader::new(file), len)
             .map_err(|e| NeedsError::Read(e.to_string()))?;
-        let shapes = ModelShapes::of(&header).ok_or(NeedsError::Shapes)?;
+        let shapes =
+            ModelShapes::of(&header, kv.type_k(), kv.type_v()).ok_or(NeedsError::Shapes)?;
         Ok(Self::estimate(len, &shapes, slots, ctx_size, batch_size))
     }
 
@@ -143,10 +146,10 @@ pub struct ModelShapes {
 
 impl ModelShapes {
     /// The shapes from a GGUF header; `None` when it lacks the KV shapes.
-    pub fn of(header: &GgufHeader) -> Option<Self> {
+    pub fn of(header: &GgufHeader, type_k: CacheType, type_v: CacheType) -> Option<Self> {
         let width = header.arch_uint("embedding_length").unwrap_or(0);
         Some(Self {
-            kv_bytes_per_token: header.kv_bytes_per_token()?,
+            kv_bytes_per_token: header.kv_bytes_per_token(type_k, type_v)?,
             width,
             ffn_width: header
                 .arch_uint("feed_forward_length")

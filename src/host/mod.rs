@@ -32,6 +32,7 @@ pub fn plan_memory(config: &mut Config) -> (HostMemory, MemoryPlan) {
             engine.slots.get() as u64,
             u64::from(engine.ctx_size.get()),
             u64::from(engine.batch_size.get()),
+            &engine.kv,
         )
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot size the model's memory: the park RAM budget counts the weights only");

@@ -10,6 +10,12 @@
 //! ([`RequestFault::ends_chain`](super::RequestFault::ends_chain)); otherwise the next
 //! provider is asked, and if none answers, the caller gets the refusal ([`Refused`]), not
 //! the canned apology: the apology is only for when every provider is down or busy.
+//!
+//! A provider with an allowed wait ([`ChainBuilder::max_wait`], the local engine's
+//! `--local-max-wait`) whose estimated wait for the first text
+//! ([`Provider::estimated_wait`]) is longer is skipped at once (`skipped{reason="eta"}`)
+//! when a later provider is available (breaker closed, no Retry-After); it is asked after
+//! the others, as the last resort, if none of them answers.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,11 +25,11 @@ use futures::stream::{self, BoxStream};
 use tokio::time::{Instant, timeout};
 
 use super::budget::Budgets;
-use super::health::{Admission, BreakerPolicy, Health, HealthStatus};
+use super::health::{Admission, BreakerPolicy, BreakerState, Health, HealthStatus};
 use super::{CannedProvider, EventStream, Fault, Provider, ProviderError, RequestFault};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::i18n::{self, Lang};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SkipReason};
 
 /// The timeout of providers added with [`Chain::new`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,6 +73,8 @@ struct Entry {
     provider: Box<dyn Provider>,
     /// Time allowed until the first text, and between two events after it.
     timeout: Duration,
+    /// Longest estimated wait for the first text before a later provider is preferred.
+    max_wait: Option<Duration>,
     health: Arc<Mutex<Health>>,
 }
 
@@ -91,8 +99,19 @@ impl ChainBuilder {
         self.chain.entries.push(Entry {
             provider: Box::new(provider),
             timeout,
+            max_wait: None,
             health: Arc::default(),
         });
+        self
+    }
+
+    /// The provider added last is skipped for a request whose estimated wait for the
+    /// first text ([`Provider::estimated_wait`]) is over `max_wait`, when a later provider
+    /// is available; it is then asked only if none of the later ones answers.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        if let Some(entry) = self.chain.entries.last_mut() {
+            entry.max_wait = Some(max_wait);
+        }
         self
     }
 
@@ -130,6 +149,7 @@ impl Chain {
                 .map(|provider| Entry {
                     provider,
                     timeout: DEFAULT_TIMEOUT,
+                    max_wait: None,
                     health: Arc::default(),
                 })
                 .collect(),
@@ -170,13 +190,55 @@ impl Chain {
         &self.metrics
     }
 
+    /// Whether entry `index` has an allowed wait, a later provider is available, and the
+    /// entry's estimated wait for `request` is longer (then it is counted as skipped).
+    async fn waits_too_long(&self, index: usize, request: &ChatRequest) -> bool {
+        let entry = &self.entries[index];
+        let Some(max_wait) = entry.max_wait else {
+            return false;
+        };
+        let now = Instant::now();
+        let later_available = self.entries[index + 1..].iter().any(|later| {
+            let status = lock(&later.health).status(now);
+            status.breaker == BreakerState::Closed && status.retry_after.is_zero()
+        });
+        if !later_available {
+            return false;
+        }
+        let Some(eta) = entry.provider.estimated_wait(request, max_wait).await else {
+            return false;
+        };
+        if eta <= max_wait {
+            return false;
+        }
+        let name = entry.provider.name();
+        tracing::debug!(
+            provider = name,
+            eta_s = format!("{:.1}", eta.as_secs_f64()),
+            max_wait_s = format!("{:.1}", max_wait.as_secs_f64()),
+            "provider skipped: its estimated wait for the first token is too long"
+        );
+        self.metrics.skipped(name, SkipReason::Eta);
+        true
+    }
+
     /// The answer of the first provider that gives one. When none does: the first
     /// refusal of the request if a provider refused it ([`Refused`]), else (every provider
     /// down or busy) the canned apology in `lang`.
     pub async fn reply(&self, request: ChatRequest, lang: Lang) -> Result<Reply, Refused> {
         let mut refused: Option<Refused> = None;
-        for entry in &self.entries {
+        // (entry, whether its estimated wait is still to be checked): one skipped for its
+        // wait goes to the end, asked once more only if no later provider answers.
+        let mut order: Vec<(usize, bool)> = (0..self.entries.len()).map(|i| (i, true)).collect();
+        let mut next = 0;
+        while let Some(&(index, check_wait)) = order.get(next) {
+            next += 1;
+            let entry = &self.entries[index];
             let name = entry.provider.name();
+            if check_wait && self.waits_too_long(index, &request).await {
+                order.push((index, false));
+                continue;
+            }
             // The budget first: a provider past it must not take the breaker's one probe.
             let skip = self
                 .budgets
@@ -903,5 +965,112 @@ mod tests {
         }
         let s = metrics.snapshot();
         assert_eq!((s["local"].timeouts, s["local"].skipped), (1, 1));
+    }
+
+    /// A provider that estimates `eta` for every request.
+    struct Slow {
+        inner: Scripted,
+        eta: Option<Duration>,
+    }
+
+    impl Provider for Slow {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+
+        fn stream(
+            &self,
+            request: ChatRequest,
+        ) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+            self.inner.stream(request)
+        }
+
+        fn estimated_wait<'a>(
+            &'a self,
+            _: &'a ChatRequest,
+            _: Duration,
+        ) -> BoxFuture<'a, Option<Duration>> {
+            let eta = self.eta;
+            Box::pin(async move { eta })
+        }
+    }
+
+    /// A local provider estimating `eta`, allowed 20 s, then groq scripted by `groq`.
+    fn eta_chain(
+        eta: Option<Duration>,
+        groq: Vec<Script>,
+    ) -> (Chain, Arc<Metrics>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let metrics = Arc::new(Metrics::new());
+        let (local, local_calls) = scripted("local", vec![answer("local")]);
+        let (groq, groq_calls) = scripted("groq", groq);
+        let chain = Chain::builder(Arc::clone(&metrics))
+            .breaker(ONE_STRIKE)
+            .provider(Slow { inner: local, eta }, DEFAULT_TIMEOUT)
+            .max_wait(Duration::from_secs(20))
+            .provider(groq, DEFAULT_TIMEOUT)
+            .build();
+        (chain, metrics, local_calls, groq_calls)
+    }
+
+    #[tokio::test]
+    async fn a_long_estimated_wait_goes_to_the_next_provider_at_once() {
+        let (chain, metrics, local_calls, _) =
+            eta_chain(Some(Duration::from_secs(100)), vec![answer("cloud")]);
+        let reply = chain.reply(request(), Lang::En).await.unwrap();
+        assert_eq!(text_of(reply).await, ("groq", "cloud".into()));
+        assert_eq!(local_calls.load(Ordering::SeqCst), 0, "local never asked");
+        let s = metrics.snapshot();
+        assert_eq!((s["local"].requests, s["local"].skipped), (0, 1));
+        assert_eq!(s["groq"].success, 1);
+    }
+
+    #[tokio::test]
+    async fn a_short_or_unknown_wait_stays_local() {
+        for eta in [
+            Some(Duration::from_secs(3)),
+            Some(Duration::from_secs(20)),
+            None,
+        ] {
+            let (chain, metrics, _, groq_calls) = eta_chain(eta, vec![answer("cloud")]);
+            let reply = chain.reply(request(), Lang::En).await.unwrap();
+            assert_eq!(text_of(reply).await.0, "local", "{eta:?}");
+            assert_eq!(groq_calls.load(Ordering::SeqCst), 0);
+            assert_eq!(metrics.snapshot()["local"].skipped, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_no_later_provider_available_the_request_waits_for_local() {
+        // Groq fails once: its breaker (one strike) is open, so nothing is available after
+        // local, and a long wait is waited out as before.
+        let (chain, metrics, local_calls, groq_calls) = eta_chain(
+            Some(Duration::from_secs(100)),
+            vec![Script::Fail(status(500))],
+        );
+        // The first request finds groq available: skipped local, groq fails, then local
+        // answers as the last resort.
+        let reply = chain.reply(request(), Lang::En).await.unwrap();
+        assert_eq!(text_of(reply).await.0, "local");
+        assert_eq!(groq_calls.load(Ordering::SeqCst), 1);
+        // Now groq's breaker is open: local is not skipped.
+        let reply = chain.reply(request(), Lang::En).await.unwrap();
+        assert_eq!(text_of(reply).await.0, "local");
+        assert_eq!(local_calls.load(Ordering::SeqCst), 2);
+        let s = metrics.snapshot();
+        assert_eq!(s["local"].skipped, 1, "skipped the first time only");
+        assert_eq!(s["local"].success, 2);
+
+        // Rate limited counts as unavailable too.
+        let (chain, metrics, _, _) = eta_chain(
+            Some(Duration::from_secs(100)),
+            vec![Script::Fail(ProviderError::RateLimited {
+                retry_after: Some(Duration::from_secs(60)),
+            })],
+        );
+        for _ in 0..2 {
+            let reply = chain.reply(request(), Lang::En).await.unwrap();
+            assert_eq!(text_of(reply).await.0, "local");
+        }
+        assert_eq!(metrics.snapshot()["local"].skipped, 1);
     }
 }

@@ -1,5 +1,7 @@
 //! The local engine as a provider.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
@@ -50,6 +52,14 @@ impl Provider for LocalProvider {
 
     fn reports_start(&self) -> bool {
         true
+    }
+
+    fn estimated_wait<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+        limit: Duration,
+    ) -> BoxFuture<'a, Option<Duration>> {
+        Box::pin(self.engine.estimated_wait(request, limit))
     }
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {

@@ -258,6 +258,19 @@ pub trait Provider: Send + Sync {
 
     /// Starts a reply.
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>>;
+
+    /// How long `request` would wait for its first text if asked now, when the provider
+    /// can tell (the local engine, from its queue and measured rates), as precisely as
+    /// comparing it with `limit` needs; `None` otherwise. The chain skips a provider whose
+    /// estimate is over its allowed wait (`limit`) when a later one is available.
+    fn estimated_wait<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+        limit: Duration,
+    ) -> BoxFuture<'a, Option<Duration>> {
+        let _ = (request, limit);
+        Box::pin(async { None })
+    }
 }
 
 /// Why the chain could not be built.

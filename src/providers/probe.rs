@@ -501,6 +501,7 @@ mod tests {
                 ProviderKind::Groq,
             ],
             local_timeout: Duration::from_secs(1),
+            local_max_wait: None,
             groq: cloud("g"),
             mistral: cloud("m"),
             gemini: cloud("ge"),

@@ -480,3 +480,63 @@ async fn a_dead_engine_thread_refuses_requests_with_stopped() {
     let err = engine.submit(ask(CAPITAL, 4)).unwrap_err();
     assert_eq!(err, EngineError::Stopped);
 }
+
+/// Issue 17 part 3: with a step target the prompt's share of a step follows the engine's
+/// own step times. A target no step can meet leaves the floor (4 prompt tokens a step,
+/// each step still with a token of the streaming reply); one every step meets lets a
+/// prompt fill the batch beside the reply. (Extremes, so no assertion depends on speed.)
+#[tokio::test]
+async fn a_step_target_sizes_the_prompt_share_of_each_step() {
+    let cold = "The river runs past the old mill and the market square. ".repeat(30);
+    for target_ms in [1, 600_000] {
+        let mut config = engine_config();
+        config.slots = NonZeroUsize::new(2).unwrap();
+        config.ctx_size = NonZeroU32::new(2048).unwrap();
+        config.step_target = Some(Duration::from_millis(target_ms));
+        let engine = start_engine(config).await;
+        let mut streaming = engine
+            .submit(ask(
+                "Write the numbers from 1 to 300 in words, separated by commas.",
+                1500,
+            ))
+            .unwrap();
+        started(&mut streaming).await;
+        for _ in 0..5 {
+            assert!(matches!(
+                streaming.next_event().await,
+                Some(Ok(StreamEvent::Delta(_)))
+            ));
+        }
+        let before = engine.stats();
+        let (_, newcomer) = engine
+            .submit(ask(&cold, 1))
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let stats = engine.stats();
+        let processed = u64::from(newcomer.usage.processed_tokens);
+        assert!((300..=511).contains(&processed), "{:?}", newcomer.usage);
+        if target_ms == 1 {
+            assert!(
+                stats.max_prompt_tokens_per_step < 128,
+                "never a --prefill-chunk of 128: {stats:?}"
+            );
+            let steps = stats.decode_steps - before.decode_steps;
+            assert!(
+                steps >= processed / 4,
+                "{steps} steps for {processed} tokens"
+            );
+            assert!(
+                stats.tokens_generated - before.tokens_generated >= processed / 4,
+                "the reply got a token in every step: {stats:?}"
+            );
+        } else {
+            assert_eq!(
+                stats.max_prompt_tokens_per_step as u64, processed,
+                "the whole prompt in one step beside the reply"
+            );
+        }
+        drop(streaming);
+    }
+}

@@ -165,7 +165,7 @@ async fn in_a_memory_cgroup_the_bot_parks_within_its_budget_and_answers_every_ch
     let _permit = crate::telegram::BOTS.acquire().await.unwrap();
     // The limit that leaves `auto` about two chats' worth of parking: the model's needs
     // (as the binary works them out), the margin, and the target.
-    let needs = MemoryNeeds::of_model(&test_model(), SLOTS, CTX, 512).unwrap();
+    let needs = MemoryNeeds::of_model(&test_model(), SLOTS, CTX, 512, &Default::default()).unwrap();
     let limit = (needs.total() + memory::MIN_MARGIN + PARK_TARGET).next_multiple_of(4096);
     let expected = memory::plan(
         Some(MemoryLimit {

@@ -316,6 +316,49 @@ async fn truncated_corrupt_or_foreign_park_files_are_ignored_and_the_answer_is_r
     );
 }
 
+/// Issue 17: a park file holds a state of one cache type and one attention layout (V is
+/// transposed without flash attention). An engine with other settings ignores (and
+/// deletes) it and reads the prompt; one with the same settings restores it.
+#[tokio::test]
+async fn park_files_of_another_cache_type_or_flash_attention_setting_are_ignored() {
+    use mistral_bot::kv_cache::CacheType::{F16, Q8_0};
+    use mistral_bot::kv_cache::{FlashAttn, KvCacheSettings};
+
+    let dir = tempfile::tempdir().unwrap();
+    let kv = dir.path().join("kv");
+    // Written with the defaults: f16 keys and values, flash attention off.
+    let a = park_chat_a_on_disk(&kv).await;
+    let others = [
+        (FlashAttn::On, F16, F16),
+        (FlashAttn::Auto, Q8_0, Q8_0),
+        (FlashAttn::Off, Q8_0, F16),
+    ];
+    for (i, (flash_attn, type_k, type_v)) in others.into_iter().enumerate() {
+        let copy = dir.path().join(format!("other-{i}"));
+        copy_dir(&kv, &copy);
+        let mut config = parking_config(1, &copy, 0, 64 * MIB);
+        config.kv = KvCacheSettings::new(flash_attn, type_k, type_v).unwrap();
+        let engine = start_engine(config).await;
+        let setting = format!("{flash_attn:?}, K {type_k}, V {type_v}");
+        assert!(park_files(&copy).is_empty(), "{setting}: files deleted");
+        let (answer, usage) = a
+            .clone()
+            .turn(&engine, "Which of them needs the most sun?")
+            .await;
+        assert!(!answer.trim().is_empty(), "{answer:?}");
+        assert_eq!(engine.stats().kv_park_hits_disk, 0, "{setting}");
+        assert_eq!(usage.cached_tokens, 0, "{usage:?}");
+    }
+    // The same settings restore it.
+    let engine = start_engine(parking_config(1, &kv, 0, 64 * MIB)).await;
+    let (_, usage) = a
+        .clone()
+        .turn(&engine, "Which of them needs the most sun?")
+        .await;
+    assert_eq!(engine.stats().kv_park_hits_disk, 1);
+    assert!(usage.cached_tokens > 0, "{usage:?}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for file in park_files(from) {

@@ -15,6 +15,7 @@ use crate::util::app::{
     shared_engine, start_app,
 };
 use crate::util::fake_provider::{Behavior, FAKE_KEY, FakeProvider, Shape};
+use crate::util::prometheus;
 use crate::util::{engine_config, greedy, start_engine, wait_until};
 
 /// Groq failing as `behavior`, Mistral answering "Bonjour.".
@@ -576,4 +577,124 @@ async fn gemini_faults_rate_limit_from_the_body_and_a_cut_stream() {
         &[("gemini.requests", 1), ("gemini.errors", 1)],
     );
     assert_eq!(app.error_kinds("gemini").await, json!({"cut": 1}));
+}
+
+/// A unique cold prompt of about `words` words (a token or two each).
+fn cold_notes(seed: usize, words: usize) -> String {
+    let vocabulary = [
+        "garden", "river", "market", "lantern", "copper", "meadow", "harbor", "violet", "thunder",
+        "pebble", "orchard", "saddle", "mirror", "cinnamon", "glacier", "ribbon",
+    ];
+    let mut text = format!("Notes {seed}. Summarize them.\n");
+    for i in 0..words {
+        text.push_str(vocabulary[(i * 7 + seed + i / 16) % vocabulary.len()]);
+        text.push_str(if i % 12 == 11 { ". " } else { " " });
+    }
+    text
+}
+
+/// Issue 17 part 4: the local engine's estimated wait for the first token decides. A cold
+/// long prompt arriving while the engine streams a reply would wait seconds for its
+/// prompt to be read: the cloud answers it at once and the engine never sees it. A short
+/// question stays local. Without a cloud provider the long one waits for the engine.
+/// (The margins are wide: ~1500 uncached tokens against a 2 s limit needs over 1.3 ms a
+/// prompt token, the test model takes ~3-10 ms; the short one needs under ~100 ms a token.)
+#[tokio::test]
+async fn a_cold_long_prompt_behind_a_busy_engine_goes_to_the_cloud_at_once_and_a_short_one_stays_local()
+ {
+    let mut config = engine_config();
+    config.slots = std::num::NonZeroUsize::new(2).unwrap();
+    config.ctx_size = std::num::NonZeroU32::new(2048).unwrap();
+    let engine = start_engine(config).await;
+    // One request first: the engine times its steps (no estimate before that).
+    engine
+        .submit(ChatRequest::new(
+            vec![ChatMessage::user("Hello!")],
+            greedy(4),
+        ))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let busy = engine
+        .submit(ChatRequest::new(
+            vec![ChatMessage::user(
+                "Count from 1 to 1000, one number per line.",
+            )],
+            greedy(1500),
+        ))
+        .unwrap();
+    wait_until("a reply streams", Duration::from_secs(60), || {
+        engine.stats().tokens_generated > 10
+    })
+    .await;
+
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["From ", "the cloud."])).await;
+    let fakes = Fakes {
+        groq: Some(groq.clone()),
+        ..Fakes::default()
+    };
+    let mut providers = providers_config(&[Local, Groq], &fakes);
+    providers.local_max_wait = Some(Duration::from_secs(2));
+    let app = start_app(&providers, engine.clone(), http_settings()).await;
+    let cold = json!({
+        "messages": [{"role": "user", "content": cold_notes(1, 1200)}],
+        "temperature": 0,
+        "max_tokens": 8
+    });
+
+    let started = engine.stats().requests_started;
+    let before = app.counters().await;
+    let (status, provider, body) = app.post_chat(&cold).await;
+    assert_eq!((status, provider.as_deref()), (200, Some("groq")), "{body}");
+    assert_eq!(
+        engine.stats().requests_started,
+        started,
+        "the engine never took the cold prompt"
+    );
+    assert_moved(
+        &before,
+        &app.counters().await,
+        &[
+            ("local.skipped", 1),
+            ("groq.requests", 1),
+            ("groq.success", 1),
+        ],
+    );
+    let metrics = app.client.get(format!("{}/metrics", app.base)).send();
+    let samples = prometheus::parse(&metrics.await.unwrap().text().await.unwrap()).unwrap();
+    let skipped = prometheus::value(
+        &samples,
+        "mistral_bot_provider_skipped_total",
+        &[("provider", "local"), ("reason", "eta")],
+    );
+    assert_eq!(skipped, Some(1.0));
+
+    // A short question: a few tokens to read beside the streaming reply.
+    let before = app.counters().await;
+    let (status, provider, body) = app.ask("What is the capital of France?").await;
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("local")),
+        "{body}"
+    );
+    assert_moved(
+        &before,
+        &app.counters().await,
+        &[("local.requests", 1), ("local.success", 1)],
+    );
+    assert_eq!(groq.hits(), 1);
+    drop(busy);
+
+    // No cloud provider in the chain: the long prompt waits for the engine, as before.
+    let mut local_only = providers_config(&[Local], &Fakes::default());
+    local_only.local_max_wait = Some(Duration::from_secs(2));
+    let app = start_app(&local_only, engine.clone(), http_settings()).await;
+    let (status, provider, body) = app.post_chat(&cold).await;
+    assert_eq!(
+        (status, provider.as_deref()),
+        (200, Some("local")),
+        "{body}"
+    );
+    assert_eq!(app.counters().await["local.skipped"], 0);
 }

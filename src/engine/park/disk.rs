@@ -114,6 +114,16 @@ impl DiskHandle {
         Some((index.get(i)?.fingerprint, common))
     }
 
+    /// Calls `f` with the tokens of every file in the index.
+    pub fn for_each_tokens(&self, mut f: impl FnMut(&[i32])) {
+        let index = lock(&self.index);
+        for i in 0..index.len() {
+            if let Some(entry) = index.get(i) {
+                f(&entry.tokens);
+            }
+        }
+    }
+
     /// Hands work to the disk thread, waiting until it has finished the operation before
     /// (a write takes tens of milliseconds per state). A thread that is gone only loses
     /// a cache.

@@ -31,6 +31,7 @@ use xxhash_rust::xxh3::Xxh3;
 use super::SharedStats;
 use super::llama::Context;
 use super::slot::Slot;
+use crate::kv_cache::KvCacheSettings;
 use disk::{DiskHandle, DiskOp};
 use file::ParkKey;
 use lru::{Lru, Weighted, common_prefix};
@@ -132,11 +133,13 @@ pub fn model_identity(path: &Path) -> io::Result<u128> {
 }
 
 /// The context settings that shape a sequence state: a state made under other settings
-/// is not restored.
-pub fn context_key(ctx_size: u32, slots: usize) -> u64 {
+/// is not restored. The KV cache's types change its bytes, and flash attention V's layout
+/// (transposed without it): see [`KvCacheSettings::key`].
+pub fn context_key(ctx_size: u32, slots: usize, kv: &KvCacheSettings) -> u64 {
     let settings = format!(
-        "{STATE_LAYOUT}; mistral-bot {}; ctx {ctx_size}; seqs {slots}; type_k f16; type_v f16; unified 0",
-        env!("CARGO_PKG_VERSION")
+        "{STATE_LAYOUT}; mistral-bot {}; ctx {ctx_size}; seqs {slots}; {}; unified 0",
+        env!("CARGO_PKG_VERSION"),
+        kv.key()
     );
     xxhash_rust::xxh3::xxh3_64(settings.as_bytes())
 }
@@ -174,6 +177,13 @@ impl Parking {
         };
         parking.publish();
         Ok(parking)
+    }
+
+    /// Calls `f` with the tokens of every park file on disk.
+    pub fn for_each_on_disk(&self, f: impl FnMut(&[i32])) {
+        if let Some(disk) = &self.disk {
+            disk.for_each_tokens(f);
+        }
     }
 
     fn publish(&self) {

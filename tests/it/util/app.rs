@@ -65,6 +65,7 @@ pub fn providers_config(chain: &[ProviderKind], fakes: &Fakes) -> ProvidersConfi
     ProvidersConfig {
         chain: chain.to_vec(),
         local_timeout: Duration::from_secs(120),
+        local_max_wait: None,
         groq: cloud(&fakes.groq),
         mistral: cloud(&fakes.mistral),
         gemini: cloud(&fakes.gemini),

@@ -39,6 +39,9 @@ pub fn engine_config() -> EngineConfig {
         threads: NonZeroUsize::new(1).unwrap(),
         batch_size: NonZeroU32::new(512).unwrap(),
         prefill_chunk: NonZeroU32::new(128).unwrap(),
+        // Fixed chunks: tests that want time budgets set one.
+        step_target: None,
+        kv: Default::default(),
         queue_size: NonZeroUsize::new(4).unwrap(),
         mmap: false,
         chat_template: ChatTemplateChoice::Auto,
