@@ -13,6 +13,10 @@ use std::time::Duration;
 use clap::Parser;
 use url::Url;
 
+mod inputs;
+
+pub use inputs::{DEFAULT_STT_MODEL, GROQ_STT_BASE_URL, InputArgs, InputConfig, SttConfig};
+
 use crate::chat::GenerateParams;
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
@@ -123,6 +127,10 @@ pub struct Args {
     /// The HTTP API.
     #[command(flatten)]
     pub http: HttpArgs,
+
+    /// Voice notes (speech to text) and files.
+    #[command(flatten)]
+    pub inputs: InputArgs,
 
     /// Telegram bot token from @BotFather. Without one (and without --console/--prompt)
     /// there is no Telegram bot.
@@ -342,6 +350,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How much conversation history is kept.
     pub history: HistoryLimits,
+    /// What the Telegram bot reads besides text (speech to text, files).
+    pub inputs: InputConfig,
 }
 
 impl Config {
@@ -357,7 +367,10 @@ impl Config {
         let keys = [&p.groq, &p.mistral, &p.gemini, &p.openai]
             .into_iter()
             .map(|c| c.api_key.as_ref().map(Secret::expose))
-            .chain([self.http.api_key.as_ref().map(Secret::expose)]);
+            .chain([
+                self.http.api_key.as_ref().map(Secret::expose),
+                self.inputs.secret(),
+            ]);
         telegram
             .chain(keys)
             .flatten()
@@ -475,6 +488,18 @@ pub enum ConfigError {
     HistoryAge {
         /// The value given (at most 40 characters of it).
         value: String,
+    },
+    /// A speech-to-text URL that does not parse.
+    #[error("--stt-base-url `{url}` is not a valid http(s) URL")]
+    BadSttUrl {
+        /// The value given.
+        url: String,
+    },
+    /// `--document-max-bytes` out of range.
+    #[error("--document-max-bytes {value} must be 1 to 20971520 (what bots may download)")]
+    DocumentMaxBytes {
+        /// The value given.
+        value: u64,
     },
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
@@ -628,6 +653,13 @@ impl TryFrom<Args> for Config {
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,
             verbose_prompt: args.verbose_prompt,
+            inputs: InputConfig::from_args(
+                args.inputs,
+                (
+                    secret(args.providers.groq_api_key.clone()).as_ref(),
+                    &args.providers.groq_base_url,
+                ),
+            )?,
             providers: ProvidersConfig::try_from(args.providers)?,
             http: HttpConfig::try_from(args.http)?,
             telegram,

@@ -178,6 +178,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         () = stopped(stop_rx.clone()) => return Ok(()),
     };
+    let stt = config
+        .inputs
+        .stt
+        .clone()
+        .map(|stt| providers::stt::SttClient::new(stt, Arc::clone(&metrics)))
+        .transpose()?;
     let chain = Arc::new(providers::build_chain(
         &config.providers,
         engine.clone(),
@@ -195,7 +201,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     state.set_ready(Arc::clone(&responder), engine.clone());
     tracing::info!(model = %config.engine.model_path.display(), "ready");
 
-    let result = serve_front_ends(&config, responder, engine.clone(), server, stop_rx).await;
+    let prompt_room = config
+        .engine
+        .ctx_size
+        .get()
+        .saturating_sub(config.generate.max_tokens) as usize;
+    let inputs = telegram::inputs::Inputs::new(config.inputs.clone(), stt, prompt_room);
+    let result = serve_front_ends(&config, responder, engine.clone(), inputs, server, stop_rx).await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
     if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {
@@ -215,6 +227,7 @@ async fn serve_front_ends(
     config: &Config,
     responder: Arc<Responder>,
     engine: EngineHandle,
+    inputs: telegram::inputs::Inputs,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -224,7 +237,11 @@ async fn serve_front_ends(
             .context("the HTTP server task failed")?
             .context("the HTTP server failed");
     };
-    let deps = telegram::BotDeps { responder, engine };
+    let deps = telegram::BotDeps {
+        responder,
+        engine,
+        inputs,
+    };
     // The bot stops with the same signal as the HTTP API; a fatal bot error (a rejected
     // token) stops the process, since the bot is what the operator asked for.
     let bot = telegram::run(telegram, deps, stopped(stop_rx));

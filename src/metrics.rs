@@ -23,6 +23,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
+mod stt;
+
+pub use stt::{SttMetrics, SttSnapshot};
+
 /// Attempts per provider (exposed with `_total`).
 pub const PROVIDER_REQUESTS: &str = "mistral_bot_provider_requests";
 /// Attempts that delivered a whole reply (exposed with `_total`).
@@ -192,6 +196,8 @@ pub struct Metrics {
     /// Per-provider figures for the JSON snapshot (and the percentiles).
     tallies: Mutex<BTreeMap<&'static str, ProviderTally>>,
     engine: std::sync::Arc<EngineCollector>,
+    /// Speech-to-text figures, apart from the chat providers'.
+    stt: SttMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -267,6 +273,7 @@ impl Metrics {
         );
         let engine = std::sync::Arc::new(EngineCollector::default());
         registry.register_collector(Box::new(std::sync::Arc::clone(&engine)));
+        let stt = SttMetrics::register(&mut registry);
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -284,6 +291,7 @@ impl Metrics {
             latency,
             first_text,
             tallies: Mutex::new(BTreeMap::new()),
+            stt,
             engine,
         }
     }
@@ -353,6 +361,11 @@ impl Metrics {
             .get_or_create(&vec![("provider", provider), ("reason", reason.as_str())])
             .inc();
         self.tally(provider, |t| t.snapshot.skipped += 1);
+    }
+
+    /// The speech-to-text figures.
+    pub fn stt(&self) -> &SttMetrics {
+        &self.stt
     }
 
     /// Where the engine gauges come from; set once the engine is loaded.

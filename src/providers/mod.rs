@@ -15,6 +15,7 @@
 //!   server-sent-events decoder; `cloud`: what the HTTP clients share (errors, Retry-After).
 //! - [`probe`]: is each cloud provider's key accepted and its model there (the start-up
 //!   check and `mistral-bot doctor`).
+//! - [`stt`]: speech to text (not a chat provider: not in the chain, its own metrics).
 //!
 //! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
@@ -28,6 +29,7 @@ mod local;
 mod openai;
 pub mod probe;
 mod sse;
+pub mod stt;
 
 use std::sync::Arc;
 use std::time::Duration;

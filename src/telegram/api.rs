@@ -19,9 +19,10 @@ use teloxide::payloads::{
     SetMyCommandsSetters,
 };
 use teloxide::prelude::{Request, Requester};
+use teloxide::net::Download;
 use teloxide::types::{
-    AllowedUpdate, BotCommand, ChatAction, ChatId, MessageId, ParseMode, ReplyParameters, ThreadId,
-    Update,
+    AllowedUpdate, BotCommand, ChatAction, ChatId, File, FileId, MessageId, ParseMode,
+    ReplyParameters, ThreadId, Update,
 };
 
 /// Attempts of one call that keeps failing with transient errors.
@@ -384,6 +385,24 @@ impl TelegramApi {
             }
             other => other,
         }
+    }
+
+    /// `getFile`: where a file can be downloaded (transient failures retried).
+    pub async fn get_file(&self, id: FileId) -> Result<File, ApiCallError> {
+        retrying("getFile", Persistence::Deliver, || {
+            self.bot.get_file(id.clone()).send()
+        })
+        .await?
+        .ok_or_else(|| ApiCallError::Refused("getFile returned nothing".into()))
+    }
+
+    /// The bytes of the file at `path` (from [`get_file`](Self::get_file)), as they
+    /// arrive; the token in the URL is hidden from the errors.
+    pub fn download_stream(
+        &self,
+        path: &str,
+    ) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, reqwest::Error>> {
+        self.bot.download_file_stream(path)
     }
 
     /// Shows "typing…" for about 5 s (one attempt: the next one comes soon).

@@ -30,9 +30,13 @@
 //! only), `i18n`, `config`, `chat`.
 
 pub mod api;
+pub mod document;
 pub mod format;
 pub mod guard;
 pub mod incoming;
+pub mod inputs;
+pub mod media;
+pub mod reply_context;
 pub mod split;
 pub mod state;
 pub mod stream;
@@ -92,6 +96,8 @@ pub struct BotDeps {
     pub responder: Arc<Responder>,
     /// The local engine, for `/stats`.
     pub engine: EngineHandle,
+    /// Replies, voice notes, files and photos made into questions.
+    pub inputs: inputs::Inputs,
 }
 
 /// Runs the bot until `shutdown` completes (then finishes the answers being written, for
@@ -275,8 +281,8 @@ impl Tasks {
 /// What a conversation's worker does next.
 #[derive(Debug)]
 enum Work {
-    /// Answer a question.
-    Ask(String),
+    /// Answer a message (its text, what it replies to, its file).
+    Ask(inputs::Request),
     /// Answer the last question again.
     Retry,
     /// Forget the conversation.
@@ -522,7 +528,8 @@ impl BotCore {
                 self.enqueue(seq, update_id, origin, Work::Retry, received, tasks)
             }
             Action::Ask(text) => {
-                self.enqueue(seq, update_id, origin, Work::Ask(text), received, tasks)
+                let request = inputs::Request::new(text, &update, &self.me);
+                self.enqueue(seq, update_id, origin, Work::Ask(request), received, tasks)
             }
         }
     }
@@ -666,14 +673,23 @@ impl BotCore {
                 self.answer(&job.origin, Question::Again, job.received, stop)
                     .await
             }
-            Work::Ask(question) => {
-                self.answer(
-                    &job.origin,
-                    Question::New(question.clone()),
-                    job.received,
-                    stop,
-                )
-                .await
+            Work::Ask(request) => {
+                let inputs = &self.deps.inputs;
+                let question = match inputs
+                    .prepare(&self.api, &job.origin, request, &self.deps.responder)
+                    .await
+                {
+                    inputs::Prepared::Ask { question, notice } => {
+                        if let Some(notice) = notice {
+                            self.say(&job.origin, &notice).await?;
+                        }
+                        question
+                    }
+                    inputs::Prepared::Say(text) => return Ok(self.say(&job.origin, &text).await?),
+                    inputs::Prepared::Nothing => return Ok(()),
+                };
+                self.answer(&job.origin, Question::New(question), job.received, stop)
+                    .await
             }
         }
     }

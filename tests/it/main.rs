@@ -15,6 +15,7 @@ mod doctor;
 mod engine;
 mod history;
 mod http;
+mod inputs;
 mod park;
 mod providers;
 mod refusals;

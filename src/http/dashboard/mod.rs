@@ -230,6 +230,7 @@ async fn data(State(state): State<AppState>, Query(query): Query<DataQuery>) -> 
             "chain": order,
             "health": health,
             "providers": state.metrics().snapshot(),
+            "stt": state.metrics().stt().snapshot(),
         },
     });
     with_headers(Json(body).into_response(), "application/json", "no-store")
