@@ -95,6 +95,10 @@ fn read(bytes: &[u8]) -> Result<FileText, Unreadable> {
     if bytes.starts_with(b"%PDF-") {
         return pdf(bytes);
     }
+    // Clean text first: a text file may begin with the letters of a magic number ("MZ…").
+    if let Some(text) = utf8(bytes) {
+        return Ok(text);
+    }
     if let Some((_, what)) = MAGIC.iter().find(|(magic, _)| bytes.starts_with(magic)) {
         return Err(Unreadable::Binary(what));
     }
@@ -103,9 +107,6 @@ fn read(bytes: &[u8]) -> Result<FileText, Unreadable> {
     }
     if bytes.contains(&0) {
         return Err(Unreadable::NotText);
-    }
-    if let Some(text) = utf8(bytes) {
-        return Ok(text);
     }
     legacy(bytes).ok_or(Unreadable::NotText)
 }
@@ -153,12 +154,21 @@ fn utf16(bytes: &[u8], order: fn([u8; 2]) -> u16) -> Result<FileText, Unreadable
     })
 }
 
-/// Windows-1251 (what Russian Windows writes) when most non-ASCII bytes are Cyrillic
-/// letters there, else Latin-1; `None` when the result is not text.
+/// Windows-1251 (what Russian Windows writes) when the non-ASCII bytes mostly come in
+/// runs (Cyrillic words are all high bytes), else Latin-1 (where an accented letter sits
+/// alone among ASCII ones); `None` when the result is not text.
 fn legacy(bytes: &[u8]) -> Option<FileText> {
-    let high: Vec<u8> = bytes.iter().copied().filter(|b| *b >= 0x80).collect();
-    let cyrillic = high.iter().filter(|b| **b >= 0xC0).count();
-    let text: String = if cyrillic * 10 >= high.len() * 7 {
+    let high = |i: usize| bytes.get(i).is_some_and(|b| *b >= 0x80);
+    let (mut total, mut in_runs) = (0usize, 0usize);
+    for i in 0..bytes.len() {
+        if high(i) {
+            total += 1;
+            if (i > 0 && high(i - 1)) || high(i + 1) {
+                in_runs += 1;
+            }
+        }
+    }
+    let text: String = if in_runs * 10 >= total * 6 {
         bytes.iter().map(|&b| cp1251(b)).collect()
     } else {
         bytes.iter().map(|&b| char::from(b)).collect()
@@ -307,6 +317,7 @@ mod tests {
         let cp = extract(b"\xCF\xF0\xE8\xE2\xE5\xF2 \xB8").unwrap();
         assert_eq!((cp.text.as_str(), cp.format), ("Привет ё", Format::Legacy));
         assert_eq!(extract(b"caf\xE9").unwrap().text, "café");
+        assert_eq!(extract(b"MZ is a city code").unwrap().text, "MZ is a city code");
     }
 
     #[test]

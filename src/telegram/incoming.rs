@@ -390,7 +390,8 @@ mod tests {
         // Files, voice notes and captioned photos are read (issue 14).
         let document = private(json!({"document": {"file_id": "f", "file_unique_id": "u"}}));
         assert_eq!(action(&document, &[]), Action::Ask(String::new()));
-        let voice = json!({"voice": {"file_id": "v", "file_unique_id": "u", "duration": 2}});
+        let voice = json!({"voice": {"file_id": "v", "file_unique_id": "u", "duration": 2,
+            "mime_type": "audio/ogg"}});
         assert_eq!(action(&private(voice.clone()), &[]), Action::Ask(String::new()));
         assert_eq!(action(&group(voice), &[]), Action::Ignore, "not addressed");
         let captioned = private(json!({"caption": "what is it?",

@@ -32,7 +32,7 @@ use super::media::{self, Attachment, DownloadError, TELEGRAM_DOWNLOAD_LIMIT};
 use super::reply_context::{self, Replied};
 use crate::config::InputConfig;
 use crate::conversation::NewTurn;
-use crate::i18n::{self, Lang};
+use crate::i18n;
 use crate::providers::stt::{Audio, SttClient};
 use crate::responder::Responder;
 
@@ -230,6 +230,7 @@ impl Inputs {
         attachment: &Attachment,
     ) -> Result<String, Stop> {
         let lang = origin.lang;
+        let started = Instant::now();
         let Some(stt) = &self.stt else {
             return Err(self.no_stt(origin));
         };
@@ -272,6 +273,8 @@ impl Inputs {
             kind = attachment.kind.label(),
             seconds,
             chars = transcript.chars().count(),
+            // What a voice note adds before the model is asked: download and transcription.
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "transcribed"
         );
         Ok(transcript)

@@ -281,8 +281,7 @@ mod tests {
         let m = message(json!({"reply_to_message": original(
             json!({"id": 7, "is_bot": false, "first_name": "B"}),
             json!({"voice": {"file_id": "v1", "file_unique_id": "u", "duration": 3, "mime_type": "audio/ogg", "file_size": 2000}}))}));
-        let replied = replied(&m, &me()).unwrap();
-        let attachment = replied.attachment.unwrap();
+        let attachment = replied(&m, &me()).unwrap().attachment.unwrap();
         assert_eq!(attachment.kind, AttachmentKind::Voice);
         assert_eq!(attachment.seconds, Some(3));
         let m = message(json!({"reply_to_message": original(

@@ -336,7 +336,8 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
     s.fake.inject(
         "message",
         json!({"chat": chat, "from": en_user(51),
-               "voice": {"file_id": big, "file_unique_id": "ub", "duration": 60}}),
+               "voice": {"file_id": big, "file_unique_id": "ub", "duration": 60,
+                         "mime_type": "audio/ogg"}}),
     );
     expected += 1;
     let texts = s.messages(51, expected).await;
@@ -393,7 +394,7 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
     for kind in ["rate_limited", "timeout", "malformed", "http_5xx"] {
         assert_eq!(figures["errors_by_kind"][kind], json!(1), "{kind}: {metrics}");
     }
-    assert!(figures["audio_seconds"].as_u64().unwrap() >= 9, "{metrics}");
+    assert_eq!(figures["audio_seconds"], json!(8), "3 + 3 + 2 s heard: {metrics}");
     assert!(figures["latency_p50_ms"].as_f64().is_some(), "{metrics}");
     for (name, provider) in metrics["data"]["providers"].as_object().unwrap() {
         assert_eq!(provider["errors"], json!(0), "{name}: {metrics}");
