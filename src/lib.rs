@@ -207,7 +207,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .get()
         .saturating_sub(config.generate.max_tokens) as usize;
     let inputs = telegram::inputs::Inputs::new(config.inputs.clone(), stt, prompt_room);
-    let result = serve_front_ends(&config, responder, engine.clone(), inputs, server, stop_rx).await;
+    let result =
+        serve_front_ends(&config, responder, engine.clone(), inputs, server, stop_rx).await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
     if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {

@@ -82,10 +82,7 @@ pub const MAX_DOCUMENT_BYTES: u64 = 20 * 1024 * 1024;
 
 impl InputConfig {
     /// Validates `args`; `groq` is Groq's key and base URL, the speech-to-text default.
-    pub fn from_args(
-        args: InputArgs,
-        groq: (Option<&Secret>, &Url),
-    ) -> Result<Self, ConfigError> {
+    pub fn from_args(args: InputArgs, groq: (Option<&Secret>, &Url)) -> Result<Self, ConfigError> {
         let timeout = seconds(args.stt_timeout, "stt-timeout")?;
         let model = args.stt_model.trim().to_string();
         if model.is_empty() {
@@ -168,14 +165,22 @@ mod tests {
         assert_eq!(groq.model, "whisper-large-v3-turbo");
         assert_eq!(groq.api_key.unwrap().expose(), "gsk_x");
         let own = parse(
-            &["--stt-base-url", "http://127.0.0.1:8001/v1", "--stt-model", "Systran/faster-whisper-small"],
+            &[
+                "--stt-base-url",
+                "http://127.0.0.1:8001/v1",
+                "--stt-model",
+                "Systran/faster-whisper-small",
+            ],
             Some("gsk_x"),
         )
         .unwrap()
         .stt
         .unwrap();
         assert_eq!(own.base_url.as_str(), "http://127.0.0.1:8001/v1");
-        assert!(own.api_key.is_none(), "a self-hosted server gets no Groq key");
+        assert!(
+            own.api_key.is_none(),
+            "a self-hosted server gets no Groq key"
+        );
         assert!(matches!(
             parse(&["--stt-base-url", "ftp://x"], None),
             Err(ConfigError::BadSttUrl { .. })

@@ -159,7 +159,12 @@ mod tests {
         stt.error("timeout");
         let snapshot = stt.snapshot();
         assert_eq!(
-            (snapshot.requests, snapshot.success, snapshot.errors, snapshot.audio_seconds),
+            (
+                snapshot.requests,
+                snapshot.success,
+                snapshot.errors,
+                snapshot.audio_seconds
+            ),
             (2, 1, 1, 7)
         );
         assert_eq!(snapshot.errors_by_kind.get("timeout"), Some(&1));

@@ -141,7 +141,10 @@ mod tests {
 
     #[test]
     fn transcripts_are_read_and_garbage_is_malformed() {
-        assert_eq!(parse_transcript(br#"{"text":" hi there "}"#).unwrap(), "hi there");
+        assert_eq!(
+            parse_transcript(br#"{"text":" hi there "}"#).unwrap(),
+            "hi there"
+        );
         assert_eq!(
             parse_transcript(br#"{"text":"x","segments":[],"language":"ru"}"#).unwrap(),
             "x"

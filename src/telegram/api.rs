@@ -14,12 +14,12 @@ use std::time::Duration;
 use teloxide::ApiError;
 use teloxide::Bot;
 use teloxide::RequestError;
+use teloxide::net::Download;
 use teloxide::payloads::{
     EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters, SendMessageSetters,
     SetMyCommandsSetters,
 };
 use teloxide::prelude::{Request, Requester};
-use teloxide::net::Download;
 use teloxide::types::{
     AllowedUpdate, BotCommand, ChatAction, ChatId, File, FileId, MessageId, ParseMode,
     ReplyParameters, ThreadId, Update,

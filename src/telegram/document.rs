@@ -68,7 +68,10 @@ const MAGIC: [(&[u8], &str); 20] = [
     (b"\xFD7zXZ\x00", "xz archive"),
     (b"\x7FELF", "ELF program"),
     (b"MZ", "Windows program"),
-    (b"\xD0\xCF\x11\xE0\xA1\xB1\x1A\xE1", "old Microsoft Office document (.doc, .xls)"),
+    (
+        b"\xD0\xCF\x11\xE0\xA1\xB1\x1A\xE1",
+        "old Microsoft Office document (.doc, .xls)",
+    ),
     (b"SQLite format 3\x00", "SQLite database"),
     (b"\x00asm", "WebAssembly module"),
 ];
@@ -128,8 +131,14 @@ fn bomless_utf16(bytes: &[u8]) -> Option<fn([u8; 2]) -> u16> {
     if pairs < 2 {
         return None;
     }
-    let zero_high = sample.chunks_exact(2).filter(|p| p[1] == 0 && p[0] != 0).count();
-    let zero_low = sample.chunks_exact(2).filter(|p| p[0] == 0 && p[1] != 0).count();
+    let zero_high = sample
+        .chunks_exact(2)
+        .filter(|p| p[1] == 0 && p[0] != 0)
+        .count();
+    let zero_low = sample
+        .chunks_exact(2)
+        .filter(|p| p[0] == 0 && p[1] != 0)
+        .count();
     if zero_high * 10 >= pairs * 6 && zero_low == 0 {
         Some(u16::from_le_bytes)
     } else if zero_low * 10 >= pairs * 6 && zero_high == 0 {
@@ -268,11 +277,7 @@ pub fn bound(text: &str, max_chars: usize) -> String {
 /// of backticks inside it (so the text cannot close the fence), bounded to `max_chars`.
 pub fn fenced(name: &str, text: &str, max_chars: usize) -> String {
     let text = bound(text, max_chars);
-    let longest = text
-        .split(|c| c != '`')
-        .map(str::len)
-        .max()
-        .unwrap_or(0);
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat((longest + 1).max(3));
     // The name is the user's: one line, no fence of its own.
     let name: String = name
@@ -312,12 +317,18 @@ mod tests {
             .flat_map(u16::to_le_bytes)
             .collect();
         let read = extract(&bomless).unwrap();
-        assert_eq!((read.text.as_str(), read.format), ("name,qty\nfoo,1\n", Format::Utf16));
+        assert_eq!(
+            (read.text.as_str(), read.format),
+            ("name,qty\nfoo,1\n", Format::Utf16)
+        );
         // "Привет" in Windows-1251.
         let cp = extract(b"\xCF\xF0\xE8\xE2\xE5\xF2 \xB8").unwrap();
         assert_eq!((cp.text.as_str(), cp.format), ("Привет ё", Format::Legacy));
         assert_eq!(extract(b"caf\xE9").unwrap().text, "café");
-        assert_eq!(extract(b"MZ is a city code").unwrap().text, "MZ is a city code");
+        assert_eq!(
+            extract(b"MZ is a city code").unwrap().text,
+            "MZ is a city code"
+        );
     }
 
     #[test]
@@ -330,12 +341,18 @@ mod tests {
             extract(b"PK\x03\x04\x14\x00"),
             Err(Unreadable::Binary(_))
         ));
-        assert_eq!(extract(b"abc\x00\x01\x02\xff\xfe\x00"), Err(Unreadable::NotText));
+        assert_eq!(
+            extract(b"abc\x00\x01\x02\xff\xfe\x00"),
+            Err(Unreadable::NotText)
+        );
         let noise: Vec<u8> = (0..2000u32).map(|i| (i * 7 % 32) as u8).collect();
         assert_eq!(extract(&noise), Err(Unreadable::NotText));
         assert_eq!(extract(b""), Err(Unreadable::Empty));
         assert_eq!(extract(b" \n\t "), Err(Unreadable::Empty));
-        assert_eq!(extract(b"%PDF-1.4 garbage"), Err(Unreadable::PdfWithoutText));
+        assert_eq!(
+            extract(b"%PDF-1.4 garbage"),
+            Err(Unreadable::PdfWithoutText)
+        );
     }
 
     #[test]
@@ -343,7 +360,10 @@ mod tests {
         let bytes = test_pdf("Quarterly revenue grew 12 percent");
         let read = extract(&bytes).unwrap();
         assert_eq!(read.format, Format::Pdf);
-        assert!(read.text.contains("Quarterly revenue grew 12 percent"), "{read:?}");
+        assert!(
+            read.text.contains("Quarterly revenue grew 12 percent"),
+            "{read:?}"
+        );
     }
 
     /// A one-page PDF with `line` in Helvetica.

@@ -392,7 +392,10 @@ mod tests {
         assert_eq!(action(&document, &[]), Action::Ask(String::new()));
         let voice = json!({"voice": {"file_id": "v", "file_unique_id": "u", "duration": 2,
             "mime_type": "audio/ogg"}});
-        assert_eq!(action(&private(voice.clone()), &[]), Action::Ask(String::new()));
+        assert_eq!(
+            action(&private(voice.clone()), &[]),
+            Action::Ask(String::new())
+        );
         assert_eq!(action(&group(voice), &[]), Action::Ignore, "not addressed");
         let captioned = private(json!({"caption": "what is it?",
             "photo": [{"file_id": "f", "file_unique_id": "u", "width": 1, "height": 1}]}));

@@ -89,7 +89,10 @@ pub fn attachment(message: &Message) -> Option<Attachment> {
             file_id: audio.file.id.0.clone(),
             size: size(&audio.file),
             seconds: Some(audio.duration.seconds()),
-            name: audio.file_name.clone().unwrap_or_else(|| "audio.mp3".into()),
+            name: audio
+                .file_name
+                .clone()
+                .unwrap_or_else(|| "audio.mp3".into()),
             mime: audio.mime_type.as_ref().map(ToString::to_string),
         });
     }
@@ -179,4 +182,3 @@ pub async fn download(
     }
     Ok(bytes)
 }
-

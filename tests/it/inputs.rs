@@ -19,6 +19,8 @@ use crate::util::fake_telegram::{
 const CAPITAL_Q: &str = "What is the capital of France? Answer in one word.";
 const CAPITAL_A: &str = "The capital of France is Paris.";
 const STT_KEY: &str = "stt-secret-key-never-logged";
+/// The log line of each request with `--verbose-prompt`.
+const REQUEST_LOG: &str = "mistral_bot::responder: request";
 
 /// The fake Bot API, a data directory and the bot.
 struct Setup {
@@ -35,7 +37,10 @@ impl Setup {
         let permit = BOTS.acquire().await.unwrap();
         let fake = FakeTelegram::start(TOKEN).await;
         let data_dir = tempfile::tempdir().unwrap();
-        let mut flags = vec!["--verbose-prompt", "--max-tokens", "12"];
+        let mut flags = vec!["--verbose-prompt"];
+        if !extra.contains(&"--max-tokens") {
+            flags.extend(["--max-tokens", "12"]);
+        }
         flags.extend_from_slice(extra);
         let bot = BotProcess::start_with_env(&fake, data_dir.path(), &flags, "info", env).await;
         Self {
@@ -94,7 +99,7 @@ impl Setup {
         let deadline = Instant::now() + LONG;
         loop {
             let stderr = self.bot.stderr();
-            let asked = stderr.matches(" request ").count();
+            let asked = stderr.matches(REQUEST_LOG).count();
             let done = stderr.matches("answer delivered").count();
             if done >= asked {
                 return;
@@ -109,7 +114,7 @@ impl Setup {
         self.bot
             .stderr()
             .lines()
-            .filter(|l| l.contains(" request "))
+            .filter(|l| l.contains(REQUEST_LOG))
             .filter_map(|l| {
                 let start = l.find("messages=")? + "messages=".len();
                 let json: Value = serde_json::from_str(l[start..].trim()).ok()?;
@@ -137,7 +142,7 @@ impl Setup {
             .find(|l| l.contains("HTTP API listening on"))
             .unwrap_or_default()
             .to_string();
-        line.split("listening on ")
+        line.split("listening on http://")
             .nth(1)
             .unwrap_or_default()
             .trim()
@@ -216,17 +221,21 @@ async fn replies_and_quotes_put_the_replied_text_in_the_prompt() {
     s.messages(-300, 1).await;
     let prompt = s.last_prompt();
     assert!(
-        prompt.contains("In reply to this message from User7:\n> Der Hund schläft\n\ntranslate this"),
+        prompt
+            .contains("In reply to this message from User7:\n> Der Hund schläft\n\ntranslate this"),
         "{prompt}\n{}",
         s.report()
     );
 
     // A private chat: the user quotes part of the bot's answer.
-    s.fake
-        .send_text(&private_chat(41), &en_user(41), CAPITAL_Q);
+    s.fake.send_text(&private_chat(41), &en_user(41), CAPITAL_Q);
     let answer = s.messages(41, 1).await.remove(0);
     let answer_id = s.fake.messages(41)[0].id;
-    let quoted: String = answer.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let quoted: String = answer
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
     s.fake.inject(
         "message",
         json!({"chat": private_chat(41), "from": en_user(41), "text": "Why?",
@@ -253,7 +262,8 @@ async fn replies_and_quotes_put_the_replied_text_in_the_prompt() {
     );
     s.messages(-300, 2).await;
     assert!(
-        s.last_prompt().ends_with("In reply to this message from User7:\n> Der Hund schläft"),
+        s.last_prompt()
+            .ends_with("In reply to this message from User7:\n> Der Hund schläft"),
         "{}",
         s.report()
     );
@@ -263,7 +273,14 @@ async fn replies_and_quotes_put_the_replied_text_in_the_prompt() {
 async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite() {
     let stt = FakeStt::start(Some(STT_KEY)).await;
     let s = Setup::start(
-        &["--stt-base-url", &stt.base_url, "--stt-model", "whisper-fake", "--stt-timeout", "3"],
+        &[
+            "--stt-base-url",
+            &stt.base_url,
+            "--stt-model",
+            "whisper-fake",
+            "--stt-timeout",
+            "3",
+        ],
         &[("STT_API_KEY", STT_KEY)],
     )
     .await;
@@ -342,7 +359,11 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
     expected += 1;
     let texts = s.messages(51, expected).await;
     assert!(texts[expected - 1].contains("20 MB"), "{}", s.report());
-    assert_eq!(stt.requests().len(), requests, "nothing was sent to the STT API");
+    assert_eq!(
+        stt.requests().len(),
+        requests,
+        "nothing was sent to the STT API"
+    );
 
     // Groups: a voice note not addressed to the bot is ignored; one replying to the bot,
     // and /ask replying to a voice note, are transcribed.
@@ -367,10 +388,12 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
                "reply_to_message": {"message_id": voice_id, "date": 0, "chat": group,
                                     "from": en_user(53), "voice": voice(&vid, 2, 25)}}),
     );
-    s.messages(-500, 4).await;
+    // The replied voice note's transcript is in the prompt, not shown again.
+    s.messages(-500, 3).await;
     assert!(
-        s.last_prompt()
-            .contains("In reply to this message from User53:\n> Bonjour tout le monde\n\ntranslate"),
+        s.last_prompt().contains(
+            "In reply to this message from User53:\n> Bonjour tout le monde\n\ntranslate"
+        ),
         "{}",
         s.report()
     );
@@ -392,9 +415,17 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
     assert_eq!(figures["requests"], json!(requests + 2), "{metrics}");
     assert_eq!(figures["errors"], json!(4), "{metrics}");
     for kind in ["rate_limited", "timeout", "malformed", "http_5xx"] {
-        assert_eq!(figures["errors_by_kind"][kind], json!(1), "{kind}: {metrics}");
+        assert_eq!(
+            figures["errors_by_kind"][kind],
+            json!(1),
+            "{kind}: {metrics}"
+        );
     }
-    assert_eq!(figures["audio_seconds"], json!(8), "3 + 3 + 2 s heard: {metrics}");
+    assert_eq!(
+        figures["audio_seconds"],
+        json!(8),
+        "3 + 3 + 2 s heard: {metrics}"
+    );
     assert!(figures["latency_p50_ms"].as_f64().is_some(), "{metrics}");
     for (name, provider) in metrics["data"]["providers"].as_object().unwrap() {
         assert_eq!(provider["errors"], json!(0), "{name}: {metrics}");
@@ -406,7 +437,10 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
         .await
         .unwrap();
     assert!(text.contains("mistral_bot_stt_requests_total"), "{text}");
-    assert!(text.contains("mistral_bot_stt_errors_total{kind=\"timeout\"} 1"), "{text}");
+    assert!(
+        text.contains("mistral_bot_stt_errors_total{kind=\"timeout\"} 1"),
+        "{text}"
+    );
     // The time a voice note adds before the model is asked: download and transcription
     // (a figure for the report, not an assertion: machines are noisy).
     let added: Vec<String> = s
@@ -414,9 +448,19 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
         .stderr()
         .lines()
         .filter(|l| l.contains("transcribed"))
-        .filter_map(|l| Some(l.split("elapsed_ms=").nth(1)?.split_whitespace().next()?.to_string()))
+        .filter_map(|l| {
+            Some(
+                l.split("elapsed_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
         .collect();
-    eprintln!("STT added per voice note against the fake (download + transcription, ms): {added:?}");
+    eprintln!(
+        "STT added per voice note against the fake (download + transcription, ms): {added:?}"
+    );
     assert!(!s.bot.stderr().contains(STT_KEY), "the STT key was logged");
 }
 
@@ -445,7 +489,11 @@ async fn without_speech_to_text_voice_gets_one_explanation_per_chat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_read_or_politely_refused_and_survive_a_restart() {
-    let mut s = Setup::start(&["--ctx-size", "2048", "--document-max-bytes", "1048576"], &[]).await;
+    let mut s = Setup::start(
+        &["--ctx-size", "2048", "--document-max-bytes", "1048576"],
+        &[],
+    )
+    .await;
     let utf16: Vec<u8> = [0xFF, 0xFE]
         .into_iter()
         .chain(
@@ -455,10 +503,26 @@ async fn files_are_read_or_politely_refused_and_survive_a_restart() {
         )
         .collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("notes.txt", b"The secret word is marmalade.\n".to_vec(), "The secret word is marmalade."),
-        ("table.csv", b"city,people\nParis,2100000\n".to_vec(), "Paris,2100000"),
-        ("data.json", br#"{"animal": "okapi"}"#.to_vec(), r#""animal": "okapi""#),
-        ("report.pdf", pdf("Quarterly revenue grew 12 percent"), "Quarterly revenue grew 12 percent"),
+        (
+            "notes.txt",
+            b"The secret word is marmalade.\n".to_vec(),
+            "The secret word is marmalade.",
+        ),
+        (
+            "table.csv",
+            b"city,people\nParis,2100000\n".to_vec(),
+            "Paris,2100000",
+        ),
+        (
+            "data.json",
+            br#"{"animal": "okapi"}"#.to_vec(),
+            r#""animal": "okapi""#,
+        ),
+        (
+            "report.pdf",
+            pdf("Quarterly revenue grew 12 percent"),
+            "Quarterly revenue grew 12 percent",
+        ),
         ("utf16.txt", utf16, "Привет из UTF-16: капибара"),
     ];
     let chat = 71;
@@ -478,7 +542,13 @@ async fn files_are_read_or_politely_refused_and_survive_a_restart() {
 
     // A binary file renamed .txt, and a 5 MB file: refused, saying why.
     let prompts_before = s.prompts().len();
-    send_file(&s, chat, "photo.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec(), Some("read"));
+    send_file(
+        &s,
+        chat,
+        "photo.txt",
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec(),
+        Some("read"),
+    );
     sent += 1;
     let texts = s.messages(chat, sent).await;
     assert!(texts[sent - 1].contains("PNG image"), "{}", s.report());
@@ -491,15 +561,30 @@ async fn files_are_read_or_politely_refused_and_survive_a_restart() {
     sent += 1;
     let texts = s.messages(chat, sent).await;
     assert!(texts[sent - 1].contains("too big"), "{}", s.report());
-    assert_eq!(s.prompts().len(), prompts_before, "nothing reached the model");
+    assert_eq!(
+        s.prompts().len(),
+        prompts_before,
+        "nothing reached the model"
+    );
 
     // A file without a caption is kept, and asked about after a restart.
     let other = 72;
-    send_file(&s, other, "plan.md", b"# Plan\nBuy a kayak on Tuesday.\n".to_vec(), None);
+    send_file(
+        &s,
+        other,
+        "plan.md",
+        b"# Plan\nBuy a kayak on Tuesday.\n".to_vec(),
+        None,
+    );
     let texts = s.messages(other, 1).await;
-    assert!(texts[0].contains("What should I do with it?"), "{}", s.report());
+    assert!(
+        texts[0].contains("What should I do with it?"),
+        "{}",
+        s.report()
+    );
     s.restart().await;
-    s.fake.send_text(&private_chat(other), &en_user(other), "When do I buy it?");
+    s.fake
+        .send_text(&private_chat(other), &en_user(other), "When do I buy it?");
     s.messages(other, 2).await;
     let prompt = s.last_prompt();
     assert!(
@@ -541,20 +626,41 @@ async fn corpus_file_names_and_captions_are_answered() {
         .filter(|i| !i.name.contains("unaddressed"))
         .filter_map(|i| Some((i.name, i.text?)))
         .collect();
-    for (n, (_, text)) in inputs.iter().enumerate() {
-        let chat = 2000 + n as i64;
-        let name: String = text.chars().take(120).collect();
-        send_file(&s, chat, &format!("{name}.txt"), b"corpus file body".to_vec(), Some(text));
-    }
+    // Four at a time, as many as the engine has slots: a full queue would answer with the
+    // "busy" apology instead of reading the file.
     let deadline = Instant::now() + LONG;
-    for (n, (name, _)) in inputs.iter().enumerate() {
-        let chat = 2000 + n as i64;
-        while s.fake.messages(chat).is_empty() {
-            assert!(Instant::now() < deadline, "{name}: no reply\n{}", s.report());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    for (batch, chunk) in inputs.chunks(4).enumerate() {
+        for (i, (_, text)) in chunk.iter().enumerate() {
+            let chat = 2000 + (batch * 4 + i) as i64;
+            let name: String = text.chars().take(120).collect();
+            send_file(
+                &s,
+                chat,
+                &format!("{name}.txt"),
+                b"corpus file body".to_vec(),
+                Some(text),
+            );
+        }
+        for (i, (name, _)) in chunk.iter().enumerate() {
+            let chat = 2000 + (batch * 4 + i) as i64;
+            // Answered, or an answer of blanks only that Telegram refuses (the stream's
+            // matter, not this one's: the tiny model with 2 tokens may say just "\n\n").
+            while s.fake.messages(chat).is_empty()
+                && !s
+                    .bot
+                    .stderr()
+                    .contains(&format!("chat={chat} error=could not deliver"))
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: no reply\n{}",
+                    s.report()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
-    s.messages(2000, 1).await;
+    assert_eq!(s.fake.unconfirmed(), 0, "{}", s.report());
     assert!(!s.bot.stderr().contains("panicked"), "{}", s.report());
 }
 
@@ -572,9 +678,22 @@ async fn replied_text_never_becomes_a_control_token() {
     let spellings = proptest::collection::vec(
         proptest::prop_oneof![
             proptest::sample::select(vec![
-                "<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-                "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "[SYSTEM_PROMPT]", "\u{202E}",
-                "\u{200D}", "\u{0301}", "\n> ", "İ",
+                "<s>",
+                "</s>",
+                "[INST]",
+                "[/INST]",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|endoftext|>",
+                "<|eot_id|>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "[SYSTEM_PROMPT]",
+                "\u{202E}",
+                "\u{200D}",
+                "\u{0301}",
+                "\n> ",
+                "İ",
             ])
             .prop_map(str::to_string),
             "\\PC{0,6}",
@@ -602,7 +721,11 @@ async fn replied_text_never_becomes_a_control_token() {
             }
         }
     }
-    assert!(failures.is_empty(), "control tokens besides the template's {template:?}:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "control tokens besides the template's {template:?}:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// A one-page PDF with `line` in its text layer (Helvetica).

@@ -212,7 +212,11 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<Vec<Part>, String>
     }
 }
 
-async fn transcribe(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn transcribe(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -237,13 +241,20 @@ async fn transcribe(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
             return error(StatusCode::BAD_REQUEST, &why, "invalid_request_error", None);
         }
     };
-    let file = parts.iter().find(|p| p.name == "file" && p.file_name.is_some());
+    let file = parts
+        .iter()
+        .find(|p| p.name == "file" && p.file_name.is_some());
     let recorded = SttRequest {
         authorization,
         fields: parts
             .iter()
             .filter(|p| p.name != "file")
-            .map(|p| (p.name.clone(), String::from_utf8_lossy(&p.data).into_owned()))
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    String::from_utf8_lossy(&p.data).into_owned(),
+                )
+            })
             .collect(),
         file_name: file.and_then(|f| f.file_name.clone()),
         file_type: file.and_then(|f| f.content_type.clone()),

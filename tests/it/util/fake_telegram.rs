@@ -231,7 +231,9 @@ impl FakeTelegram {
         let n = inner.files.len() + 1;
         let id = format!("file-id-{n}");
         let path = format!("documents/file_{n}.bin");
-        inner.files.insert(id.clone(), StoredFile { path, bytes, size });
+        inner
+            .files
+            .insert(id.clone(), StoredFile { path, bytes, size });
         id
     }
 
