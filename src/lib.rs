@@ -42,8 +42,10 @@ pub mod conversation;
 pub mod doctor;
 pub mod engine;
 pub mod gguf;
+pub mod host;
 pub mod http;
 pub mod i18n;
+pub mod link;
 pub mod metrics;
 pub mod providers;
 pub mod redact;
@@ -122,6 +124,7 @@ pub fn http_settings(config: &Config) -> HttpSettings {
             .file_stem()
             .map_or_else(|| "local".to_string(), |s| s.to_string_lossy().into_owned()),
         generate: config.generate.clone(),
+        connections: http::ConnectionLimits::default(),
     }
 }
 
@@ -129,6 +132,8 @@ pub fn http_settings(config: &Config) -> HttpSettings {
 /// the engine loads, then chats are answered through the provider chain until Ctrl-C or
 /// SIGTERM, after which the requests in flight finish.
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // First, before anything opens a file or a socket.
+    let max_connections = nofile_limit();
     if config.telegram.is_none() {
         tracing::warn!("{NO_TOKEN}");
     }
@@ -150,7 +155,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("starting the in-memory conversation store")?
     };
     let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(http_settings(&config), Arc::clone(&metrics));
+    let mut settings = http_settings(&config);
+    settings.connections = http::ConnectionLimits::with_max_connections(max_connections);
+    let state = AppState::new(settings, Arc::clone(&metrics));
+    let link = link::TelegramLink::default();
+    if config.telegram.is_some() {
+        state.set_telegram_link(link.clone());
+    }
     let listener = TcpListener::bind(config.http.addr)
         .await
         .with_context(|| format!("binding the HTTP API to {}", config.http.addr))?;
@@ -207,8 +218,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .get()
         .saturating_sub(config.generate.max_tokens) as usize;
     let inputs = telegram::inputs::Inputs::new(config.inputs.clone(), stt, prompt_room);
-    let result =
-        serve_front_ends(&config, responder, engine.clone(), inputs, server, stop_rx).await;
+    let result = serve_front_ends(
+        &config,
+        responder,
+        engine.clone(),
+        link,
+        inputs,
+        server,
+        stop_rx,
+    )
+    .await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
     if engine.park_all(PARK_ON_EXIT_TIMEOUT).await {
@@ -220,6 +239,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     result
 }
 
+/// Raises the open-file limit to the hard limit, logs it, and returns how many client
+/// connections the HTTP server may hold under it.
+fn nofile_limit() -> usize {
+    let limit = host::nofile::raise();
+    let cap = limit.http_connection_cap();
+    let show = host::nofile::show;
+    tracing::info!(
+        soft_at_start = %show(limit.soft_before),
+        soft = %show(limit.soft),
+        hard = %show(limit.hard),
+        http_connections = cap,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    if limit
+        .soft
+        .is_some_and(|soft| soft < host::nofile::LOW_LIMIT)
+    {
+        tracing::warn!(
+            soft = %show(limit.soft),
+            "the open-file limit is low: HTTP clients are capped at {cap} connections; raise the \
+             hard limit (LimitNOFILE=65536 in the systemd unit, --ulimit nofile=65536 for docker)"
+        );
+    }
+    cap
+}
+
 /// How long shutdown waits for the KV caches to be written to disk.
 const PARK_ON_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -228,6 +273,7 @@ async fn serve_front_ends(
     config: &Config,
     responder: Arc<Responder>,
     engine: EngineHandle,
+    link: link::TelegramLink,
     inputs: telegram::inputs::Inputs,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
@@ -241,15 +287,17 @@ async fn serve_front_ends(
     let deps = telegram::BotDeps {
         responder,
         engine,
+        link: link.clone(),
         inputs,
     };
-    // The bot stops with the same signal as the HTTP API; a fatal bot error (a rejected
-    // token) stops the process, since the bot is what the operator asked for.
+    // The bot stops with the same signal as the HTTP API. It waits out a Bot API that
+    // cannot be reached; what stops it for good (a rejected token) stops the Telegram side
+    // alone: the HTTP API and the engine keep serving, and `/ready` says so.
     let bot = telegram::run(telegram, deps, stopped(stop_rx));
-    let bot_result = bot.await.context("the Telegram bot stopped");
-    if bot_result.is_err() {
-        server.abort();
-        return bot_result;
+    if let Err(e) = bot.await {
+        link.set(link::LinkState::Stopped);
+        let e = anyhow::Error::from(e).context("the Telegram bot stopped");
+        tracing::error!("{e:#}; the HTTP API keeps serving");
     }
     server
         .await

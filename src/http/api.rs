@@ -222,6 +222,7 @@ mod tests {
                 max_tokens: 100,
                 ..GenerateParams::default()
             },
+            connections: crate::http::ConnectionLimits::default(),
         }
     }
 

@@ -7,14 +7,17 @@
 //!   until a shutdown future resolves.
 //! - `api`: the request and its validation; `chat`: the completion handler (JSON or SSE);
 //!   `ops`: health, readiness, metrics; `dashboard`: the live page and its data;
-//!   `error`: [`ApiError`], the one mapping to statuses.
+//!   `error`: [`ApiError`], the one mapping to statuses; `conn`: the accept loop, with
+//!   timeouts for slow clients and a cap on open connections ([`ConnectionLimits`]).
 //!
 //! `/v1/*` needs `Authorization: Bearer <key>` when an API key is configured; the
 //! operational routes never do (probes and scrapers). May use `providers`, `engine`,
-//! `metrics`, `config`, `chat`, `i18n`.
+//! `metrics`, `config`, `chat`, `i18n`, `link` (Telegram's state for `/ready`), `host`
+//! (the open-file limit behind the connection cap).
 
 mod api;
 mod chat;
+mod conn;
 mod dashboard;
 mod error;
 mod ops;
@@ -31,6 +34,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 pub use chat::PROVIDER_HEADER;
+pub use conn::ConnectionLimits;
 pub use error::ApiError;
 pub use state::{AppState, HttpSettings};
 
@@ -53,16 +57,16 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `state`'s routes on `listener` until `shutdown` resolves, then finishes the
-/// requests in flight.
+/// requests in flight. Slow and idle clients are timed out and shed before they can lock
+/// others out (see `conn`).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let _sampler = dashboard::spawn_sampler(state.clone());
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.settings().connections;
+    conn::serve(listener, router(state), limits, shutdown).await
 }
 
 /// Rejects `/v1/*` requests without the configured bearer key.

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::state::AppState;
+use crate::link::LinkState;
 
 /// `GET /health`: the process is up.
 pub async fn health() -> Json<serde_json::Value> {
@@ -15,23 +16,36 @@ pub async fn health() -> Json<serde_json::Value> {
 }
 
 /// `GET /ready`: 200 once the model is loaded, 503 before, and 503 again if the engine
-/// thread has died (a load balancer then sends traffic elsewhere).
+/// thread has died (a load balancer then sends traffic elsewhere). With a Telegram bot,
+/// `telegram` says whether it reaches the Bot API (`connected`) and how it stands
+/// (`state`: connecting, connected, reconnecting, stopped); that never changes the
+/// status, since the HTTP API serves either way.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        Json(json!({"status": "ready", "model": state.settings().model_id})).into_response()
+    let (status, mut body) = if state.is_ready() {
+        (
+            StatusCode::OK,
+            json!({"status": "ready", "model": state.settings().model_id}),
+        )
     } else if state.engine_stopped() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "engine stopped"})),
+            json!({"status": "engine stopped"}),
         )
-            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
+            json!({"status": "loading"}),
         )
-            .into_response()
+    };
+    if let Some(link) = state.telegram_link() {
+        let (link_state, since) = link.get();
+        body["telegram"] = json!({
+            "connected": link_state == LinkState::Connected,
+            "state": link_state.as_str(),
+            "for_s": since.as_secs(),
+        });
     }
+    (status, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus/OpenMetrics text.

@@ -8,10 +8,12 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::conn::ConnectionLimits;
 use super::dashboard::History;
 use crate::chat::GenerateParams;
 use crate::config::Secret;
 use crate::engine::EngineHandle;
+use crate::link::TelegramLink;
 use crate::metrics::{EngineFigures, Metrics};
 use crate::responder::Responder;
 
@@ -28,6 +30,8 @@ pub struct HttpSettings {
     pub model_id: String,
     /// Generation defaults; `max_tokens` is also the most a request may ask for.
     pub generate: GenerateParams,
+    /// Open connections at most, and how long a client may keep the server waiting.
+    pub connections: ConnectionLimits,
 }
 
 /// What answers once the model is loaded.
@@ -54,6 +58,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// The dashboard's last hour of samples.
     history: Mutex<History>,
+    /// Whether the Telegram bot reaches the Bot API, when there is a bot.
+    telegram: OnceLock<TelegramLink>,
 }
 
 impl AppState {
@@ -67,6 +73,7 @@ impl AppState {
                 next_id: AtomicU64::new(1),
                 in_flight: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
                 history: Mutex::default(),
+                telegram: OnceLock::new(),
                 settings,
             }),
         }
@@ -96,6 +103,17 @@ impl AppState {
             }
         });
         let _ = self.inner.backend.set(Backend { responder, engine });
+    }
+
+    /// There is a Telegram bot: `/ready` shows whether `link` reaches the Bot API. Only
+    /// the first call counts.
+    pub fn set_telegram_link(&self, link: TelegramLink) {
+        let _ = self.inner.telegram.set(link);
+    }
+
+    /// The Telegram bot's link to the Bot API, when there is a bot.
+    pub(super) fn telegram_link(&self) -> Option<&TelegramLink> {
+        self.inner.telegram.get()
     }
 
     /// Whether the model is loaded and its engine thread still runs.

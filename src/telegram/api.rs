@@ -252,9 +252,10 @@ impl TelegramApi {
         Self { bot }
     }
 
-    /// Who the bot is (`getMe`); transient failures retried.
+    /// Who the bot is (`getMe`), one attempt: the caller waits out failures (see
+    /// `connect`).
     pub async fn get_me(&self) -> Result<teloxide::types::Me, ApiCallError> {
-        retrying("getMe", Persistence::Deliver, || self.bot.get_me().send())
+        retrying("getMe", Persistence::Once, || self.bot.get_me().send())
             .await?
             .ok_or_else(|| ApiCallError::Refused("getMe returned nothing".into()))
     }

@@ -26,10 +26,15 @@
 //! refusing with transient errors until [`api::DELIVERY_DEADLINE`] stays pending and is
 //! answered after the next restart.
 //!
+//! A Bot API that cannot be reached (at start or later) is waited out with backoff for as
+//! long as it takes (`connect` at start, the poll loop later), while the rest of the
+//! process serves; [`BotDeps::link`] tells `/ready`. Only a rejected token stops the bot.
+//!
 //! May use: `responder`, `providers` (errors), `conversation` (keys), `engine` (stats
-//! only), `i18n`, `config`, `chat`.
+//! only), `link`, `i18n`, `config`, `chat`.
 
 pub mod api;
+mod connect;
 pub mod document;
 pub mod format;
 pub mod guard;
@@ -56,6 +61,7 @@ use crate::config::{AllowedUser, TelegramConfig};
 use crate::conversation::ConversationKey;
 use crate::engine::EngineHandle;
 use crate::i18n::{self, Lang};
+use crate::link::TelegramLink;
 use crate::responder::Responder;
 use api::{ApiCallError, DeliveryRetry, Persistence, Target, TelegramApi};
 use incoming::{Action, BotIdentity, Command, Origin};
@@ -98,6 +104,8 @@ pub struct BotDeps {
     pub engine: EngineHandle,
     /// Replies, voice notes, files and photos made into questions.
     pub inputs: inputs::Inputs,
+    /// Whether the Bot API is reached, for `/ready`.
+    pub link: TelegramLink,
 }
 
 /// Runs the bot until `shutdown` completes (then finishes the answers being written, for
@@ -125,15 +133,14 @@ pub async fn run(
         })??;
     tokio::pin!(shutdown);
 
-    let me = tokio::select! {
-        me = api.get_me() => me?,
-        () = &mut shutdown => return Ok(()),
+    // Waits out a Bot API that cannot be reached, however long: the process serves on.
+    let Some(me) = connect::identify(&api, &deps.link, &mut shutdown).await? else {
+        return Ok(());
     };
     let me = BotIdentity {
         id: me.user.id.0,
         username: me.user.username.clone().unwrap_or_default(),
     };
-    tracing::info!(bot = %me.username, "Telegram bot connected");
     if let Err(e) = api.delete_webhook().await {
         tracing::warn!(error = %e, "deleteWebhook failed; polling may conflict with a webhook");
     }
@@ -193,6 +200,12 @@ pub async fn run(
         let wait = match result {
             Ok(updates) => {
                 backoff = Duration::from_secs(1);
+                if let Some(down) = bot.deps.link.reached() {
+                    tracing::info!(
+                        down_s = down.as_secs(),
+                        "the Telegram Bot API is reachable again"
+                    );
+                }
                 let batch = bot.state().receive(offset, updates);
                 if let Some((asked, lowest)) = batch.restarted {
                     tracing::warn!(
@@ -220,6 +233,9 @@ pub async fn run(
             Err(ApiCallError::Unauthorized) => return Err(ApiCallError::Unauthorized.into()),
             Err(ApiCallError::RetryAfter(wait)) => wait,
             Err(e) => {
+                if matches!(e, ApiCallError::Transient(_)) {
+                    bot.deps.link.lost();
+                }
                 tracing::warn!(error = %e, "getUpdates failed; retrying");
                 let wait = backoff;
                 backoff = (backoff * 2).min(MAX_POLL_BACKOFF);

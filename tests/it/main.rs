@@ -6,6 +6,7 @@
 // clippy.toml covers `#[test]` functions, not the helpers in `util/`.)
 #![allow(clippy::unwrap_used)]
 
+mod bot_api_down;
 mod chaos;
 mod cli;
 mod cloud_apis;
@@ -16,6 +17,7 @@ mod engine;
 mod history;
 mod http;
 mod inputs;
+mod open_files;
 mod park;
 mod providers;
 mod refusals;

@@ -8,7 +8,7 @@ use mistral_bot::telegram::format::markdown_to_html;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::util::bot_process::{BotProcess, reference_answer};
+use crate::util::bot_process::{BotProcess, Launch, reference_answer};
 use crate::util::fake_telegram::{
     BOT_ID, BOT_USERNAME, FakeTelegram, forum_group, private_chat, user,
 };
@@ -743,32 +743,56 @@ async fn no_update_is_lost_or_answered_twice_across_restarts() {
     drop(permit);
 }
 
+/// A rejected token stops the Telegram side with a clear message (and no token in the
+/// log); the HTTP API and the engine keep serving (issue 13: it stopped the process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_token_stops_the_bot_with_a_clear_message_and_no_token() {
+    let permit = BOTS.acquire().await.unwrap();
     let fake = FakeTelegram::start("1:other-token").await;
     let data_dir = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mistral-bot"))
-        .arg("--model")
-        .arg(crate::util::test_model())
-        .args([
-            "--threads",
-            "1",
-            "--telegram-api-url",
-            &fake.url,
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .env("TELEGRAM_BOT_TOKEN", TOKEN)
-        .env("RUST_LOG", "debug")
-        .output()
+    let launch = Launch {
+        token: Some(TOKEN),
+        ..Launch::default()
+    };
+    let mut bot = BotProcess::spawn(&fake, data_dir.path(), &[], "debug", &launch);
+    let base = bot.http_url().await;
+    let deadline = std::time::Instant::now() + LONG;
+    while !bot.stderr().contains("token was rejected") {
+        assert!(
+            bot.exited().is_none(),
+            "the process exited:\n{}",
+            bot.stderr()
+        );
+        assert!(std::time::Instant::now() < deadline, "{}", bot.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::new();
+    let ready: Value = loop {
+        let response = client.get(format!("{base}/ready")).send().await.unwrap();
+        if response.status() == 200 {
+            break response.json().await.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", bot.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ready["telegram"]["state"], "stopped", "{ready}");
+    assert_eq!(ready["telegram"]["connected"], false, "{ready}");
+    let answer: Value = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": CAPITAL_Q}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(stderr.contains("token was rejected"), "{stderr}");
+    assert!(answer.to_string().contains("Paris"), "{answer}");
+    assert!(bot.exited().is_none(), "{}", bot.stderr());
+    let stderr = bot.stderr();
+    assert!(stderr.contains("the HTTP API keeps serving"), "{stderr}");
     assert!(!stderr.contains(TOKEN_SECRET), "{stderr}");
+    assert!(bot.terminate().await, "{}", bot.stderr());
+    drop(permit);
 
     // Without any token, the binary says how to provide one (then serves only the HTTP
     // API; here the model is missing, so it stops).

@@ -82,6 +82,7 @@ pub fn http_settings() -> HttpSettings {
         max_concurrent: 64,
         model_id: "SmolLM2-135M-Instruct.Q4_1".into(),
         generate: greedy(48),
+        connections: mistral_bot::http::ConnectionLimits::default(),
     }
 }
 

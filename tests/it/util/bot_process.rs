@@ -68,6 +68,17 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// How to start the binary, beyond its flags.
+#[derive(Debug, Default)]
+pub struct Launch<'a> {
+    /// Environment (name, value) pairs (API keys).
+    pub env: &'a [(&'a str, &'a str)],
+    /// Shell commands run before the binary in the same process (`ulimit -n 1024`).
+    pub shell: Option<&'a str>,
+    /// The token to give instead of the one the fake accepts.
+    pub token: Option<&'a str>,
+}
+
 /// A running bot process.
 pub struct BotProcess {
     child: Child,
@@ -95,21 +106,50 @@ impl BotProcess {
         rust_log: &str,
         env: &[(&str, &str)],
     ) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mistral-bot"));
-        command.envs(env.iter().copied());
+        let launch = Launch {
+            env,
+            ..Launch::default()
+        };
+        let mut bot = Self::spawn(fake, data_dir, extra, rust_log, &launch);
+        bot.wait_polling(fake).await;
+        bot
+    }
+
+    /// Starts the binary as [`start`](Self::start) does, as `launch` says, and returns at
+    /// once (the fake may be down).
+    pub fn spawn(
+        fake: &FakeTelegram,
+        data_dir: &Path,
+        extra: &[&str],
+        rust_log: &str,
+        launch: &Launch<'_>,
+    ) -> Self {
+        let binary = env!("CARGO_BIN_EXE_mistral-bot");
+        let mut command = match launch.shell {
+            // `exec` keeps the pid: signals and /proc/<pid> reach the bot itself.
+            Some(script) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(format!("{script} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command.envs(launch.env.iter().copied());
+        // `extra` may point the bot elsewhere (a host that does not resolve).
+        if !extra.contains(&"--telegram-api-url") {
+            command.args(["--telegram-api-url", &fake.url]);
+        }
         command
             .arg("--model")
             .arg(test_model())
             .args(flags(extra))
-            .args([
-                "--telegram-api-url",
-                &fake.url,
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--http-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
-            .env("TELEGRAM_BOT_TOKEN", &fake.token)
+            .env("TELEGRAM_BOT_TOKEN", launch.token.unwrap_or(&fake.token))
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .env_remove("MISTRAL_BOT_ALLOWED_USERS")
@@ -128,21 +168,52 @@ impl BotProcess {
                 sink.push('\n');
             }
         });
-        let mut bot = Self { child, stderr };
+        Self { child, stderr }
+    }
+
+    /// Waits until the bot polls `fake` for updates.
+    async fn wait_polling(&mut self, fake: &FakeTelegram) {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while !fake.calls().iter().any(|c| c.method == "getUpdates") {
-            if let Ok(Some(status)) = bot.child.try_wait() {
-                panic!("the bot exited with {status}:\n{}", bot.stderr());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the bot exited with {status}:\n{}", self.stderr());
             }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the bot did not start polling:\n{}\n{}",
-                bot.stderr(),
+                self.stderr(),
                 fake.dump()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        bot
+    }
+
+    /// The HTTP API's base URL (`http://127.0.0.1:port`), once the bot has logged it.
+    pub async fn http_url(&mut self) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(url) = self
+                .stderr()
+                .lines()
+                .find_map(|l| l.split("HTTP API listening on ").nth(1))
+            {
+                return url.trim().to_string();
+            }
+            if let Some(status) = self.exited() {
+                panic!("the bot exited with {status}:\n{}", self.stderr());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bot logged no HTTP address:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The exit status, if the bot has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// The process id.

@@ -188,11 +188,22 @@ pub struct FakeTelegram {
     /// The token it accepts.
     pub token: String,
     shared: Arc<Shared>,
+    /// While the fake is down: its port, bound but not listening (connections are
+    /// refused, as from a host whose network is not up), and its routes.
+    down: Mutex<Option<(tokio::net::TcpSocket, Router)>>,
 }
 
 impl FakeTelegram {
     /// Starts a fake accepting `token` on `127.0.0.1:0`.
     pub async fn start(token: &str) -> Self {
+        let fake = Self::start_down(token);
+        fake.come_up();
+        fake
+    }
+
+    /// A fake accepting `token` whose port refuses every connection until
+    /// [`come_up`](Self::come_up): the Bot API unreachable.
+    pub fn start_down(token: &str) -> Self {
         let shared = Arc::new(Shared {
             token: token.to_string(),
             started: Instant::now(),
@@ -206,16 +217,24 @@ impl FakeTelegram {
             .route("/{bot}/{method}", post(handle))
             .route("/file/{bot}/{*path}", get(download))
             .with_state(Arc::clone(&shared));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let url = format!("http://{}", socket.local_addr().unwrap());
         Self {
             url,
             token: token.to_string(),
             shared,
+            down: Mutex::new(Some((socket, app))),
         }
+    }
+
+    /// Starts answering on the fake's port (it was down).
+    pub fn come_up(&self) {
+        let (socket, app) = self.down.lock().unwrap().take().expect("the fake is down");
+        let listener = socket.listen(1024).unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
     }
 
     /// Stores a file; returns its `file_id`.
