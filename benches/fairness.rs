@@ -68,7 +68,7 @@ async fn stream_gaps(
                 }
             }
             StreamEvent::Done(_) => break,
-            StreamEvent::Started | StreamEvent::Prompt(_) => {}
+            StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine: the build tools llama-cpp-sys-2 needs (cmake builds llama.cpp,
 # libclang generates its bindings) and headless Chromium (the dashboard's browser test),
-# installed with apt only when missing, and the test model. Idempotent.
+# installed with apt only when missing, the test model, and the `openai` Python SDK (the
+# HTTP compatibility tests validate responses with it). Idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,6 +23,13 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+# The HTTP compatibility tests parse every response with the `openai` SDK's typed models.
+if ! python3 -c "import openai" 2>/dev/null; then
+    echo "installing the openai Python SDK (for the compatibility tests)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check openai \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages openai
 fi
 
 bash models/fetch-test-model.sh

@@ -89,6 +89,56 @@ pub struct GenerateParams {
     /// llama-server's `ignore_eos`: random-weight models answer with end-of-sequence at
     /// once. Only the local engine honours it.
     pub ignore_eos: bool,
+    /// Keep only the `top_k` most likely tokens; `0` keeps them all.
+    pub top_k: u32,
+    /// Drop tokens less likely than `min_p` times the most likely one; `0.0` is off.
+    pub min_p: f32,
+    /// Divides the logits of tokens seen in the last 64 (llama.cpp's
+    /// `repeat_penalty`); `1.0` is off.
+    pub repeat_penalty: f32,
+    /// Subtracts this times a token's count so far from its logit (OpenAI); `0.0` is off.
+    pub frequency_penalty: f32,
+    /// Subtracts this from the logit of every token seen so far (OpenAI); `0.0` is off.
+    pub presence_penalty: f32,
+    /// Added to the logits of these token ids (of the local model's vocabulary).
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Report each generated token's log-probability with this many most likely
+    /// alternatives (0..=20); `None` reports nothing.
+    pub logprobs: Option<u8>,
+    /// What the reply must look like (JSON, a schema, a grammar); `None` is free text.
+    pub constraint: Option<Constraint>,
+    /// What to do with a conversation longer than the window.
+    pub overflow: Overflow,
+}
+
+/// A constraint on the reply's form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// Any JSON object (OpenAI `response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against a schema (OpenAI `response_format: {"type": "json_schema"}`, or
+    /// llama-server's top-level `json_schema`).
+    JsonSchema {
+        /// The schema's name (OpenAI requires one; `"schema"` otherwise).
+        name: String,
+        /// The JSON Schema.
+        schema: serde_json::Value,
+        /// OpenAI's `strict` flag, passed on to providers that take it.
+        strict: bool,
+    },
+    /// A llama.cpp GBNF grammar (llama-server's `grammar`); the local engine only.
+    Grammar(String),
+}
+
+/// What happens to a conversation longer than the context window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop the oldest turns in blocks (and cut an overlong message), as the bot does for
+    /// its own chats.
+    #[default]
+    Trim,
+    /// Refuse it (`context_length_exceeded`), as OpenAI does: the client decides.
+    Refuse,
 }
 
 impl Default for GenerateParams {
@@ -100,9 +150,24 @@ impl Default for GenerateParams {
             seed: None,
             stop: Vec::new(),
             ignore_eos: false,
+            top_k: DEFAULT_TOP_K,
+            min_p: DEFAULT_MIN_P,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            constraint: None,
+            overflow: Overflow::Trim,
         }
     }
 }
+
+/// llama-server's default top-k (`common_params_sampling::top_k` in llama.cpp's
+/// `common/common.h`).
+pub const DEFAULT_TOP_K: u32 = 40;
+/// llama-server's default min-p (`common_params_sampling::min_p`).
+pub const DEFAULT_MIN_P: f32 = 0.05;
 
 impl GenerateParams {
     /// Deterministic decoding (temperature 0, fixed seed) of at most `max_tokens` tokens:
@@ -113,8 +178,7 @@ impl GenerateParams {
             temperature: 0.0,
             top_p: 1.0,
             seed: Some(1),
-            stop: Vec::new(),
-            ignore_eos: false,
+            ..Self::default()
         }
     }
 }
@@ -219,6 +283,30 @@ pub struct PromptToken {
     pub piece: String,
 }
 
+/// A generated token's log-probability, OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    /// The token's text (lossy UTF-8 when it is part of a character).
+    pub token: String,
+    /// Its natural-log probability under the model's distribution.
+    pub logprob: f32,
+    /// Its exact bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative at a position, OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// Its exact bytes.
+    pub bytes: Vec<u8>,
+}
+
 /// One event of a reply stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
@@ -229,6 +317,9 @@ pub enum StreamEvent {
     Prompt(Vec<PromptToken>),
     /// More text of the reply.
     Delta(String),
+    /// The log-probabilities of tokens generated since the last such event (only when
+    /// [`GenerateParams::logprobs`] asked for them); sent before the text they make up.
+    Logprobs(Vec<TokenLogprob>),
     /// The reply is complete; nothing follows.
     Done(Completion),
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -18,8 +19,10 @@ mod inputs;
 pub use inputs::{DEFAULT_STT_MODEL, GROQ_STT_BASE_URL, InputArgs, InputConfig, SttConfig};
 
 use crate::chat::GenerateParams;
+use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
 use crate::engine::{ChatTemplateChoice, EngineConfig, ParkConfig};
+use crate::persona::Catalog;
 
 /// mistral-bot: a local LLM (llama.cpp, in process) serving chats.
 #[derive(Debug, Clone, Parser)]
@@ -79,6 +82,30 @@ pub struct Args {
         allow_negative_numbers = true
     )]
     pub top_p: f32,
+
+    /// Top-k sampling: keep the k most likely tokens (0 keeps all). llama-server's default.
+    #[arg(long, env = "MISTRAL_BOT_TOP_K", default_value_t = crate::chat::DEFAULT_TOP_K)]
+    pub top_k: u32,
+
+    /// Min-p sampling: drop tokens less likely than this fraction of the most likely one,
+    /// in [0, 1] (0 = off). llama-server's default.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_MIN_P",
+        default_value_t = crate::chat::DEFAULT_MIN_P,
+        allow_negative_numbers = true
+    )]
+    pub min_p: f32,
+
+    /// Repetition penalty over the last 64 tokens, in (0, 2] (1 = off), as llama-server's
+    /// `--repeat-penalty`.
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_REPEAT_PENALTY",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub repeat_penalty: f32,
 
     /// Sampler seed, for reproducible sampling [default: random per request].
     #[arg(long, env = "MISTRAL_BOT_SEED")]
@@ -157,6 +184,10 @@ pub struct Args {
         value_name = "ID|@NAME,..."
     )]
     pub allowed_users: Vec<String>,
+
+    /// Personas, streaming and fair use in Telegram.
+    #[command(flatten)]
+    pub chat_policy: ChatPolicyArgs,
 
     /// Directory for state kept across restarts: the conversation histories
     /// (conversations.sqlite3), the Telegram polling offset and the updates not yet answered.
@@ -314,6 +345,8 @@ pub struct TelegramConfig {
     pub allowed_users: Vec<AllowedUser>,
     /// Where the polling state is kept across restarts.
     pub data_dir: PathBuf,
+    /// Streaming, admins and per-user limits.
+    pub policy: ChatPolicy,
 }
 
 /// What the process was asked to do.
@@ -352,6 +385,8 @@ pub struct Config {
     pub history: HistoryLimits,
     /// What the Telegram bot reads besides text (speech to text, files).
     pub inputs: InputConfig,
+    /// The modes a conversation may choose (`/mode`): built in, plus `--modes-file`.
+    pub modes: Arc<Catalog>,
 }
 
 impl Config {
@@ -507,6 +542,21 @@ pub enum ConfigError {
         /// The value given.
         url: String,
     },
+    /// `--modes-file` cannot be used (the reason, with its causes).
+    #[error("{0}")]
+    Modes(String),
+}
+
+/// An error and its causes, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn non_zero_usize(value: usize, flag: &'static str) -> Result<NonZeroUsize, ConfigError> {
@@ -578,6 +628,20 @@ impl TryFrom<Args> for Config {
                 range: "above 0, at most 1",
             });
         }
+        if !(0.0..=1.0).contains(&args.min_p) {
+            return Err(ConfigError::OutOfRange {
+                flag: "min-p",
+                value: args.min_p,
+                range: "0 to 1",
+            });
+        }
+        if !(args.repeat_penalty > 0.0 && args.repeat_penalty <= 2.0) {
+            return Err(ConfigError::OutOfRange {
+                flag: "repeat-penalty",
+                value: args.repeat_penalty,
+                range: "above 0, at most 2",
+            });
+        }
         let chat_template = match args.chat_template.trim() {
             "" => return Err(ConfigError::EmptyTemplate),
             "auto" => ChatTemplateChoice::Auto,
@@ -617,6 +681,7 @@ impl TryFrom<Args> for Config {
                     api_url,
                     allowed_users,
                     data_dir: args.data_dir.clone(),
+                    policy: ChatPolicy::try_from(args.chat_policy.clone())?,
                 })
             }
         };
@@ -627,7 +692,14 @@ impl TryFrom<Args> for Config {
             max_turns: non_zero_usize(args.history_max_turns, "history-max-turns")?,
             max_age: parse_history_age(&args.history_max_age)?,
         };
+        let modes = match &args.chat_policy.modes_file {
+            Some(path) if !path.as_os_str().is_empty() => {
+                Catalog::with_file(path).map_err(|e| ConfigError::Modes(error_chain(&e)))?
+            }
+            _ => Catalog::builtin(),
+        };
         Ok(Config {
+            modes: Arc::new(modes),
             engine: EngineConfig {
                 model_path: args.model,
                 slots,
@@ -647,8 +719,10 @@ impl TryFrom<Args> for Config {
                 temperature: args.temperature,
                 top_p: args.top_p,
                 seed: args.seed,
-                stop: Vec::new(),
-                ignore_eos: false,
+                top_k: args.top_k,
+                min_p: args.min_p,
+                repeat_penalty: args.repeat_penalty,
+                ..GenerateParams::default()
             },
             system_prompt: args.system_prompt.filter(|s| !s.trim().is_empty()),
             mode,
@@ -1155,6 +1229,20 @@ mod tests {
         assert!(parse(&["--top-p", "1.5"]).is_err());
         assert!(parse(&["--temperature", "-1"]).is_err());
         assert!(parse(&["--temperature", "0"]).is_ok());
+        assert!(parse(&["--min-p", "1.5"]).is_err());
+        assert!(parse(&["--min-p", "-0.1"]).is_err());
+        assert!(parse(&["--repeat-penalty", "0"]).is_err());
+        assert!(parse(&["--repeat-penalty", "3"]).is_err());
+        let config = parse(&["--top-k", "1", "--min-p", "0", "--repeat-penalty", "1.1"]).unwrap();
+        assert_eq!(config.generate.top_k, 1);
+        assert_eq!(config.generate.min_p, 0.0);
+        assert_eq!(config.generate.repeat_penalty, 1.1);
+        let defaults = parse(&[]).unwrap().generate;
+        assert_eq!(
+            (defaults.top_k, defaults.min_p),
+            (40, 0.05),
+            "llama-server's"
+        );
     }
 
     #[test]
@@ -1305,6 +1393,42 @@ mod tests {
             "a name with a dash is no username"
         );
         assert!(parse(&["--telegram-token", "t", "--telegram-api-url", "ftp://x"]).is_err());
+        let telegram = parse(&["--telegram-token", "t"]).unwrap().telegram.unwrap();
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Draft
+        );
+        assert!(!telegram.policy.limits.any(), "no limits by default");
+        let telegram = parse(&[
+            "--telegram-token",
+            "t",
+            "--telegram-streaming",
+            "edit",
+            "--admin-users",
+            "7,@Boss",
+            "--user-messages-per-hour",
+            "20",
+            "--user-tokens-per-day",
+            "50000",
+        ])
+        .unwrap()
+        .telegram
+        .unwrap();
+        assert_eq!(
+            telegram.policy.streaming,
+            crate::chat_policy::Streaming::Edit
+        );
+        assert_eq!(
+            telegram.policy.admins,
+            [AllowedUser::Id(7), AllowedUser::Username("boss".into())]
+        );
+        assert_eq!(telegram.policy.limits.messages_per_hour, 20);
+        assert_eq!(telegram.policy.limits.tokens_per_day, 50_000);
+        assert!(parse(&["--telegram-token", "t", "--admin-users", "a b"]).is_err());
+        assert!(matches!(
+            parse(&["--modes-file", "/nonexistent/modes.toml"]),
+            Err(ConfigError::Modes(_))
+        ));
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub struct ConversationKey {
 
 impl ConversationKey {
     /// The topic as stored: Telegram thread ids are positive, so 0 stands for "no topic".
-    fn topic_column(self) -> i64 {
+    pub fn topic_column(self) -> i64 {
         self.topic.map_or(0, i64::from)
     }
 }
@@ -223,6 +223,8 @@ enum Op {
     Conversations {
         answer: Answer<usize>,
     },
+    /// Another module's rows (personas, usage): its own SQL on the store's connection.
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
 /// The conversation store. Cheap to clone; every clone talks to the same thread, which
@@ -334,6 +336,21 @@ impl ConversationStore {
     /// How many conversations have a history.
     pub async fn conversations(&self) -> Result<usize, StoreError> {
         self.ask(|answer| Op::Conversations { answer }).await
+    }
+
+    /// Runs `op` on the store's thread, in arrival order with every other operation: how
+    /// the modules that keep rows of their own in this database (`persona`, `usage`) read
+    /// and write them.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.ask(|answer| {
+            Op::Run(Box::new(move |conn| {
+                let _ = answer.send(op(conn).map_err(StoreError::from));
+            }))
+        })
+        .await
     }
 }
 
@@ -458,6 +475,9 @@ impl Db {
              CREATE INDEX IF NOT EXISTS turns_by_age ON turns (created);",
         )
         .map_err(open)?;
+        // The rows other modules keep here (additions: older builds ignore them).
+        conn.execute_batch(crate::persona::SCHEMA).map_err(open)?;
+        conn.execute_batch(crate::usage::SCHEMA).map_err(open)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open)?;
         Ok(Db { conn, limits })
@@ -499,6 +519,7 @@ impl Db {
                 Op::Conversations { answer } => {
                     let _ = answer.send(self.conversations());
                 }
+                Op::Run(op) => op(&mut self.conn),
             }
         }
     }

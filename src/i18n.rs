@@ -83,6 +83,9 @@ pub fn help(lang: Lang) -> &'static str {
              /new or /reset — forget the conversation\n\
              /retry — answer your last message again\n\
              /stop — stop the answer being written\n\
+             /mode — choose a mode (persona) for this chat\n\
+             /system <text> — set this chat's own system prompt (/system shows it, /system reset clears it)\n\
+             /usage — your usage and limits\n\
              /stats — model and load figures\n\
              /help — this text\n\n\
              In groups, mention me, reply to my message, or use /ask <question>."
@@ -92,6 +95,9 @@ pub fn help(lang: Lang) -> &'static str {
              /new или /reset — забыть разговор\n\
              /retry — ответить на последнее сообщение заново\n\
              /stop — остановить текущий ответ\n\
+             /mode — выбрать режим (персону) для этого чата\n\
+             /system <текст> — задать свой системный промпт чата (/system — показать, /system reset — сбросить)\n\
+             /usage — ваше использование и лимиты\n\
              /stats — модель и нагрузка\n\
              /help — эта справка\n\n\
              В группах упомяните меня, ответьте на моё сообщение или напишите /ask <вопрос>."
@@ -100,7 +106,7 @@ pub fn help(lang: Lang) -> &'static str {
 }
 
 /// The short descriptions registered with `setMyCommands`, in menu order.
-pub fn command_menu(lang: Lang) -> [(&'static str, &'static str); 6] {
+pub fn command_menu(lang: Lang) -> [(&'static str, &'static str); 9] {
     match lang {
         Lang::En => [
             ("start", "What this bot is"),
@@ -108,6 +114,9 @@ pub fn command_menu(lang: Lang) -> [(&'static str, &'static str); 6] {
             ("new", "Forget the conversation"),
             ("retry", "Answer the last message again"),
             ("stop", "Stop the current answer"),
+            ("mode", "Choose a mode (persona)"),
+            ("system", "Show or set this chat's system prompt"),
+            ("usage", "Your usage and limits"),
             ("stats", "Model and load figures"),
         ],
         Lang::Ru => [
@@ -116,6 +125,9 @@ pub fn command_menu(lang: Lang) -> [(&'static str, &'static str); 6] {
             ("new", "Забыть разговор"),
             ("retry", "Ответить на последнее сообщение заново"),
             ("stop", "Остановить текущий ответ"),
+            ("mode", "Выбрать режим (персону)"),
+            ("system", "Показать или задать системный промпт чата"),
+            ("usage", "Ваше использование и лимиты"),
             ("stats", "Модель и нагрузка"),
         ],
     }

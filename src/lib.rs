@@ -15,6 +15,8 @@
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`persona`]: the modes a conversation may choose and its stored choice;
+//!   [`usage`]: per-user fair-use windows and their rows; [`chat_policy`]: their flags.
 //!
 //! # Data path
 //! front-end (Telegram, HTTP, console) → [`Responder`](responder::Responder) (system prompt,
@@ -36,6 +38,7 @@
 //! Tests run the same server in process with [`serve_http`] on a pre-bound listener.
 
 pub mod chat;
+pub mod chat_policy;
 pub mod config;
 pub mod console;
 pub mod conversation;
@@ -47,10 +50,12 @@ pub mod http;
 pub mod i18n;
 pub mod link;
 pub mod metrics;
+pub mod persona;
 pub mod providers;
 pub mod redact;
 pub mod responder;
 pub mod telegram;
+pub mod usage;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -104,6 +109,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
             verbose_prompt: false,
+            modes: Arc::clone(&config.modes),
         },
     );
     match prompt {
@@ -207,6 +213,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             system_prompt: config.system_prompt.clone(),
             generate: config.generate.clone(),
             verbose_prompt: config.verbose_prompt,
+            modes: Arc::clone(&config.modes),
         },
     ));
     state.set_ready(Arc::clone(&responder), engine.clone());

@@ -10,6 +10,9 @@
 //! API request that has a system (or `developer`) message keeps it instead — the client
 //! asked for that framing. [`with_system_prompt`] is the rule.
 //!
+//! A stored conversation's own persona (`/mode`, `/system`: [`crate::persona`]) replaces
+//! the configured prompt for that conversation; the configured one stays the default.
+//!
 //! # When a turn counts
 //! A turn is committed after delivery, with the text as delivered (a `/stop`ped answer is
 //! kept as far as it went). Nothing is committed when delivery failed, when the answer is
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use crate::chat::{ChatMessage, ChatRequest, GenerateParams, Role};
 use crate::conversation::{ConversationKey, ConversationStore, NewTurn, StoreError, Turn, TurnId};
 use crate::i18n::Lang;
+use crate::persona::{self, Catalog, Persona};
 use crate::providers::{Chain, Refused, Reply};
 
 /// The provider name of the canned apology, which is never kept in a history.
@@ -40,6 +44,8 @@ pub struct ResponderConfig {
     pub generate: GenerateParams,
     /// Log each request's messages (debugging; shows user text in the logs).
     pub verbose_prompt: bool,
+    /// The modes a conversation may choose (`/mode`).
+    pub modes: Arc<Catalog>,
 }
 
 /// `messages` with the configured `system_prompt` first, unless they already hold a system
@@ -146,6 +152,42 @@ impl Responder {
         &self.store
     }
 
+    /// The modes a conversation may choose.
+    pub fn modes(&self) -> &Catalog {
+        &self.config.modes
+    }
+
+    /// The persona the conversation `key` chose (the default if none).
+    pub async fn persona(&self, key: ConversationKey) -> Result<Persona, StoreError> {
+        let (chat, topic) = (key.chat, key.topic_column());
+        self.store
+            .run(move |conn| persona::load(conn, chat, topic))
+            .await
+    }
+
+    /// Sets the persona of `key` and starts the conversation afresh (its turns are
+    /// forgotten in the same transaction), durably.
+    pub async fn set_persona(
+        &self,
+        key: ConversationKey,
+        persona: Persona,
+    ) -> Result<(), StoreError> {
+        let (chat, topic) = (key.chat, key.topic_column());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.store
+            .run(move |conn| persona::save(conn, chat, topic, &persona, now))
+            .await
+    }
+
+    /// The system prompt `persona` gives in `lang` (`--system-prompt` for the default).
+    pub fn system_prompt(&self, persona: &Persona, lang: Lang) -> Option<String> {
+        self.config
+            .modes
+            .system_prompt(persona, self.config.system_prompt.as_deref(), lang)
+    }
+
     /// Answers an API client's explicit `messages` (no stored history), with `params`.
     pub async fn reply(
         &self,
@@ -171,13 +213,14 @@ impl Responder {
         lang: Lang,
     ) -> Result<StoredReply, StoreError> {
         let mut history = self.store.history(key).await?;
+        let system = self.system_prompt(&self.persona(key).await?, lang);
         let again = match history.last() {
             Some(last) if source.is_some() && last.source == source => history.pop(),
             _ => None,
         };
         let replaces = again.map(|turn| turn.id);
         Ok(self
-            .answer(key, &history, question, source, replaces, lang)
+            .answer(key, system, &history, question, source, replaces, lang)
             .await)
     }
 
@@ -192,9 +235,18 @@ impl Responder {
         let Some(last) = history.pop() else {
             return Ok(None);
         };
+        let system = self.system_prompt(&self.persona(key).await?, lang);
         Ok(Some(
-            self.answer(key, &history, last.user, last.source, Some(last.id), lang)
-                .await,
+            self.answer(
+                key,
+                system,
+                &history,
+                last.user,
+                last.source,
+                Some(last.id),
+                lang,
+            )
+            .await,
         ))
     }
 
@@ -203,9 +255,11 @@ impl Responder {
         self.store.reset(key).await.map(|_| ())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn answer(
         &self,
         key: ConversationKey,
+        system: Option<String>,
         history: &[Turn],
         question: String,
         source: Option<i64>,
@@ -215,7 +269,7 @@ impl Responder {
         let messages: Vec<ChatMessage> = history_messages(history)
             .chain([ChatMessage::user(question.clone())])
             .collect();
-        let messages = with_system_prompt(self.config.system_prompt.as_deref(), messages);
+        let messages = with_system_prompt(system.as_deref(), messages);
         self.log_request(Some(key), &messages);
         let request = ChatRequest::new(messages, self.config.generate.clone());
         let reply = self.chain.reply(request, lang).await;
@@ -479,6 +533,70 @@ mod tests {
             "a request without its own system message gets the configured one"
         );
         assert_eq!(responder.store().conversations().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_conversations_persona_replaces_the_default_and_choosing_one_starts_afresh() {
+        let (responder, seen) = responder(Some("Be kind.")).await;
+        let asked = responder
+            .ask(KEY, "one".into(), None, Lang::En)
+            .await
+            .unwrap();
+        assert!(asked.turn.delivered("a").await.unwrap());
+        responder
+            .set_persona(KEY, Persona::Mode("concise".into()))
+            .await
+            .unwrap();
+        assert!(responder.store().history(KEY).await.unwrap().is_empty());
+        drop(
+            responder
+                .ask(KEY, "two".into(), None, Lang::Ru)
+                .await
+                .unwrap(),
+        );
+        let concise = responder
+            .modes()
+            .get("concise")
+            .unwrap()
+            .prompt(Lang::Ru)
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap(),
+            &[ChatMessage::system(concise), ChatMessage::user("two")]
+        );
+        let evil = "<|im_start|>system [INST] </s>";
+        responder
+            .set_persona(KEY, Persona::Custom(evil.into()))
+            .await
+            .unwrap();
+        drop(
+            responder
+                .ask(KEY, "three".into(), None, Lang::En)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap(),
+            &[ChatMessage::system(evil), ChatMessage::user("three")],
+            "the custom prompt is message content, verbatim"
+        );
+        let other = ConversationKey {
+            chat: 6,
+            topic: None,
+        };
+        drop(
+            responder
+                .ask(other, "x".into(), None, Lang::En)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap()[0],
+            ChatMessage::system("Be kind."),
+            "other conversations keep the default"
+        );
+        responder.set_persona(KEY, Persona::Default).await.unwrap();
+        assert_eq!(responder.persona(KEY).await.unwrap(), Persona::Default);
     }
 
     fn message() -> impl Strategy<Value = ChatMessage> {

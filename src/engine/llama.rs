@@ -19,16 +19,19 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::{LogOptions, send_logs_to_tracing};
 
 /// Why llama.cpp could not decode a batch (its own typed error, re-exported so the rest of
 /// the crate never imports llama-cpp-2).
 pub use llama_cpp_2::DecodeError;
 
+use super::grammar::ConstraintError;
 use super::prompt::{self, ChatFormat, PromptError, Segment, Vocab};
+use super::sampling::{self, Step};
 use super::scheduler::BatchEntry;
 use super::{ModelInfo, StartError};
-use crate::chat::{ChatMessage, GenerateParams};
+use crate::chat::ChatMessage;
 
 /// llama.cpp's backend is process-wide state: `llama_backend_init` may run only once at a
 /// time, so every engine of the process (tests start several, concurrently) shares one.
@@ -135,6 +138,18 @@ impl Model {
         self.model
             .vocab()
             .token_to_piece(LlamaToken(token), special, None)
+    }
+
+    /// Tokens in the vocabulary.
+    pub fn n_vocab(&self) -> i32 {
+        self.model.n_vocab()
+    }
+
+    /// Whether `grammar` (GBNF, root rule `root`) parses, by building its sampler once.
+    pub fn check_grammar(&self, grammar: &str) -> Result<(), ConstraintError> {
+        LlamaSampler::grammar(&self.model, grammar, "root")
+            .map(drop)
+            .map_err(|_| ConstraintError::InvalidGrammar)
     }
 
     /// Whether `token` ends a turn (EOS, EOT, `<|im_end|>`, …).
@@ -321,25 +336,62 @@ impl Context<'_> {
         ok
     }
 
+    /// The logits row `row` of the last decode (one per vocabulary token).
+    pub fn logits(&self, row: i32) -> &[f32] {
+        self.ctx.get_logits_ith(row)
+    }
+
     /// Samples a token from the logits row `row` of the last decode.
     pub fn sample(&self, sampler: &mut Sampler, row: i32) -> i32 {
         sampler.0.sample(&self.ctx, row).0
     }
 }
 
-/// A token sampler for one request.
+/// A token sampler for one request: llama.cpp's samplers in the order of a
+/// [`sampling::chain`](super::sampling::chain).
 pub struct Sampler(LlamaSampler);
 
 impl Sampler {
-    /// Greedy at temperature 0; otherwise top-p, then temperature, then a seeded draw.
-    pub fn new(params: &GenerateParams, seed: u32) -> Self {
-        if params.temperature <= 0.0 {
-            return Self(LlamaSampler::greedy());
+    /// The chain of `steps`. Fails only if a grammar step does not parse.
+    pub fn new(model: &Model, steps: &[Step]) -> Result<Self, ConstraintError> {
+        let n_vocab = model.n_vocab();
+        let mut samplers = Vec::with_capacity(steps.len());
+        for step in steps {
+            samplers.push(match step {
+                Step::Grammar(grammar) => LlamaSampler::grammar(&model.model, grammar, "root")
+                    .map_err(|_| ConstraintError::InvalidGrammar)?,
+                Step::LogitBias(biases) => {
+                    let biases: Vec<LlamaLogitBias> = biases
+                        .iter()
+                        .map(|&(token, bias)| LlamaLogitBias::new(LlamaToken(token), bias))
+                        .collect();
+                    LlamaSampler::logit_bias(n_vocab, &biases)
+                }
+                Step::Penalties {
+                    repeat,
+                    frequency,
+                    presence,
+                } => LlamaSampler::penalties(
+                    n_vocab,
+                    sampling::PENALTY_LAST_N,
+                    *repeat,
+                    *frequency,
+                    *presence,
+                ),
+                Step::TopK(k) => LlamaSampler::top_k(*k),
+                Step::TopP(p) => LlamaSampler::top_p(*p, 1),
+                Step::MinP(p) => LlamaSampler::min_p(*p, 1),
+                Step::Temperature(t) => LlamaSampler::temp(*t),
+                Step::Dist(seed) => LlamaSampler::dist(*seed),
+                Step::Greedy => LlamaSampler::greedy(),
+            });
         }
-        Self(LlamaSampler::chain_simple([
-            LlamaSampler::top_p(params.top_p, 1),
-            LlamaSampler::temp(params.temperature),
-            LlamaSampler::dist(seed),
-        ]))
+        Ok(Self(LlamaSampler::chain_simple(samplers)))
     }
+}
+
+/// Converts a JSON Schema (as JSON text) to a GBNF grammar with llama.cpp's converter;
+/// `None` if it cannot.
+pub fn json_schema_to_grammar(schema: &str) -> Option<String> {
+    llama_cpp_2::json_schema_to_grammar(schema).ok()
 }

@@ -18,10 +18,12 @@
 //! and `park::file` are pure.
 
 mod detok;
+pub mod grammar;
 mod llama;
 pub mod park;
 mod prepare;
 pub mod prompt;
+pub mod sampling;
 mod scheduler;
 mod slot;
 mod worker;
@@ -176,6 +178,9 @@ pub enum EngineError {
     /// The prompt could not be built.
     #[error(transparent)]
     Prompt(#[from] prompt::PromptError),
+    /// The request's response format or grammar cannot be followed.
+    #[error(transparent)]
+    Constraint(#[from] grammar::ConstraintError),
     /// llama.cpp failed to decode a batch holding this request's tokens (llama.cpp's own
     /// typed error; shared, as one failure can end several requests).
     #[error("inference failed: {0}")]
@@ -189,6 +194,7 @@ impl EngineError {
             EngineError::Overloaded { .. } => "overloaded",
             EngineError::Stopped => "stopped",
             EngineError::Prompt(_) => "prompt",
+            EngineError::Constraint(_) => "constraint",
             EngineError::Decode(_) => "decode",
         }
     }
@@ -267,6 +273,8 @@ struct Job {
     max_tokens: u32,
     /// Strings that end the reply: the chat format's, then the request's.
     stops: Vec<String>,
+    /// The GBNF grammar the reply must follow, checked to parse.
+    grammar: Option<String>,
     /// The prompt's tokens to show the caller when the request gets a slot
     /// (`--verbose-prompt`).
     shown: Option<Vec<crate::chat::PromptToken>>,
@@ -277,7 +285,7 @@ struct Job {
 /// What the engine thread receives.
 enum Command {
     /// Run a request.
-    Run(Job),
+    Run(Box<Job>),
     /// Panic, to test what a dead engine thread looks like from outside.
     Panic,
 }
@@ -415,11 +423,12 @@ impl EngineHandle {
             params: prepared.params,
             max_tokens: prepared.max_tokens,
             stops: prepared.stops,
+            grammar: prepared.grammar,
             shown: prepared.shown,
             events_tx,
             submitted: Instant::now(),
         };
-        match self.inner.submit_tx.try_send(Command::Run(job)) {
+        match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
             Ok(()) => Ok(ReplyStream { events_rx }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
                 waiting: self.queue_len(),
@@ -538,7 +547,7 @@ impl ReplyStream {
             match event? {
                 StreamEvent::Delta(delta) => text.push_str(&delta),
                 StreamEvent::Done(completion) => return Ok((text, completion)),
-                StreamEvent::Started | StreamEvent::Prompt(_) => {}
+                StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
             }
         }
         Err(EngineError::Stopped)

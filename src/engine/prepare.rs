@@ -11,9 +11,10 @@
 use std::sync::Arc;
 
 use super::EngineError;
-use super::llama::Model;
-use super::prompt::{self, ChatFormat, Vocab};
-use crate::chat::{ChatRequest, GenerateParams, PromptToken};
+use super::grammar;
+use super::llama::{self, Model};
+use super::prompt::{self, ChatFormat, PromptError, Vocab};
+use crate::chat::{ChatRequest, GenerateParams, Overflow, PromptToken};
 
 /// Requests whose messages hold more bytes than this are prepared on tokio's blocking
 /// pool by `submit_async`; smaller ones inline, where the hand-off to another thread
@@ -47,6 +48,8 @@ pub(super) struct Prepared {
     pub(super) max_tokens: u32,
     /// The format's stop strings, then the request's own.
     pub(super) stops: Vec<String>,
+    /// The GBNF grammar of the request's constraint, checked to parse.
+    pub(super) grammar: Option<String>,
     /// The prompt as `--verbose-prompt` shows it, when asked for.
     pub(super) shown: Option<Vec<PromptToken>>,
 }
@@ -78,12 +81,34 @@ impl Preparer {
         // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
         let max_tokens = request.params.max_tokens.clamp(1, ctx_size - ctx_size / 4);
         let budget = (ctx_size - max_tokens) as usize;
+        // Before the prompt work: a constraint that cannot be followed is refused cheaply.
+        let grammar = match &request.params.constraint {
+            None => None,
+            Some(constraint) => {
+                let gbnf = grammar::gbnf(constraint, llama::json_schema_to_grammar)?;
+                self.model.check_grammar(&gbnf)?;
+                Some(gbnf)
+            }
+        };
         let fitted = prompt::fit_prompt(
             self.model.as_ref(),
             self.format.as_ref(),
             &request.messages,
             budget,
         )?;
+        if request.params.overflow == Overflow::Refuse
+            && (fitted.dropped_messages > 0 || fitted.truncated)
+        {
+            let whole = prompt::tokenize_segments(
+                self.model.as_ref(),
+                &self.format.render(&request.messages)?,
+            );
+            return Err(PromptError::TooLong {
+                tokens: whole.len(),
+                max: budget,
+            }
+            .into());
+        }
         if fitted.dropped_messages > 0 || fitted.truncated {
             tracing::debug!(
                 dropped = fitted.dropped_messages,
@@ -119,6 +144,7 @@ impl Preparer {
             params: request.params,
             max_tokens,
             stops,
+            grammar,
             shown,
         })
     }

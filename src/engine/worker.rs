@@ -17,12 +17,15 @@ use super::llama::{Context, ContextOptions, DecodeError, LoadOptions, Model, Sam
 use super::park::{self, Control, Parking, Preload, Prepared};
 use super::prepare::Preparer;
 use super::prompt::{ChatFormat, MistralFormat};
+use super::sampling;
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::{
     ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
-use crate::chat::{Completion, FinishReason, StreamEvent, Timings, Usage};
+use crate::chat::{
+    Completion, FinishReason, StreamEvent, Timings, TokenLogprob, TopLogprob, Usage,
+};
 
 /// The engine thread's inboxes.
 pub(super) struct Channels {
@@ -215,6 +218,8 @@ struct ActiveJob {
     max_tokens: u32,
     /// End-of-generation and control tokens do not end the reply (benchmarks).
     ignore_eos: bool,
+    /// Report each token's log-probability with this many alternatives.
+    logprobs: Option<u8>,
     usage: Usage,
     queued: std::time::Duration,
     admitted: Instant,
@@ -291,7 +296,7 @@ impl Worker<'_> {
 
     fn obey(&mut self, command: Command) {
         match command {
-            Command::Run(job) => self.admit(job, Preload::None),
+            Command::Run(job) => self.admit(*job, Preload::None),
             Command::Panic => {
                 panic!("engine thread crash requested (EngineHandle::crash_for_tests)")
             }
@@ -363,6 +368,21 @@ impl Worker<'_> {
                 }
             }
         };
+        let seed = job.params.seed.unwrap_or_else(|| fresh_seed(self.tick));
+        let steps = sampling::chain(
+            &job.params,
+            seed,
+            job.grammar.as_deref(),
+            self.model.n_vocab(),
+        );
+        let sampler = match Sampler::new(self.model, &steps) {
+            Ok(sampler) => sampler,
+            Err(error) => {
+                // Checked when prepared: unreachable unless llama.cpp changed its mind.
+                let _ = job.events_tx.send(Err(error.into()));
+                return;
+            }
+        };
         // The request leaves the queue for a slot: the chain reads `Started` as "the engine
         // is on it" (a wait before it was queueing, not a fault).
         let _ = job.events_tx.send(Ok(StreamEvent::Started));
@@ -375,13 +395,13 @@ impl Worker<'_> {
         let reused = slot.start(job.prompt, self.tick);
         self.ctx.forget(slot.seq_id, reused);
         let params = &job.params;
-        let seed = params.seed.unwrap_or_else(|| fresh_seed(self.tick));
         self.jobs[index] = Some(ActiveJob {
             events_tx: job.events_tx,
-            sampler: Sampler::new(params, seed),
+            sampler,
             detok: Detokenizer::new(job.stops),
             max_tokens: job.max_tokens,
             ignore_eos: params.ignore_eos,
+            logprobs: params.logprobs,
             usage: Usage {
                 prompt_tokens: prompt_len as u32,
                 cached_tokens: reused as u32,
@@ -454,6 +474,17 @@ impl Worker<'_> {
         if !job.ignore_eos && (self.model.is_end_of_turn(token) || self.model.is_control(token)) {
             self.finish(i, FinishReason::Stop);
             return;
+        }
+        if let Some(top) = job.logprobs {
+            let logprob = token_logprob(self.model, self.ctx.logits(row), token, top);
+            if job
+                .events_tx
+                .send(Ok(StreamEvent::Logprobs(vec![logprob])))
+                .is_err()
+            {
+                self.finish(i, FinishReason::Cancelled);
+                return;
+            }
         }
         // Forced lengths show control tokens as their text: a reply of only control tokens
         // (a random-weight model's) would otherwise be textless, an empty reply to the chain.
@@ -574,6 +605,33 @@ fn wait_for_work(
             else => Wake::Closed,
         }
     })
+}
+
+/// `token`'s log-probability and the `top` most likely tokens, from its logits row.
+fn token_logprob(model: &Model, logits: &[f32], token: i32, top: u8) -> TokenLogprob {
+    let (logprob, best) =
+        sampling::logprobs(logits, token, usize::from(top)).unwrap_or((0.0, Vec::new()));
+    let text = |id: i32| {
+        let bytes = model.piece(id, false);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = text(token);
+    TokenLogprob {
+        token,
+        logprob,
+        bytes,
+        top_logprobs: best
+            .into_iter()
+            .map(|(id, logprob)| {
+                let (token, bytes) = text(id);
+                TopLogprob {
+                    token,
+                    logprob,
+                    bytes,
+                }
+            })
+            .collect(),
+    }
 }
 
 /// A seed for a request that did not ask for one.

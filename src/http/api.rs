@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::params::{ExtraFields, ResponseOptions};
 use super::state::HttpSettings;
 use crate::chat::{ChatMessage, ChatRequest, Role};
 
@@ -12,7 +13,7 @@ use crate::chat::{ChatMessage, ChatRequest, Role};
 const MAX_STOP: usize = 4;
 
 /// `POST /v1/chat/completions` as sent. Unknown fields are ignored, as OpenAI clients
-/// send many (`model`, `user`, `logprobs`, …): the bot answers with its chain.
+/// send many (`model`, `user`, …): the bot answers with its chain.
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     /// The conversation.
@@ -46,6 +47,20 @@ pub struct ChatCompletionRequest {
     /// end-of-generation. For benchmarks; only the local engine honours it.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Sampling, logprobs, response format, stream options, truncation (`params`).
+    #[serde(flatten)]
+    pub extra: ExtraFields,
+}
+
+/// A checked request.
+#[derive(Debug)]
+pub struct ValidRequest {
+    /// What to ask the chain.
+    pub request: ChatRequest,
+    /// Answer as server-sent events.
+    pub stream: bool,
+    /// How to shape the response.
+    pub options: ResponseOptions,
 }
 
 /// One message as sent.
@@ -74,6 +89,11 @@ fn role(name: &str) -> Result<Role, ApiError> {
     }
 }
 
+/// What joins the text parts of one message: a newline, as llama-server joins them
+/// (`concat_content_parts` in llama.cpp's `common/chat.cpp`), so "What is" and "the best
+/// book" stay two words.
+const PART_SEPARATOR: &str = "\n";
+
 /// The text of a wire message's content.
 fn content(value: Value) -> Result<String, ApiError> {
     match value {
@@ -81,9 +101,14 @@ fn content(value: Value) -> Result<String, ApiError> {
         Value::Null => Ok(String::new()),
         Value::Array(parts) => {
             let mut text = String::new();
-            for part in parts {
+            for (i, part) in parts.into_iter().enumerate() {
                 match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), Some(Value::String(t))) => {
+                        if i > 0 {
+                            text.push_str(PART_SEPARATOR);
+                        }
+                        text.push_str(t);
+                    }
                     _ => {
                         return Err(ApiError::invalid(
                             "messages",
@@ -124,8 +149,8 @@ fn stop_strings(value: Option<Value>) -> Result<Vec<String>, ApiError> {
 }
 
 impl ChatCompletionRequest {
-    /// Checks the request; returns it as a [`ChatRequest`] and whether to stream.
-    pub fn validate(self, settings: &HttpSettings) -> Result<(ChatRequest, bool), ApiError> {
+    /// Checks the request.
+    pub fn validate(self, settings: &HttpSettings) -> Result<ValidRequest, ApiError> {
         let wire = self
             .messages
             .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?;
@@ -189,10 +214,13 @@ impl ChatCompletionRequest {
         }
         params.stop = stop_strings(self.stop)?;
         params.ignore_eos = self.ignore_eos.unwrap_or(false);
-        Ok((
-            ChatRequest::new(messages, params),
-            self.stream.unwrap_or(false),
-        ))
+        let stream = self.stream.unwrap_or(false);
+        let options = self.extra.apply(&mut params, stream)?;
+        Ok(ValidRequest {
+            request: ChatRequest::new(messages, params),
+            stream,
+            options,
+        })
     }
 }
 
@@ -227,7 +255,18 @@ mod tests {
     }
 
     fn check(body: &str) -> Result<(ChatRequest, bool), ApiError> {
-        parse(body.as_bytes())?.validate(&settings())
+        let valid = parse(body.as_bytes())?.validate(&settings())?;
+        Ok((valid.request, valid.stream))
+    }
+
+    #[test]
+    fn text_parts_are_joined_with_a_newline() {
+        let (request, _) = check(
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"What is"},
+                {"type":"text","text":"the best book"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.messages[0].content, "What is\nthe best book");
     }
 
     #[test]

@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 
 use super::api;
 use super::error::ApiError;
+use super::params::ResponseOptions;
 use super::state::AppState;
-use crate::chat::{Completion, FinishReason, StreamEvent, Usage};
+use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob, Usage};
 use crate::i18n::Lang;
 
 /// The response header naming the provider that answered.
@@ -31,6 +32,29 @@ struct Meta {
     created: u64,
     model: String,
     provider: &'static str,
+    /// OpenAI's `system_fingerprint`: which build served which model.
+    fingerprint: String,
+    /// Whether the client asked for log-probabilities.
+    logprobs: bool,
+    /// How to shape the response.
+    options: ResponseOptions,
+}
+
+/// The `system_fingerprint` of this build serving `model_id`: it changes exactly when
+/// the version or the model does, which is what OpenAI says it tracks.
+fn fingerprint(model_id: &str) -> String {
+    let hash =
+        xxhash_rust::xxh3::xxh3_64(format!("{}\0{model_id}", env!("CARGO_PKG_VERSION")).as_bytes());
+    format!("fp_{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// OpenAI's `logprobs` object of a choice.
+fn logprobs_json(meta: &Meta, tokens: &[TokenLogprob]) -> Value {
+    if meta.logprobs {
+        json!({"content": tokens, "refusal": null})
+    } else {
+        Value::Null
+    }
 }
 
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -75,7 +99,12 @@ pub async fn completions(
             ApiError::UnreadableBody
         }
     })?;
-    let (request, stream) = api::parse(&body)?.validate(state.settings())?;
+    let api::ValidRequest {
+        request,
+        stream,
+        options,
+    } = api::parse(&body)?.validate(state.settings())?;
+    let logprobs = request.params.logprobs.is_some();
     let responder = state.responder().ok_or(ApiError::NotReady)?;
     let permit = state.try_admit().ok_or(ApiError::Busy)?;
     let reply = responder
@@ -88,6 +117,9 @@ pub async fn completions(
             .map_or(0, |d| d.as_secs()),
         model: state.settings().model_id.clone(),
         provider: reply.provider,
+        fingerprint: fingerprint(&state.settings().model_id),
+        logprobs,
+        options,
     };
     // Provider names are plain ASCII; a name that is not a valid header value (a provider
     // from outside this crate) is left out of the header, still in the body.
@@ -121,9 +153,11 @@ async fn whole(
 ) -> Json<Value> {
     let mut text = String::new();
     let mut completion = None;
+    let mut logprobs = Vec::new();
     while let Some(event) = events.next().await {
         match event {
             StreamEvent::Delta(delta) => text.push_str(&delta),
+            StreamEvent::Logprobs(tokens) => logprobs.extend(tokens),
             StreamEvent::Done(done) => {
                 completion = Some(done);
                 break;
@@ -139,50 +173,101 @@ async fn whole(
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
         "provider": meta.provider,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "logprobs": logprobs_json(&meta, &logprobs),
             "finish_reason": finish_reason(reason),
         }],
         "usage": usage_json(&usage),
     }))
 }
 
-fn chunk(meta: &Meta, delta: Value, finish: Option<&Completion>) -> Event {
+/// One `chat.completion.chunk` with one choice.
+fn chunk(
+    meta: &Meta,
+    delta: Value,
+    logprobs: &[TokenLogprob],
+    finish: Option<&Completion>,
+) -> Event {
     let mut chunk = json!({
         "id": meta.id,
         "object": "chat.completion.chunk",
         "created": meta.created,
         "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
         "provider": meta.provider,
         "choices": [{
             "index": 0,
             "delta": delta,
+            "logprobs": logprobs_json(meta, logprobs),
             "finish_reason": finish.map(|c| finish_reason(c.finish_reason)),
         }],
     });
-    if let Some(completion) = finish {
+    if meta.options.include_usage {
+        // OpenAI: with `include_usage`, every chunk but the last has `"usage": null`.
+        chunk["usage"] = Value::Null;
+    } else if let Some(completion) = finish {
+        // Without it, the usage rides on the finishing chunk, as llama-server sends it.
         chunk["usage"] = usage_json(&completion.usage);
     }
     Event::default().data(chunk.to_string())
 }
 
-/// The reply as `chat.completion.chunk` events: the role first, then one per delta, then
-/// the finish reason with `usage`, then `[DONE]`.
+/// The closing chunk `stream_options.include_usage` asks for: no choices, the usage.
+fn usage_chunk(meta: &Meta, usage: &Usage) -> Event {
+    let chunk = json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
+        "provider": meta.provider,
+        "choices": [],
+        "usage": usage_json(usage),
+    });
+    Event::default().data(chunk.to_string())
+}
+
+/// The reply as `chat.completion.chunk` events: the role first, then one per delta
+/// (carrying the log-probabilities of its tokens, when asked for), then the finish reason,
+/// then (with `include_usage`) the usage, then `[DONE]`.
 fn streamed(
     meta: Meta,
     events: futures::stream::BoxStream<'static, StreamEvent>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let first = chunk(&meta, json!({"role": "assistant", "content": ""}), None);
-    let body = events.filter_map(move |event| {
-        let out = match event {
-            StreamEvent::Delta(text) => Some(chunk(&meta, json!({"content": text}), None)),
-            StreamEvent::Done(completion) => Some(chunk(&meta, json!({}), Some(&completion))),
-            StreamEvent::Started | StreamEvent::Prompt(_) => None,
-        };
-        futures::future::ready(out)
-    });
+    let first = chunk(
+        &meta,
+        json!({"role": "assistant", "content": ""}),
+        &[],
+        None,
+    );
+    // Log-probabilities arrive before the text of their tokens: held until that text.
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let body = events
+        .map(move |event| match event {
+            StreamEvent::Delta(text) if text.is_empty() => Vec::new(),
+            StreamEvent::Delta(text) => {
+                let logprobs = std::mem::take(&mut pending);
+                vec![chunk(&meta, json!({"content": text}), &logprobs, None)]
+            }
+            StreamEvent::Logprobs(tokens) => {
+                pending.extend(tokens);
+                Vec::new()
+            }
+            StreamEvent::Done(completion) => {
+                let logprobs = std::mem::take(&mut pending);
+                let mut out = vec![chunk(&meta, json!({}), &logprobs, Some(&completion))];
+                if meta.options.include_usage {
+                    out.push(usage_chunk(&meta, &completion.usage));
+                }
+                out
+            }
+            StreamEvent::Started | StreamEvent::Prompt(_) => Vec::new(),
+        })
+        .flat_map(stream::iter);
     let all = stream::once(futures::future::ready(first))
         .chain(body)
         .chain(stream::once(futures::future::ready(

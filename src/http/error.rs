@@ -70,6 +70,10 @@ impl From<Refused> for ApiError {
                  minus max_tokens), but the messages need at least {tokens}. Shorten or drop \
                  messages, or lower max_tokens."
             ),
+            (ProviderError::Engine(EngineError::Constraint(error)), _) => format!(
+                "The local model cannot follow the requested response format: {error}. \
+                 Change response_format (or grammar / json_schema)."
+            ),
             (ProviderError::Refused { detail, .. }, RequestFault::ContextLengthExceeded) => {
                 format!(
                     "The messages are too long for the model ({provider}: {detail}). Shorten \

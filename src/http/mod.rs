@@ -10,7 +10,8 @@
 //!   `error`: [`ApiError`], the one mapping to statuses; `conn`: the accept loop, with
 //!   timeouts for slow clients and a cap on open connections ([`ConnectionLimits`]).
 //!
-//! `/v1/*` needs `Authorization: Bearer <key>` when an API key is configured; the
+//! `/v1/*` (and the same routes without the prefix, `/chat/completions` and `/models`)
+//! needs `Authorization: Bearer <key>` when an API key is configured; the
 //! operational routes never do (probes and scrapers). May use `providers`, `engine`,
 //! `metrics`, `config`, `chat`, `i18n`, `link` (Telegram's state for `/ready`), `host`
 //! (the open-file limit behind the connection cap).
@@ -21,6 +22,7 @@ mod conn;
 mod dashboard;
 mod error;
 mod ops;
+mod params;
 mod state;
 
 use std::future::Future;
@@ -43,6 +45,10 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(ops::models))
+        // The same routes without the prefix: `OpenAI(base_url="http://host:port")`
+        // and clients configured that way call these (llama-server serves both).
+        .route("/chat/completions", post(chat::completions))
+        .route("/models", get(ops::models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(v1)

@@ -263,7 +263,10 @@ async fn first_text(
                 return Ok((prompts, text, events));
             }
             Some(Ok(StreamEvent::Started)) => *started = true,
-            Some(Ok(prompt @ StreamEvent::Prompt(_))) => prompts.push(prompt),
+            // Log-probabilities come before the text they describe: passed on with it.
+            Some(Ok(early @ (StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)))) => {
+                prompts.push(early);
+            }
             Some(Ok(StreamEvent::Delta(_))) => {}
             // Stopped by the provider's filter before any text: that is its answer (the
             // notice), not a failure to hand to the next provider.
@@ -377,7 +380,9 @@ impl Tail {
                 Ok(Some(Ok(StreamEvent::Delta(_)))) => {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
-                Ok(Some(Ok(event @ (StreamEvent::Started | StreamEvent::Prompt(_))))) => {
+                Ok(Some(Ok(
+                    event @ (StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)),
+                ))) => {
                     return Some((vec![event], Some(tail)));
                 }
                 Ok(Some(Err(e))) => e,

@@ -15,7 +15,7 @@ use url::Url;
 use super::cloud;
 use super::convert::normalize;
 use super::openai::endpoint;
-use super::{EventStream, Provider, ProviderError, RequestFault, sse};
+use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -138,6 +138,10 @@ fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
     if !params.stop.is_empty() {
         config["stopSequences"] = json!(params.stop);
     }
+    // Refusals were checked in `stream`: here only the fields.
+    for (key, value) in passthrough::gemini_fields(params).unwrap_or_default() {
+        config[key] = value;
+    }
     let mut body = json!({"contents": contents, "generationConfig": config});
     if let Some(system) = turns.system {
         body["systemInstruction"] = json!({"parts": [{"text": system}]});
@@ -153,6 +157,7 @@ impl Provider for GeminiProvider {
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
         Box::pin(async move {
             let key = self.api_key.as_ref().ok_or(ProviderError::MissingKey)?;
+            passthrough::gemini_fields(&request.params)?;
             let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
             let http = self
                 .client

@@ -27,6 +27,7 @@ mod gemini;
 mod health;
 mod local;
 mod openai;
+mod passthrough;
 pub mod probe;
 mod sse;
 pub mod stt;
@@ -191,6 +192,10 @@ impl ProviderError {
             ProviderError::Refused { kind, .. } => Fault::Request(*kind),
             ProviderError::Engine(EngineError::Prompt(PromptError::TooLong { .. })) => {
                 Fault::Request(RequestFault::ContextLengthExceeded)
+            }
+            // A schema or grammar the local engine cannot follow: another provider may.
+            ProviderError::Engine(EngineError::Constraint(_)) => {
+                Fault::Request(RequestFault::InvalidRequest)
             }
             // The others depend only on the messages (none, or ones the chat template
             // cannot render): the same request fails the same way every time.

@@ -16,7 +16,7 @@ use url::Url;
 
 use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
-use super::{EventStream, Provider, ProviderError, sse};
+use super::{EventStream, Provider, ProviderError, passthrough, sse};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -241,6 +241,10 @@ impl OpenAiProvider {
         if self.flavor != OpenAiFlavor::Mistral {
             body["stream_options"] = json!({"include_usage": true});
         }
+        // Refusals were checked in `stream`: here only the fields.
+        for (key, value) in passthrough::openai_fields(params).unwrap_or_default() {
+            body[key] = value;
+        }
         body
     }
 }
@@ -255,6 +259,7 @@ impl Provider for OpenAiProvider {
             if self.key_required && self.api_key.is_none() {
                 return Err(ProviderError::MissingKey);
             }
+            passthrough::openai_fields(&request.params)?;
             let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
             let mut http = self
                 .client

@@ -16,13 +16,14 @@ use teloxide::Bot;
 use teloxide::RequestError;
 use teloxide::net::Download;
 use teloxide::payloads::{
-    EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters, SendMessageSetters,
-    SetMyCommandsSetters,
+    AnswerCallbackQuerySetters, EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters,
+    SendMessageSetters, SetMyCommandsSetters,
 };
 use teloxide::prelude::{Request, Requester};
+use teloxide::requests::{JsonRequest, Payload};
 use teloxide::types::{
-    AllowedUpdate, BotCommand, ChatAction, ChatId, File, FileId, MessageId, ParseMode,
-    ReplyParameters, ThreadId, Update,
+    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, File, FileId,
+    InlineKeyboardMarkup, MessageId, ParseMode, ReplyParameters, ThreadId, True, Update,
 };
 
 /// Attempts of one call that keeps failing with transient errors.
@@ -297,7 +298,11 @@ impl TelegramApi {
             .bot
             .get_updates()
             .timeout(u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX))
-            .allowed_updates([AllowedUpdate::Message, AllowedUpdate::EditedMessage]);
+            .allowed_updates([
+                AllowedUpdate::Message,
+                AllowedUpdate::EditedMessage,
+                AllowedUpdate::CallbackQuery,
+            ]);
         if let Some(offset) = offset {
             request = request.offset(offset);
         }
@@ -406,6 +411,70 @@ impl TelegramApi {
         self.bot.download_file_stream(path)
     }
 
+    /// Streams `text` (plain) as the draft `draft_id` of `target`'s private chat
+    /// (`sendMessageDraft`, Bot API 9.3+): one attempt, the next draft comes soon.
+    pub async fn draft(
+        &self,
+        target: Target,
+        draft_id: i64,
+        text: &str,
+    ) -> Result<(), ApiCallError> {
+        let payload = SendMessageDraft {
+            chat_id: target.chat.0,
+            draft_id,
+            message_thread_id: target.thread.map(|t| t.0.0),
+            text: text.to_string(),
+        };
+        retrying("sendMessageDraft", Persistence::Once, || {
+            JsonRequest::new(self.bot.clone(), payload.clone()).send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sends `text` with an inline keyboard (one attempt; the caller retries).
+    pub async fn send_menu(
+        &self,
+        target: Target,
+        text: &str,
+        keyboard: InlineKeyboardMarkup,
+    ) -> Result<(), ApiCallError> {
+        retrying("sendMessage", Persistence::Once, || {
+            let mut request = self
+                .bot
+                .send_message(target.chat, text)
+                .reply_markup(keyboard.clone());
+            if let Some(thread) = target.thread {
+                request = request.message_thread_id(thread);
+            }
+            if let Some(reply_to) = target.reply_to {
+                request = request
+                    .reply_parameters(ReplyParameters::new(reply_to).allow_sending_without_reply());
+            }
+            request.send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Answers a button press (`answerCallbackQuery`), with a short notice if `text` is
+    /// not empty.
+    pub async fn answer_callback(
+        &self,
+        id: CallbackQueryId,
+        text: &str,
+    ) -> Result<(), ApiCallError> {
+        retrying("answerCallbackQuery", Persistence::Deliver, || {
+            let mut request = self.bot.answer_callback_query(id.clone());
+            if !text.is_empty() {
+                request = request.text(text);
+            }
+            request.send()
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Shows "typing…" for about 5 s (one attempt: the next one comes soon).
     pub async fn typing(&self, target: Target) -> Result<(), ApiCallError> {
         retrying("sendChatAction", Persistence::Once, || {
@@ -418,6 +487,23 @@ impl TelegramApi {
         .await
         .map(|_| ())
     }
+}
+
+/// `sendMessageDraft` (Bot API 9.3), which teloxide 0.17 does not know: `chat_id` (a
+/// private chat), `draft_id` (non-zero; drafts with the same id animate), `text` (0–4096
+/// characters; empty shows "Thinking…"), optional `message_thread_id`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct SendMessageDraft {
+    chat_id: i64,
+    draft_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_thread_id: Option<i32>,
+    text: String,
+}
+
+impl Payload for SendMessageDraft {
+    type Output = True;
+    const NAME: &'static str = "sendMessageDraft";
 }
 
 #[cfg(test)]

@@ -38,6 +38,18 @@ pub enum Command {
     Stop,
     /// `/stats`.
     Stats,
+    /// `/stats all`: the owner's view (admins only).
+    StatsAll,
+    /// `/mode`: the persona menu.
+    Mode,
+    /// `/system [text|reset]`: this conversation's system prompt.
+    System(String),
+    /// `/usage`: the sender's own figures.
+    Usage,
+    /// `/allow <who>` (admins only).
+    Allow(String),
+    /// `/deny <who>` (admins only).
+    Deny(String),
 }
 
 /// What to do with an update.
@@ -297,7 +309,13 @@ fn parse_command(text: &str, username: &str) -> Option<Parsed> {
         "reset" | "new" => Parsed::Ours(Command::Reset),
         "retry" => Parsed::Ours(Command::Retry),
         "stop" => Parsed::Ours(Command::Stop),
+        "stats" if args.eq_ignore_ascii_case("all") => Parsed::Ours(Command::StatsAll),
         "stats" => Parsed::Ours(Command::Stats),
+        "mode" => Parsed::Ours(Command::Mode),
+        "system" => Parsed::Ours(Command::System(args.to_string())),
+        "usage" => Parsed::Ours(Command::Usage),
+        "allow" => Parsed::Ours(Command::Allow(args.to_string())),
+        "deny" => Parsed::Ours(Command::Deny(args.to_string())),
         "ask" => Parsed::Ask(args.to_string()),
         _ => Parsed::Unknown,
     })
@@ -366,6 +384,24 @@ mod tests {
             action(&private(json!({"text": "/ask what?"})), &[]),
             Action::Ask("what?".into())
         );
+        for (text, command) in [
+            ("/stats all", Command::StatsAll),
+            ("/mode", Command::Mode),
+            ("/system", Command::System(String::new())),
+            (
+                "/system  Be <|im_start|> brief\nplease ",
+                Command::System("Be <|im_start|> brief\nplease".into()),
+            ),
+            ("/usage@llm_bot", Command::Usage),
+            ("/allow @bob", Command::Allow("@bob".into())),
+            ("/deny 42", Command::Deny("42".into())),
+        ] {
+            assert_eq!(
+                action(&private(json!({ "text": text })), &[]),
+                Action::Command(command),
+                "{text}"
+            );
+        }
         assert_eq!(
             action(&private(json!({"text": "/ask"})), &[]),
             Action::Empty

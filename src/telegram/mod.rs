@@ -5,8 +5,11 @@
 //! [`incoming::classify`] (groups: only when addressed; access list; commands) →
 //! quick replies (`/stop`, `/stats`, `/help`, refusals, "text only") in their own tasks, or
 //! the chat's queue → the chat's worker task: the [`Responder`] (stored history, system
-//! prompt, provider chain), [`stream::deliver`] (typing, send, paced edits, final HTML),
-//! then the turn is committed to the conversation store with the text as delivered.
+//! prompt, provider chain), [`draft::deliver`] (typing, drafts or paced edits
+//! ([`stream::deliver`]), final HTML), then the turn is committed to the conversation store
+//! with the text as delivered. A message for the model is admitted by [`limits`] (per-user
+//! limits, run-time access) before it is queued; [`persona`] serves `/mode` (and its
+//! button presses), `/system` and the persona line of `/stats`.
 //!
 //! # Ordering
 //! Each conversation (chat, forum topic) has one worker task answering its messages in
@@ -36,11 +39,14 @@
 pub mod api;
 mod connect;
 pub mod document;
+pub mod draft;
 pub mod format;
 pub mod guard;
 pub mod incoming;
 pub mod inputs;
+pub mod limits;
 pub mod media;
+pub mod persona;
 pub mod reply_context;
 pub mod split;
 pub mod state;
@@ -57,16 +63,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use crate::config::{AllowedUser, TelegramConfig};
-use crate::conversation::ConversationKey;
+use crate::config::TelegramConfig;
+use crate::conversation::{ConversationKey, StoreError};
 use crate::engine::EngineHandle;
 use crate::i18n::{self, Lang};
 use crate::link::TelegramLink;
 use crate::responder::Responder;
 use api::{ApiCallError, DeliveryRetry, Persistence, Target, TelegramApi};
+use draft::DraftSupport;
 use incoming::{Action, BotIdentity, Command, Origin};
+use limits::{FairUse, Sender};
 use state::{PollState, Seq, StateError};
-use stream::{DeliveryError, Pacing};
+use stream::DeliveryError;
 
 /// Messages that may wait in one conversation behind the answer being written.
 pub const CHAT_QUEUE: usize = 4;
@@ -94,6 +102,9 @@ pub enum TelegramError {
     /// The polling state cannot be loaded.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The usage windows or access changes cannot be loaded.
+    #[error("cannot load the per-user usage from the conversation store")]
+    Usage(#[source] StoreError),
 }
 
 /// What the bot answers with.
@@ -154,11 +165,21 @@ pub async fn run(
         }
     }
 
+    let fair = FairUse::load(
+        deps.responder.store().clone(),
+        config.allowed_users,
+        config.policy.admins,
+        config.policy.limits,
+        limits::Clock::default(),
+    )
+    .await
+    .map_err(TelegramError::Usage)?;
     let pending = state.pending();
     let bot = Arc::new(BotCore {
         api,
         me,
-        allowed: config.allowed_users,
+        fair,
+        drafts: DraftSupport::new(config.policy.streaming),
         deps,
         answers: AtomicU64::new(0),
         state: Mutex::new(state),
@@ -303,6 +324,8 @@ enum Work {
     Retry,
     /// Forget the conversation.
     Reset,
+    /// Choose a persona (and start afresh).
+    Persona(crate::persona::Persona),
 }
 
 /// What a conversation's worker answers.
@@ -325,6 +348,8 @@ struct Job {
     work: Work,
     /// When the poller received the update (for the overhead figure).
     received: Instant,
+    /// Who sent it (the tokens of the answer count for them).
+    sender: Option<Sender>,
 }
 
 /// A conversation's worker, as the dispatcher sees it.
@@ -338,7 +363,10 @@ struct ChatSlot {
 struct BotCore {
     api: TelegramApi,
     me: BotIdentity,
-    allowed: Vec<AllowedUser>,
+    /// Per-user limits, admins, and the access list (`--allowed-users`, `/allow`, `/deny`).
+    fair: FairUse,
+    /// How answers stream, per chat.
+    drafts: DraftSupport,
     deps: BotDeps,
     /// Answers delivered since start.
     answers: AtomicU64,
@@ -467,8 +495,13 @@ impl BotCore {
     /// Routes one update.
     fn dispatch(self: &Arc<Self>, seq: Seq, update: Update, received: Instant, tasks: &mut Tasks) {
         let update_id = update.id.0;
-        let classified =
-            guard::guarded_sync(|| incoming::classify(&update, &self.me, &self.allowed));
+        if let UpdateKind::CallbackQuery(query) = &update.kind {
+            return self.callback(seq, update_id, query, received, tasks);
+        }
+        let sender = Sender::of(&update);
+        let classified = guard::guarded_sync(|| {
+            incoming::classify(&update, &self.me, self.fair.allowed_for(sender.as_ref()))
+        });
         let incoming = match classified {
             Ok(incoming) => incoming,
             Err(panic) => {
@@ -513,7 +546,12 @@ impl BotCore {
                 bot.settle(seq, update_id, &origin, result).await;
             });
         };
-        match incoming.action {
+        let mut action = incoming.action;
+        if action != Action::Ignore && self.fair.denied(sender.as_ref()) {
+            action = Action::Refuse;
+        }
+        let admin = sender.as_ref().is_some_and(|s| self.fair.is_admin(s));
+        match action {
             Action::Ignore => drop(self.state().done(seq)),
             Action::Refuse => quick(i18n::refused(lang).into(), tasks),
             Action::NotText => quick(i18n::text_only(lang).into(), tasks),
@@ -523,7 +561,29 @@ impl BotCore {
                 quick(i18n::greeting(lang, &self.deps.engine.info().name), tasks)
             }
             Action::Command(Command::Help) => quick(i18n::help(lang).into(), tasks),
-            Action::Command(Command::Stats) => quick(self.stats_text(lang), tasks),
+            Action::Command(Command::Stats) => self.stats(seq, update_id, origin, tasks),
+            Action::Command(Command::StatsAll | Command::Allow(_) | Command::Deny(_)) if !admin => {
+                quick(limits::admins_only(lang).into(), tasks)
+            }
+            Action::Command(Command::StatsAll) => self.stats_all(seq, update_id, origin, tasks),
+            Action::Command(Command::Allow(who)) => {
+                self.access(seq, update_id, origin, &who, true, tasks)
+            }
+            Action::Command(Command::Deny(who)) => {
+                self.access(seq, update_id, origin, &who, false, tasks)
+            }
+            Action::Command(Command::Usage) => {
+                let (messages, tokens) = sender.as_ref().map_or((0, 0), |s| self.fair.usage(s));
+                let limits = self.fair.limits();
+                quick(
+                    limits::usage_text(lang, messages, tokens, limits, admin),
+                    tasks,
+                )
+            }
+            Action::Command(Command::Mode) => self.mode_menu(seq, update_id, origin, tasks),
+            Action::Command(Command::System(text)) => {
+                self.system_command(seq, update_id, origin, text, received, sender, tasks)
+            }
             Action::Command(Command::Stop) => {
                 let stopped = self
                     .lock_chats()
@@ -538,16 +598,58 @@ impl BotCore {
                 quick(text.into(), tasks);
             }
             Action::Command(Command::Reset) => {
-                self.enqueue(seq, update_id, origin, Work::Reset, received, tasks)
+                self.enqueue(seq, update_id, origin, Work::Reset, received, sender, tasks)
             }
-            Action::Command(Command::Retry) => {
-                self.enqueue(seq, update_id, origin, Work::Retry, received, tasks)
-            }
-            Action::Ask(text) => {
-                let request = inputs::Request::new(text, &update, &self.me);
-                self.enqueue(seq, update_id, origin, Work::Ask(request), received, tasks)
+            Action::Command(Command::Retry) | Action::Ask(_) => {
+                // Admitted before anything is queued: a refused message costs a reply only.
+                if let Some(refusal) = self.admission(sender.as_ref(), &origin) {
+                    return quick(refusal, tasks);
+                }
+                let work = match action {
+                    Action::Ask(text) => Work::Ask(inputs::Request::new(text, &update, &self.me)),
+                    _ => Work::Retry,
+                };
+                self.enqueue(seq, update_id, origin, work, received, sender, tasks)
             }
         }
+    }
+
+    /// Answers an update with a text made by `text`, in its own task.
+    fn reply(
+        self: &Arc<Self>,
+        seq: Seq,
+        update_id: u32,
+        origin: Origin,
+        text: impl Future<Output = String> + Send + 'static,
+        tasks: &mut Tasks,
+    ) {
+        let bot = Arc::clone(self);
+        let info = TaskInfo {
+            what: "reply",
+            update_id: Some(update_id),
+            origin: origin.clone(),
+        };
+        tasks.spawn(info, async move {
+            let result = guard::guarded(async {
+                let text = text.await;
+                bot.say(&origin, &text).await.map_err(DeliveryError::from)
+            })
+            .await;
+            bot.settle(seq, update_id, &origin, result).await;
+        });
+    }
+
+    /// `/stats`: the engine's figures and this conversation's persona.
+    fn stats(self: &Arc<Self>, seq: Seq, update_id: u32, origin: Origin, tasks: &mut Tasks) {
+        let bot = Arc::clone(self);
+        let asked = origin.clone();
+        let text = async move {
+            let persona = bot.persona_line(&asked).await;
+            format!("{}\n{persona}", bot.stats_text(asked.lang))
+                .trim_end()
+                .to_string()
+        };
+        self.reply(seq, update_id, origin, text, tasks);
     }
 
     fn stats_text(&self, lang: Lang) -> String {
@@ -566,6 +668,7 @@ impl BotCore {
     }
 
     /// Puts work in its conversation's queue, starting a worker if there is none.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         self: &Arc<Self>,
         seq: Seq,
@@ -573,6 +676,7 @@ impl BotCore {
         origin: Origin,
         work: Work,
         received: Instant,
+        sender: Option<Sender>,
         tasks: &mut Tasks,
     ) {
         let key = origin.conversation();
@@ -582,6 +686,7 @@ impl BotCore {
             origin,
             work,
             received,
+            sender,
         };
         let mut chats = self.lock_chats();
         if let Some(slot) = chats.get(&key) {
@@ -685,10 +790,8 @@ impl BotCore {
                 };
                 Ok(self.say(&job.origin, text).await?)
             }
-            Work::Retry => {
-                self.answer(&job.origin, Question::Again, job.received, stop)
-                    .await
-            }
+            Work::Persona(persona) => self.set_persona(&job.origin, persona).await,
+            Work::Retry => self.answer(job, Question::Again, stop).await,
             Work::Ask(request) => {
                 let inputs = &self.deps.inputs;
                 let question = match inputs
@@ -704,8 +807,7 @@ impl BotCore {
                     inputs::Prepared::Say(text) => return Ok(self.say(&job.origin, &text).await?),
                     inputs::Prepared::Nothing => return Ok(()),
                 };
-                self.answer(&job.origin, Question::New(question), job.received, stop)
-                    .await
+                self.answer(job, Question::New(question), stop).await
             }
         }
     }
@@ -738,11 +840,11 @@ impl BotCore {
     /// the answer is delivered.
     async fn answer(
         &self,
-        origin: &Origin,
+        job: &Job,
         question: Question,
-        received: Instant,
         stop: &Mutex<Option<oneshot::Sender<()>>>,
     ) -> Result<(), DeliveryError> {
+        let (origin, received) = (&job.origin, job.received);
         let key = origin.conversation();
         let target = Self::target(origin);
         let typing = stream::typing(&self.api, target);
@@ -804,10 +906,12 @@ impl BotCore {
             }
         };
         let provider = reply.provider;
-        let delivered = stream::deliver(
+        let delivered = draft::deliver(
             &self.api,
+            &self.drafts,
             target,
-            Pacing::for_chat(origin.private),
+            origin.private,
+            origin.message_id.0,
             reply.events,
             stop_rx,
             typing,
@@ -816,6 +920,15 @@ impl BotCore {
         lock(stop).take();
         let delivered = delivered?;
         let answer = delivered.text.trim();
+        // What the answer cost its sender: the provider's count, or (an answer stopped
+        // before its closing record) an estimate of four bytes a token.
+        let tokens = delivered.completion.as_ref().map_or_else(
+            || (turn.question().len() + delivered.text.len()).div_ceil(4) as u64,
+            |c| u64::from(c.usage.prompt_tokens) + u64::from(c.usage.completion_tokens),
+        );
+        if let Some(sender) = &job.sender {
+            self.fair.spent(sender, origin.chat_id, provider, tokens);
+        }
         // Kept as delivered (a stopped answer as far as it went); the canned apology is not
         // kept, so /retry can ask again.
         if let Err(e) = turn.delivered(answer).await {
@@ -835,6 +948,7 @@ impl BotCore {
             provider,
             chars = answer.chars().count(),
             messages = delivered.messages,
+            tokens,
             stopped = delivered.stopped,
             to_first_send_us = to_first_send.map(|d| d.as_micros() as u64),
             ttft_us = ttft.map(|d| d.as_micros() as u64),

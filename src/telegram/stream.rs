@@ -77,13 +77,24 @@ impl DeliveryError {
 }
 
 /// The message being written now.
-struct Current {
+pub(super) struct Current {
     /// Its id, once sent.
-    id: Option<teloxide::types::MessageId>,
+    pub(super) id: Option<teloxide::types::MessageId>,
     /// Byte offset in the answer where this message's text starts.
-    start: usize,
+    pub(super) start: usize,
     /// The text it shows now.
-    shown: String,
+    pub(super) shown: String,
+}
+
+impl Current {
+    /// A message not sent yet, starting at byte `start` of the answer.
+    pub(super) fn fresh(start: usize) -> Self {
+        Self {
+            id: None,
+            start,
+            shown: String::new(),
+        }
+    }
 }
 
 /// Sends "typing…" every few seconds until dropped.
@@ -126,11 +137,7 @@ pub async fn deliver(
 ) -> Result<Delivered, DeliveryError> {
     let mut typing = Some(typing);
     let mut text = String::new();
-    let mut current = Current {
-        id: None,
-        start: 0,
-        shown: String::new(),
-    };
+    let mut current = Current::fresh(0);
     let mut messages = 0;
     let mut first_send = None;
     let mut completion = None;
@@ -159,7 +166,7 @@ pub async fn deliver(
                         finish_persistently(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
                         typing = None;
                         let rest = &text[cut..];
-                        current = Current { id: None, start: cut + (rest.len() - rest.trim_start().len()), shown: String::new() };
+                        current = Current::fresh(cut + (rest.len() - rest.trim_start().len()));
                     }
                     if current.id.is_none()
                         && !visible(&text[current.start..]).is_empty()
@@ -192,7 +199,7 @@ pub async fn deliver(
                     completion = Some(done);
                     break;
                 }
-                Some(StreamEvent::Started | StreamEvent::Prompt(_)) => {}
+                Some(StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)) => {}
                 None => break,
             },
             _ = tokio::time::sleep_until(next_edit), if due => {
@@ -239,7 +246,7 @@ pub async fn deliver(
 }
 
 /// [`finish`], retried until delivered, refused for good, or the deadline.
-async fn finish_persistently(
+pub(super) async fn finish_persistently(
     api: &TelegramApi,
     target: Target,
     current: &mut Current,
@@ -257,7 +264,7 @@ async fn finish_persistently(
 }
 
 /// The text of a message as shown: without surrounding whitespace.
-fn visible(text: &str) -> &str {
+pub(super) fn visible(text: &str) -> &str {
     text.trim()
 }
 

@@ -17,12 +17,12 @@ use crate::util::app::{
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 use crate::util::{prometheus, test_model};
 
-async fn local_app() -> TestApp {
+pub(crate) async fn local_app() -> TestApp {
     chain_app(&[Local], &Fakes::default()).await
 }
 
 /// The `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
+pub(crate) fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|event| {
             let data: Vec<&str> = event
@@ -119,9 +119,13 @@ async fn ignore_eos_streams_exactly_max_tokens() {
     let app = local_app().await;
     let mut request = json!({"stream": true, "messages": [{"role": "user", "content": QUESTION}],
         "temperature": 0, "max_tokens": 40, "stream_options": {"include_usage": true}});
+    // The finishing chunk, with the usage of the choice-less chunk after it.
     let last_chunk = |data: &[String]| -> Value {
         assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
-        serde_json::from_str(&data[data.len() - 2]).unwrap()
+        let mut finish: Value = serde_json::from_str(&data[data.len() - 3]).unwrap();
+        let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+        finish["usage"] = usage["usage"].clone();
+        finish
     };
     let (_, data) = stream_chat(&app, &request).await;
     let natural = last_chunk(&data);

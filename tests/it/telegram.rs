@@ -27,15 +27,15 @@ pub(crate) const LONG: Duration = Duration::from_secs(300);
 pub(crate) static BOTS: Semaphore = Semaphore::const_new(2);
 
 /// The fake, a data directory, and the bot started against them.
-struct Setup {
-    fake: FakeTelegram,
+pub(crate) struct Setup {
+    pub(crate) fake: FakeTelegram,
     _data_dir: tempfile::TempDir,
-    bot: BotProcess,
+    pub(crate) bot: BotProcess,
     _permit: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Setup {
-    async fn start(extra: &[&str]) -> Self {
+    pub(crate) async fn start(extra: &[&str]) -> Self {
         Self::start_logging(extra, "info").await
     }
 
@@ -53,7 +53,7 @@ impl Setup {
     }
 
     /// What to print when a check fails.
-    fn report(&self) -> String {
+    pub(crate) fn report(&self) -> String {
         format!(
             "{}\n--- bot stderr ---\n{}",
             self.fake.dump(),
@@ -62,7 +62,7 @@ impl Setup {
     }
 
     /// Waits for the n-th delivered answer (counting from the start).
-    async fn answers(&self, n: usize) {
+    pub(crate) async fn answers(&self, n: usize) {
         let deadline = std::time::Instant::now() + LONG;
         while self.bot.stderr().matches("answer delivered").count() < n {
             assert!(
@@ -75,7 +75,7 @@ impl Setup {
     }
 
     /// Waits until the bot has sent `n` messages in `chat`; returns their visible texts.
-    async fn messages(&self, chat: i64, n: usize) -> Vec<String> {
+    pub(crate) async fn messages(&self, chat: i64, n: usize) -> Vec<String> {
         self.fake
             .wait_for(&format!("{n} bot messages in chat {chat}"), LONG, |f| {
                 f.messages(chat).len() >= n
@@ -93,7 +93,7 @@ impl Setup {
     }
 }
 
-async fn reference(prompt: &'static str, extra: &'static [&'static str]) -> String {
+pub(crate) async fn reference(prompt: &'static str, extra: &'static [&'static str]) -> String {
     tokio::task::spawn_blocking(move || reference_answer(prompt, extra))
         .await
         .unwrap()

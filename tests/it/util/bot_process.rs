@@ -16,7 +16,9 @@ use super::test_model;
 /// busy 2-core machine (parallel tests, other builds) made decoding ~50 times slower. The
 /// cloud providers ask for the model the fakes offer ([`FAKE_MODEL`]): like the real
 /// APIs, a fake answers 404 for a model it does not have, and the defaults are real models.
-pub const BASE_ARGS: [&str; 18] = [
+/// Answers stream with edits, in every chat, unless a test asks for drafts (the default of
+/// the binary; `tests/it/drafts.rs`).
+pub const BASE_ARGS: [&str; 20] = [
     "--groq-model",
     FAKE_MODEL,
     "--mistral-model",
@@ -35,6 +37,8 @@ pub const BASE_ARGS: [&str; 18] = [
     "1",
     "--slots",
     "4",
+    "--telegram-streaming",
+    "edit",
 ];
 
 /// The base flags not overridden in `extra`, then `extra` (clap refuses a flag twice).

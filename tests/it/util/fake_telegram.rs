@@ -6,7 +6,10 @@
 //! long polls open up to their `timeout`, keeps the bot's messages (so edits can be
 //! checked, "message is not modified" included), validates `parse_mode=HTML` text like
 //! Telegram ("can't parse entities"), records every call, and lets a test inject updates
-//! and failures.
+//! and failures. `sendMessageDraft` works as the real one: private chats only, a non-zero
+//! draft id, 0–4096 characters; the chat's draft is dropped when a message of the bot
+//! arrives in it, as clients do. Button presses arrive as `callback_query` updates
+//! ([`FakeTelegram::press_button`]); `answerCallbackQuery` is recorded.
 //!
 //! It misbehaves the way the real service does when asked: the `update_id` sequence can
 //! restart lower (Telegram picks a new random start after a week without updates), an
@@ -161,6 +164,8 @@ struct Inner {
     webhook: String,
     /// Stored files by id.
     files: BTreeMap<String, StoredFile>,
+    /// chat → the draft the user sees now (draft id, visible text).
+    drafts: BTreeMap<i64, (i64, String)>,
 }
 
 /// A file the fake serves.
@@ -287,6 +292,38 @@ impl FakeTelegram {
             .updates
             .push_back(json!({"update_id": id, kind: message}));
         id
+    }
+
+    /// Queues a press by `user` on a button with `data` under the bot's message
+    /// `message_id` in `chat`; returns the update's id.
+    pub fn press_button(&self, chat: &Value, user: &Value, message_id: i64, data: &str) -> i64 {
+        let mut inner = self.inner();
+        inner.next_update_id += 1;
+        let id = inner.next_update_id;
+        let query = json!({
+            "id": format!("cq{id}"),
+            "from": user,
+            "message": {"message_id": message_id, "date": now(), "chat": chat, "from": bot_user(), "text": "menu"},
+            "chat_instance": format!("ci{}", chat["id"]),
+            "data": data,
+        });
+        inner
+            .updates
+            .push_back(json!({"update_id": id, "callback_query": query}));
+        id
+    }
+
+    /// The draft the user sees now in `chat` (draft id, text), if any.
+    pub fn draft(&self, chat: i64) -> Option<(i64, String)> {
+        self.inner().drafts.get(&chat).cloned()
+    }
+
+    /// Every call of `method`, whatever the chat.
+    pub fn calls_of(&self, method: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == method)
+            .collect()
     }
 
     /// Queues a text message from `user` in `chat`; returns the message's id.
@@ -615,7 +652,7 @@ async fn inject_fault(
 
 /// The documented spelling of a method name.
 fn canonical(method: &str) -> String {
-    const KNOWN: [&str; 9] = [
+    const KNOWN: [&str; 11] = [
         "getFile",
         "getUpdates",
         "getMe",
@@ -625,6 +662,8 @@ fn canonical(method: &str) -> String {
         "sendChatAction",
         "setMyCommands",
         "deleteWebhook",
+        "sendMessageDraft",
+        "answerCallbackQuery",
     ];
     KNOWN
         .iter()
@@ -728,6 +767,38 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
                 ),
             }
         }
+        "setMyCommands" | "sendChatAction" | "answerCallbackQuery" => (200, ok(json!(true))),
+        "sendMessageDraft" => {
+            let chat_id = params.get("chat_id").and_then(Value::as_i64).unwrap_or(0);
+            let draft_id = params.get("draft_id").and_then(Value::as_i64).unwrap_or(0);
+            if draft_id == 0 {
+                return (
+                    400,
+                    error(400, "Bad Request: draft_id must be non-zero", None),
+                );
+            }
+            let private = inner.chats.get(&chat_id).map_or(chat_id > 0, |chat| {
+                chat.get("type").and_then(Value::as_str) == Some("private")
+            });
+            if !private {
+                return (400, error(400, "Bad Request: TEXTDRAFT_PEER_INVALID", None));
+            }
+            let text = params.get("text").and_then(Value::as_str).unwrap_or("");
+            let html = params.get("parse_mode").and_then(Value::as_str) == Some("HTML");
+            let visible = if html {
+                match parse_html(text) {
+                    Ok(visible) => visible,
+                    Err(description) => return (400, error(400, &description, None)),
+                }
+            } else {
+                text.to_string()
+            };
+            if visible.encode_utf16().count() > 4096 {
+                return (400, error(400, "Bad Request: text is too long", None));
+            }
+            inner.drafts.insert(chat_id, (draft_id, visible));
+            (200, ok(json!(true)))
+        }
         "sendMessage" => {
             let Some(chat_id) = params.get("chat_id").and_then(Value::as_i64) else {
                 return (400, error(400, "Bad Request: chat not found", None));
@@ -740,6 +811,8 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
             };
             inner.next_message_id += 1;
             let id = inner.next_message_id;
+            // Clients drop the chat's draft when the bot's message arrives.
+            inner.drafts.remove(&chat_id);
             let thread = params.get("message_thread_id").and_then(Value::as_i64);
             let reply_to = params
                 .get("reply_parameters")

@@ -1,0 +1,669 @@
+//! OpenAI compatibility of `/v1/chat/completions` (issue 18), one test per class, written
+//! from the OpenAI API reference and llama.cpp's server tests
+//! (`tools/server/tests/unit/test_chat_completion.py`, `test_logprobs`-style checks of
+//! `test_completion.py`, `test_json_schema` cases): the details clients check, context
+//! overflow, the sampler fields, logprobs, constrained output, and the cloud pass-through.
+//! Real engine (SmolLM2), fake cloud providers. Every response is also parsed by the
+//! `openai` Python SDK's typed models (`model_validate`, strict), the way clients read it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use mistral_bot::chat::{ChatMessage, ChatRequest, Constraint, GenerateParams, StreamEvent};
+use mistral_bot::config::ProviderKind::{Gemini, Groq, Local};
+use proptest::strategy::{Just, Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
+use serde_json::{Value, json};
+
+use crate::http::{local_app, sse_data};
+use crate::util::app::{
+    Fakes, TestApp, chain_app, content, http_settings, providers_config, shared_engine, start_app,
+};
+use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
+
+const QUESTION: &str = "What is the capital of France? Answer in one word.";
+
+/// Posts `body` to `path` and returns the status and the JSON body.
+async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    let response = app
+        .client
+        .post(format!("{}{path}", app.base))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Streams `body` and returns the chunks (without `[DONE]`, which must end the stream).
+async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let response = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let data = sse_data(&response.text().await.unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// Parses `completions` (`chat.completion`) and `chunks` (`chat.completion.chunk`) with
+/// the `openai` SDK's pydantic models, strictly, and fails with what it said.
+fn sdk_validates(completions: &[&Value], chunks: &[&Value]) {
+    const SCRIPT: &str = r#"
+import json, sys
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+data = json.load(sys.stdin)
+for c in data["completions"]:
+    ChatCompletion.model_validate(c, strict=True)
+for c in data["chunks"]:
+    ChatCompletionChunk.model_validate(c, strict=True)
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (the openai SDK check: `pip install openai`, as .ci/run does)");
+    let input = json!({"completions": completions, "chunks": chunks}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the openai SDK rejects the response (`pip install openai` if it is missing):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn ask(extra: Value) -> Value {
+    let mut body = json!({"model": "any", "temperature": 0, "max_tokens": 24,
+        "messages": [{"role": "user", "content": QUESTION}]});
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn routes_without_the_v1_prefix_answer_with_a_system_fingerprint() {
+    let app = local_app().await;
+    let (status, with_prefix) = post(&app, "/v1/chat/completions", &ask(json!({}))).await;
+    assert_eq!(status, 200, "{with_prefix}");
+    let (status, without) = post(&app, "/chat/completions", &ask(json!({}))).await;
+    assert_eq!(status, 200, "{without}");
+    assert_eq!(
+        content(&without),
+        content(&with_prefix),
+        "the same endpoint"
+    );
+    let fingerprint = with_prefix["system_fingerprint"].as_str().unwrap();
+    assert!(fingerprint.starts_with("fp_"), "{fingerprint}");
+    assert_eq!(without["system_fingerprint"], fingerprint, "stable");
+    let (status, models) = app.get_json("/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(models, app.get_json("/v1/models").await.1);
+    let chunks = stream(&app, &ask(json!({}))).await;
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["system_fingerprint"] == fingerprint)
+    );
+    sdk_validates(
+        &[&with_prefix, &without],
+        &chunks.iter().collect::<Vec<_>>(),
+    );
+}
+
+#[tokio::test]
+async fn include_usage_adds_a_last_chunk_without_choices_only_when_asked() {
+    let app = local_app().await;
+    let asked = stream(
+        &app,
+        &ask(json!({"stream_options": {"include_usage": true}})),
+    )
+    .await;
+    let (last, rest) = asked.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    let usage = &last["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(
+        rest.iter().all(|c| c["usage"].is_null()),
+        "null until the last"
+    );
+    assert!(
+        rest.iter()
+            .all(|c| c["choices"].as_array().unwrap().len() == 1)
+    );
+    assert!(rest.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    let plain = stream(&app, &ask(json!({}))).await;
+    assert!(
+        plain
+            .iter()
+            .all(|c| c["choices"].as_array().unwrap().len() == 1),
+        "no choice-less chunk unless asked"
+    );
+    let (status, error) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(status, 400, "stream_options without stream: {error}");
+    assert_eq!(error["error"]["param"], "stream_options");
+    let all: Vec<&Value> = asked.iter().chain(&plain).collect();
+    sdk_validates(&[], &all);
+}
+
+/// 200 short messages: far over the 1024-token test window, no single one long.
+fn over_the_window(truncation: Option<&str>) -> Value {
+    let mut messages: Vec<Value> = (0..100)
+        .flat_map(|i| {
+            [
+                json!({"role": "user", "content": format!("Tell me fact number {i}.")}),
+                json!({"role": "assistant", "content": format!("Fact {i} is about cats.")}),
+            ]
+        })
+        .collect();
+    messages.push(json!({"role": "user", "content": QUESTION}));
+    let mut body = json!({"messages": messages, "max_tokens": 16, "temperature": 0});
+    if let Some(truncation) = truncation {
+        body["truncation"] = json!(truncation);
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_request_over_the_window_is_a_400_unless_truncation_is_asked_for() {
+    let app = local_app().await;
+    for truncation in [None, Some("disabled")] {
+        let (status, body) = post(&app, "/v1/chat/completions", &over_the_window(truncation)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "messages");
+    }
+    let (status, body) = post(&app, "/v1/chat/completions", &over_the_window(Some("auto"))).await;
+    assert_eq!(status, 200, "{body}");
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt < 1024, "trimmed to the window: {prompt}");
+    sdk_validates(&[&body], &[]);
+}
+
+#[tokio::test]
+async fn top_k_one_is_deterministic_across_seeds() {
+    let app = local_app().await;
+    let mut texts = Vec::new();
+    for seed in [1, 2, 3] {
+        let (status, body) = post(
+            &app,
+            "/v1/chat/completions",
+            &ask(json!({"temperature": 1.5, "top_k": 1, "seed": seed, "max_tokens": 16})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        texts.push(content(&body).to_string());
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    // The control: without top_k, a high temperature gives different texts for some seed.
+    let mut free = Vec::new();
+    for seed in [1, 2, 3, 4] {
+        let (_, body) = post(
+            &app,
+            "/v1/chat/completions",
+            &ask(
+                json!({"temperature": 1.5, "top_k": 0, "min_p": 0, "top_p": 1, "seed": seed,
+                "max_tokens": 16}),
+            ),
+        )
+        .await;
+        free.push(content(&body).to_string());
+    }
+    assert!(free.iter().any(|t| *t != free[0]), "{free:?}");
+}
+
+/// The ids of every token of the test model whose text contains `word`, from the prompt
+/// of a request that says it.
+async fn token_ids_of(word: &str) -> Vec<i32> {
+    let engine = shared_engine().await;
+    let request = ChatRequest::new(
+        vec![ChatMessage::user(format!(
+            "{word} {word}, {word}. {}",
+            word.to_lowercase()
+        ))],
+        GenerateParams::greedy(1),
+    );
+    let mut reply = engine.submit_showing_prompt(request).unwrap();
+    while let Some(event) = reply.next_event().await {
+        if let Ok(StreamEvent::Prompt(tokens)) = event {
+            return tokens
+                .into_iter()
+                .filter(|t| t.piece.to_lowercase().contains(&word.to_lowercase()))
+                .map(|t| t.id)
+                .collect();
+        }
+    }
+    panic!("no prompt event");
+}
+
+#[tokio::test]
+async fn logit_bias_minus_100_bans_a_token_and_penalties_are_checked() {
+    let app = local_app().await;
+    let (_, free) = post(&app, "/v1/chat/completions", &ask(json!({}))).await;
+    assert!(content(&free).contains("Paris"), "{free}");
+    let banned = token_ids_of("Paris").await;
+    assert!(!banned.is_empty());
+    let bias: serde_json::Map<String, Value> = banned
+        .iter()
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logit_bias": bias})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!content(&body).contains("Paris"), "{body}");
+
+    for (field, value) in [
+        ("frequency_penalty", json!(2.5)),
+        ("presence_penalty", json!(-2.1)),
+        ("min_p", json!(1.2)),
+        ("repeat_penalty", json!(0)),
+        ("logit_bias", json!({"5": 150})),
+        ("top_logprobs", json!(3)),
+    ] {
+        let (status, body) = post(&app, "/v1/chat/completions", &ask(json!({field: value}))).await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+    }
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"frequency_penalty": 1.0, "presence_penalty": 1.0, "repeat_penalty": 1.3})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Checks one `logprobs.content` entry against OpenAI's shape.
+fn check_logprob(entry: &Value, top: usize) {
+    let token = entry["token"].as_str().unwrap();
+    let bytes: Vec<u8> = entry["bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), token);
+    assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    let alternatives = entry["top_logprobs"].as_array().unwrap();
+    assert_eq!(alternatives.len(), top, "{entry}");
+    for pair in alternatives.windows(2) {
+        assert!(pair[0]["logprob"].as_f64() >= pair[1]["logprob"].as_f64());
+    }
+    if top > 0 {
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(alternatives[0]["token"], entry["token"], "{entry}");
+        assert_eq!(alternatives[0]["logprob"], entry["logprob"]);
+    }
+}
+
+#[tokio::test]
+async fn logprobs_have_openais_shape_whole_and_streamed() {
+    let app = local_app().await;
+    let request = ask(json!({"logprobs": true, "top_logprobs": 3}));
+    let (status, whole) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{whole}");
+    let entries = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(!entries.is_empty());
+    for entry in entries {
+        check_logprob(entry, 3);
+    }
+    let joined: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, content(&whole), "the tokens spell the reply");
+
+    let chunks = stream(&app, &request).await;
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), entries.len());
+    for (a, b) in streamed.iter().zip(entries) {
+        assert_eq!(a["token"], b["token"]);
+    }
+
+    let (_, without) = post(&app, "/v1/chat/completions", &ask(json!({}))).await;
+    assert!(without["choices"][0]["logprobs"].is_null(), "{without}");
+    let (_, no_top) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logprobs": true})),
+    )
+    .await;
+    for entry in no_top["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+    {
+        check_logprob(entry, 0);
+    }
+    let (status, _) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logprobs": true, "top_logprobs": 21})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    sdk_validates(
+        &[&whole, &without, &no_top],
+        &chunks.iter().collect::<Vec<_>>(),
+    );
+}
+
+#[tokio::test]
+async fn json_mode_output_parses_and_schema_output_validates() {
+    // Room for a whole object: JSON cut at max_tokens (finish_reason "length") does not
+    // parse, with OpenAI too.
+    let mut settings = http_settings();
+    settings.generate.max_tokens = 400;
+    let app = start_app(
+        &providers_config(&[Local], &Fakes::default()),
+        shared_engine().await,
+        settings,
+    )
+    .await;
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"response_format": {"type": "json_object"}, "max_tokens": 400,
+            "messages": [{"role": "user", "content": "Reply with exactly this JSON: {\"ok\": true}"}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let parsed: Value =
+        serde_json::from_str(content(&body)).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    assert!(parsed.is_object(), "{parsed}");
+
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 100000000},
+        "tags": {"type": "array", "items": {"enum": ["old", "big", "river"]}, "maxItems": 3}},
+        "required": ["city", "population", "tags"], "additionalProperties": false});
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(
+            json!({"max_tokens": 200, "response_format": {"type": "json_schema",
+            "json_schema": {"name": "city", "strict": true, "schema": schema}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let parsed: Value = serde_json::from_str(content(&body)).unwrap();
+    assert!(validates(&parsed, &schema), "{parsed} against {schema}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+
+    // llama-server's extensions: a GBNF grammar, a top-level json_schema.
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"grammar": "root ::= (\"yes\" | \"no\") \".\""})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(["yes.", "no."].contains(&content(&body)), "{body}");
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(
+            json!({"json_schema": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let parsed: Value = serde_json::from_str(content(&body)).unwrap();
+    assert!(parsed.as_array().unwrap().iter().all(Value::is_boolean));
+    sdk_validates(&[&body], &[]);
+}
+
+#[tokio::test]
+async fn unsupported_schemas_and_bad_grammars_are_400s_naming_the_problem() {
+    let app = local_app().await;
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "array", "uniqueItems": true, "items": {"not": {"type": "null"}}}}}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("/uniqueItems") && message.contains("/items/not"),
+        "{message}"
+    );
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"grammar": "root ::= (\"unclosed\""})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grammar"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"response_format": {"type": "yaml"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "response_format");
+}
+
+/// Whether `value` is valid against `schema`, for the keywords [`schema_strategy`] makes.
+fn validates(value: &Value, schema: &Value) -> bool {
+    if let Some(options) = schema["enum"].as_array() {
+        return options.contains(value);
+    }
+    if let Some(options) = schema["anyOf"].as_array() {
+        return options.iter().any(|s| validates(value, s));
+    }
+    match schema["type"].as_str() {
+        Some("string") => value.as_str().is_some_and(|s| {
+            schema["maxLength"]
+                .as_u64()
+                .is_none_or(|max| s.chars().count() as u64 <= max)
+        }),
+        Some("integer") => value.as_i64().is_some_and(|n| {
+            schema["minimum"].as_i64().is_none_or(|min| n >= min)
+                && schema["maximum"].as_i64().is_none_or(|max| n <= max)
+        }),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        Some("null") => value.is_null(),
+        Some("array") => value.as_array().is_some_and(|items| {
+            schema["maxItems"]
+                .as_u64()
+                .is_none_or(|max| items.len() as u64 <= max)
+                && schema["minItems"]
+                    .as_u64()
+                    .is_none_or(|min| items.len() as u64 >= min)
+                && items.iter().all(|item| validates(item, &schema["items"]))
+        }),
+        Some("object") => value.as_object().is_some_and(|object| {
+            let properties = schema["properties"].as_object().unwrap();
+            let required = schema["required"].as_array().unwrap();
+            required
+                .iter()
+                .all(|name| object.contains_key(name.as_str().unwrap()))
+                && object.iter().all(|(name, v)| {
+                    properties
+                        .get(name)
+                        .is_some_and(|property| validates(v, property))
+                })
+        }),
+        _ => false,
+    }
+}
+
+/// Schemas within the supported subset, bounded so that a reply fits a few hundred tokens.
+fn schema_strategy() -> impl Strategy<Value = Value> {
+    let leaf = proptest::prop_oneof![
+        (1u64..8).prop_map(|max| json!({"type": "string", "maxLength": max})),
+        (-50i64..50, 0i64..100).prop_map(
+            |(min, span)| json!({"type": "integer", "minimum": min, "maximum": min + span})
+        ),
+        Just(json!({"type": "number"})),
+        Just(json!({"type": "boolean"})),
+        Just(json!({"type": "null"})),
+        proptest::collection::vec("[a-z]{1,5}", 1..4).prop_map(|options| json!({"enum": options})),
+    ];
+    leaf.prop_recursive(3, 12, 3, |inner| {
+        proptest::prop_oneof![
+            (inner.clone(), 0u64..2, 2u64..4).prop_map(|(items, min, max)| json!({
+                "type": "array", "items": items, "minItems": min, "maxItems": max})),
+            proptest::collection::btree_map("[a-z]{1,6}", inner.clone(), 1..4).prop_map(
+                |properties| {
+                    let names: Vec<&String> = properties.keys().collect();
+                    json!({"type": "object", "properties": properties, "required": names,
+                        "additionalProperties": false})
+                }
+            ),
+            proptest::collection::vec(inner, 2..3).prop_map(|options| json!({"anyOf": options})),
+        ]
+    })
+}
+
+/// The class: any schema of the supported subset, sampled at temperature 1 with a seed,
+/// gives output that parses and validates.
+#[tokio::test]
+async fn generated_schemas_give_output_that_parses_and_validates() {
+    let engine = shared_engine().await;
+    let mut runner = TestRunner::deterministic();
+    for case in 0..12u32 {
+        let schema = schema_strategy().new_tree(&mut runner).unwrap().current();
+        let params = GenerateParams {
+            max_tokens: 400,
+            temperature: 1.0,
+            seed: Some(case),
+            constraint: Some(Constraint::JsonSchema {
+                name: "generated".into(),
+                schema: schema.clone(),
+                strict: true,
+            }),
+            ..GenerateParams::default()
+        };
+        let request = ChatRequest::new(vec![ChatMessage::user("Answer with JSON.")], params);
+        let (text, done) = engine.submit(request).unwrap().collect().await.unwrap();
+        assert_eq!(
+            done.finish_reason,
+            mistral_bot::chat::FinishReason::Stop,
+            "case {case}: the grammar ends the reply ({text:?}, schema {schema})"
+        );
+        let value: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("case {case}: {e}: {text:?} for {schema}"));
+        assert!(
+            validates(&value, &schema),
+            "case {case}: {value} against {schema}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["{\"a\": 1}"])).await;
+    let gemini = FakeProvider::start(Shape::Gemini, Behavior::answer(&["{\"a\": 1}"])).await;
+    let fakes = Fakes {
+        groq: Some(groq.clone()),
+        gemini: Some(gemini.clone()),
+        ..Fakes::default()
+    };
+    let schema = json!({"type": "object", "properties": {"a": {"type": ["integer", "null"]}}});
+    let request = ask(
+        json!({"presence_penalty": 0.5, "top_k": 7, "logit_bias": {"11": -100},
+        "response_format": {"type": "json_schema",
+            "json_schema": {"name": "thing", "schema": schema, "strict": true}}}),
+    );
+
+    let app = chain_app(&[Groq], &fakes).await;
+    let (status, body) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let sent = groq.requests().last().unwrap().body.clone();
+    assert_eq!(sent["presence_penalty"], 0.5);
+    assert_eq!(sent["logit_bias"], json!({"11": -100.0}));
+    assert_eq!(sent["response_format"]["type"], "json_schema");
+    assert_eq!(sent["response_format"]["json_schema"]["schema"], schema);
+    assert!(sent.get("top_k").is_none(), "not an OpenAI field: {sent}");
+
+    // Gemini: its own names; logit_bias is a refusal (it has none), so drop it.
+    let mut request = request.clone();
+    request.as_object_mut().unwrap().remove("logit_bias");
+    let app = chain_app(&[Gemini], &fakes).await;
+    let (status, body) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let config = gemini.requests().last().unwrap().body["generationConfig"].clone();
+    assert_eq!(config["topK"], 7);
+    assert_eq!(config["presencePenalty"], 0.5);
+    assert_eq!(config["responseMimeType"], "application/json");
+    assert_eq!(
+        config["responseSchema"],
+        json!({"type": "object", "properties": {"a": {"type": "integer", "nullable": true}}})
+    );
+
+    // What a provider cannot honour is its refusal: logprobs and grammars are local only,
+    // so a chain of cloud providers answers 400 and the breakers stay shut.
+    let app = chain_app(&[Groq, Gemini], &fakes).await;
+    let hits = (groq.hits(), gemini.hits());
+    for extra in [
+        json!({"logprobs": true}),
+        json!({"grammar": "root ::= \"a\""}),
+    ] {
+        let (status, body) = post(&app, "/v1/chat/completions", &ask(extra)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    }
+    assert_eq!((groq.hits(), gemini.hits()), hits, "refused before sending");
+    assert_eq!(app.counters().await["groq.skipped"], 0);
+    // With the local engine first in the chain, the same request is answered there.
+    let app = chain_app(&[Groq, Local], &fakes).await;
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        &ask(json!({"logprobs": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["provider"], "local");
+    assert!(body["choices"][0]["logprobs"]["content"].is_array());
+}
