@@ -14,6 +14,10 @@ use std::time::Duration;
 use clap::Parser;
 use url::Url;
 
+mod inputs;
+
+pub use inputs::{DEFAULT_STT_MODEL, GROQ_STT_BASE_URL, InputArgs, InputConfig, SttConfig};
+
 use crate::chat::GenerateParams;
 use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
 use crate::conversation::HistoryLimits;
@@ -44,7 +48,7 @@ pub struct Args {
     pub slots: usize,
 
     /// Context window of each slot, in tokens (prompt + reply).
-    #[arg(long, env = "MISTRAL_BOT_CTX_SIZE", default_value_t = 4096)]
+    #[arg(long, env = "MISTRAL_BOT_CTX_SIZE", default_value_t = DEFAULT_CTX_SIZE)]
     pub ctx_size: u32,
 
     /// CPU threads for inference [default: number of CPUs].
@@ -191,6 +195,10 @@ pub struct Args {
     /// The HTTP API.
     #[command(flatten)]
     pub http: HttpArgs,
+
+    /// Voice notes (speech to text) and files.
+    #[command(flatten)]
+    pub inputs: InputArgs,
 
     /// Telegram bot token from @BotFather. Without one (and without --console/--prompt)
     /// there is no Telegram bot.
@@ -420,6 +428,8 @@ pub struct Config {
     pub history: HistoryLimits,
     /// `--kv-park-ram` as asked; the bytes in `engine.park` are decided at start-up.
     pub kv_park_ram: ParkRam,
+    /// What the Telegram bot reads besides text (speech to text, files).
+    pub inputs: InputConfig,
     /// The modes a conversation may choose (`/mode`): built in, plus `--modes-file`.
     pub modes: Arc<Catalog>,
 }
@@ -437,7 +447,10 @@ impl Config {
         let keys = [&p.groq, &p.mistral, &p.gemini, &p.openai]
             .into_iter()
             .map(|c| c.api_key.as_ref().map(Secret::expose))
-            .chain([self.http.api_key.as_ref().map(Secret::expose)]);
+            .chain([
+                self.http.api_key.as_ref().map(Secret::expose),
+                self.inputs.secret(),
+            ]);
         telegram
             .chain(keys)
             .flatten()
@@ -590,6 +603,18 @@ pub enum ConfigError {
     /// KV cache settings that do not work together.
     #[error(transparent)]
     KvCache(#[from] KvCacheError),
+    /// A speech-to-text URL that does not parse.
+    #[error("--stt-base-url `{url}` is not a valid http(s) URL")]
+    BadSttUrl {
+        /// The value given.
+        url: String,
+    },
+    /// `--document-max-bytes` out of range.
+    #[error("--document-max-bytes {value} must be 1 to 20971520 (what bots may download)")]
+    DocumentMaxBytes {
+        /// The value given.
+        value: u64,
+    },
     /// A Bot API URL that does not parse.
     #[error("--telegram-api-url `{url}` is not a valid http(s) URL")]
     BadApiUrl {
@@ -643,6 +668,10 @@ pub fn parse_park_ram(value: &str) -> Result<ParkRam, ConfigError> {
     })?;
     park_budget(mib, "kv-park-ram").map(ParkRam::Bytes)
 }
+
+/// `--ctx-size` when none is given; also the window a front without a local model sizes
+/// replied text and files for.
+pub const DEFAULT_CTX_SIZE: u32 = 4096;
 
 /// The largest reply budget a window allows: a quarter of it stays for the prompt.
 pub fn max_tokens_limit(ctx_size: u32) -> u32 {
@@ -760,6 +789,13 @@ impl TryFrom<Args> for Config {
                 })
             }
         };
+        let inputs = InputConfig::from_args(
+            args.inputs,
+            (
+                secret(args.providers.groq_api_key.clone()).as_ref(),
+                &args.providers.groq_base_url,
+            ),
+        )?;
         let mut providers = ProvidersConfig::try_from(args.providers)?;
         // Budget counts are kept across restarts beside the other state.
         providers.state_dir = serving.then(|| args.data_dir.clone());
@@ -818,6 +854,7 @@ impl TryFrom<Args> for Config {
             mode,
             verbose_prompt: args.verbose_prompt,
             providers,
+            inputs,
             http: HttpConfig::try_from(args.http)?,
             telegram,
             data_dir: args.data_dir,

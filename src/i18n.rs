@@ -1,6 +1,10 @@
 //! The bot's own words (greetings, help, errors, apologies) in the languages it speaks.
 //! A leaf module: callers pick a [`Lang`] from the user's language code.
 
+mod inputs;
+
+pub use inputs::*;
+
 /// A language the bot speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Lang {

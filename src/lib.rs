@@ -251,6 +251,12 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             None
         }
     };
+    let stt = config
+        .inputs
+        .stt
+        .clone()
+        .map(|stt| providers::stt::SttClient::new(stt, Arc::clone(&metrics)))
+        .transpose()?;
     let chain = Arc::new(providers::build_chain(
         &config.providers,
         engine.clone(),
@@ -283,7 +289,23 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         None => tracing::info!(model = %model_id(&config), "ready"),
     }
 
-    let result = serve_front_ends(&config, responder, engine.clone(), link, server, stop_rx).await;
+    // A front without a local model sizes replied text and files for the default window.
+    let window = config
+        .engine
+        .as_ref()
+        .map_or(config::DEFAULT_CTX_SIZE, |engine| engine.ctx_size.get());
+    let prompt_room = window.saturating_sub(config.generate.max_tokens) as usize;
+    let inputs = telegram::inputs::Inputs::new(config.inputs.clone(), stt, prompt_room);
+    let result = serve_front_ends(
+        &config,
+        responder,
+        engine.clone(),
+        link,
+        inputs,
+        server,
+        stop_rx,
+    )
+    .await;
     // Whatever stopped us, the KV caches in memory go to disk for the next start.
     let started = std::time::Instant::now();
     if let Some(engine) = &engine
@@ -343,6 +365,7 @@ async fn serve_front_ends(
     responder: Arc<Responder>,
     engine: Option<EngineHandle>,
     link: link::TelegramLink,
+    inputs: telegram::inputs::Inputs,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -357,6 +380,7 @@ async fn serve_front_ends(
         engine,
         model_id: model_id(config),
         link: link.clone(),
+        inputs,
     };
     // The bot stops with the same signal as the HTTP API. It waits out a Bot API that
     // cannot be reached; what stops it for good (a rejected token) stops the Telegram side

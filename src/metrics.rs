@@ -24,6 +24,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
+mod stt;
+
+pub use stt::{SttMetrics, SttSnapshot};
+
 /// Attempts per provider (exposed with `_total`).
 pub const PROVIDER_REQUESTS: &str = "mistral_bot_provider_requests";
 /// Attempts that delivered a whole reply (exposed with `_total`).
@@ -275,6 +279,8 @@ pub struct Metrics {
     budgets: std::sync::Arc<BudgetCollector>,
     /// The memory limit decided at start-up (0 until then, or when the host tells none).
     memory_limit: Gauge<i64, AtomicI64>,
+    /// Speech-to-text figures, apart from the chat providers'.
+    stt: SttMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -360,6 +366,7 @@ impl Metrics {
             "Memory this process may use: its cgroup's limit, or MemAvailable at start-up",
             memory_limit.clone(),
         );
+        let stt = SttMetrics::register(&mut registry);
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -377,6 +384,7 @@ impl Metrics {
             latency,
             first_text,
             tallies: Mutex::new(BTreeMap::new()),
+            stt,
             engine,
             fleet,
             budgets,
@@ -462,6 +470,11 @@ impl Metrics {
             .get_or_create(&vec![("provider", provider), ("reason", reason.as_str())])
             .inc();
         self.tally(provider, |t| t.snapshot.skipped += 1);
+    }
+
+    /// The speech-to-text figures.
+    pub fn stt(&self) -> &SttMetrics {
+        &self.stt
     }
 
     /// Where the engine gauges come from; set once the engine is loaded.

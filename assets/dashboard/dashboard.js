@@ -323,6 +323,11 @@
     $("f-engine").textContent = e ? e.slots_busy + "/" + e.slots + " slots busy · queue " + e.queue_len +
       " · ctx " + num(now.ctx_size, 0) : now.ready ? "none (no local model)" : "loading";
     $("f-chain").textContent = now.chain.join(" → ");
+    const stt = now.stt;
+    $("f-stt").textContent = !stt || stt.requests === 0 ? "no voice notes yet" :
+      stt.success + "/" + stt.requests + " transcribed · " + stt.audio_seconds + " s audio · p50 " +
+      (stt.latency_p50_ms === null ? "–" : Math.round(stt.latency_p50_ms) + " ms") +
+      (stt.errors > 0 ? " · " + stt.errors + " errors" : "");
     $("f-build").textContent = "v" + now.version + " · " + now.commit;
     $("f-interval").textContent = String(cols.interval_seconds);
 

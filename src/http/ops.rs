@@ -72,6 +72,7 @@ pub async fn dialogue_metrics(State(state): State<AppState>) -> Json<serde_json:
         .unwrap_or_default();
     Json(json!({"data": {
         "providers": state.metrics().snapshot(),
+        "stt": state.metrics().stt().snapshot(),
         "chain": chain,
         "engine": engine,
         "local_tokens_per_second": engine.as_ref().map(|e| e.tokens_per_second),

@@ -19,6 +19,7 @@
 //!   rate-limit headers say is left.
 //! - [`fleet`]: the generic provider over several servers, each conversation routed to the
 //!   one holding its cache.
+//! - [`stt`]: speech to text (not a chat provider: not in the chain, its own metrics).
 //!
 //! May use `engine`, `chat`, `i18n`, `config` (settings) and `metrics`.
 
@@ -35,6 +36,7 @@ mod openai;
 mod passthrough;
 pub mod probe;
 mod sse;
+pub mod stt;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use teloxide::ApiError;
 use teloxide::Bot;
 use teloxide::RequestError;
+use teloxide::net::Download;
 use teloxide::payloads::{
     AnswerCallbackQuerySetters, EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters,
     SendMessageSetters, SetMyCommandsSetters,
@@ -21,8 +22,8 @@ use teloxide::payloads::{
 use teloxide::prelude::{Request, Requester};
 use teloxide::requests::{JsonRequest, Payload};
 use teloxide::types::{
-    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, InlineKeyboardMarkup,
-    MessageId, ParseMode, ReplyParameters, ThreadId, True, Update,
+    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, File, FileId,
+    InlineKeyboardMarkup, MessageId, ParseMode, ReplyParameters, ThreadId, True, Update,
 };
 
 /// Attempts of one call that keeps failing with transient errors.
@@ -390,6 +391,24 @@ impl TelegramApi {
             }
             other => other,
         }
+    }
+
+    /// `getFile`: where a file can be downloaded (transient failures retried).
+    pub async fn get_file(&self, id: FileId) -> Result<File, ApiCallError> {
+        retrying("getFile", Persistence::Deliver, || {
+            self.bot.get_file(id.clone()).send()
+        })
+        .await?
+        .ok_or_else(|| ApiCallError::Refused("getFile returned nothing".into()))
+    }
+
+    /// The bytes of the file at `path` (from [`get_file`](Self::get_file)), as they
+    /// arrive; the token in the URL is hidden from the errors.
+    pub fn download_stream(
+        &self,
+        path: &str,
+    ) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, reqwest::Error>> {
+        self.bot.download_file_stream(path)
     }
 
     /// Streams `text` (plain) as the draft `draft_id` of `target`'s private chat

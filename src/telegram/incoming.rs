@@ -9,6 +9,7 @@ use teloxide::types::{
     ChatKind, Message, MessageId, MessageKind, PublicChatKind, ThreadId, Update, UpdateKind,
 };
 
+use super::{media, reply_context};
 use crate::config::AllowedUser;
 use crate::conversation::ConversationKey;
 use crate::i18n::Lang;
@@ -64,7 +65,8 @@ pub enum Action {
     Ask(String),
     /// Empty or whitespace-only text: a hint.
     Empty,
-    /// A photo, sticker, voice, document…: only text is supported.
+    /// A sticker, a photo without caption, a location…: only text (and what `inputs`
+    /// reads) is supported.
     NotText,
     /// An edited message: not answered again.
     Edited,
@@ -202,16 +204,21 @@ fn decide(
     if edited {
         return Action::Edited;
     }
-    if message.text().is_none() {
+    // Voice notes, files and captioned photos are read (`inputs`); a reply or a file is
+    // something to answer even without words of its own.
+    let readable = media::attachment(message).is_some()
+        || (media::is_photo(message) && text.as_deref().is_some_and(|t| !t.trim().is_empty()));
+    if message.text().is_none() && !readable {
         return Action::NotText;
     }
+    let has_content = readable || reply_context::replied(message, me).is_some();
     let text = text.unwrap_or_default();
     match parse_command(&text, &me.username) {
         Some(Parsed::Ours(command)) => Action::Command(command),
-        Some(Parsed::Ask(question)) if question.trim().is_empty() => Action::Empty,
+        Some(Parsed::Ask(question)) if question.trim().is_empty() && !has_content => Action::Empty,
         Some(Parsed::Ask(question)) => Action::Ask(question),
         Some(Parsed::OtherBot) => Action::Ignore,
-        Some(Parsed::Unknown) | None if text.trim().is_empty() => Action::Empty,
+        Some(Parsed::Unknown) | None if text.trim().is_empty() && !has_content => Action::Empty,
         Some(Parsed::Unknown) | None => Action::Ask(text.trim().to_string()),
     }
 }
@@ -413,8 +420,22 @@ mod tests {
             json!({"photo": [{"file_id": "f", "file_unique_id": "u", "width": 1, "height": 1}]}),
         );
         assert_eq!(action(&photo, &[]), Action::NotText);
-        let sticker_like = private(json!({"document": {"file_id": "f", "file_unique_id": "u"}}));
-        assert_eq!(action(&sticker_like, &[]), Action::NotText);
+        let sticker = private(json!({"sticker": {"file_id": "s", "file_unique_id": "u",
+            "type": "regular", "width": 1, "height": 1, "is_animated": false, "is_video": false}}));
+        assert_eq!(action(&sticker, &[]), Action::NotText);
+        // Files, voice notes and captioned photos are read (issue 14).
+        let document = private(json!({"document": {"file_id": "f", "file_unique_id": "u"}}));
+        assert_eq!(action(&document, &[]), Action::Ask(String::new()));
+        let voice = json!({"voice": {"file_id": "v", "file_unique_id": "u", "duration": 2,
+            "mime_type": "audio/ogg"}});
+        assert_eq!(
+            action(&private(voice.clone()), &[]),
+            Action::Ask(String::new())
+        );
+        assert_eq!(action(&group(voice), &[]), Action::Ignore, "not addressed");
+        let captioned = private(json!({"caption": "what is it?",
+            "photo": [{"file_id": "f", "file_unique_id": "u", "width": 1, "height": 1}]}));
+        assert_eq!(action(&captioned, &[]), Action::Ask("what is it?".into()));
         let mut edited = private(json!({"text": "x", "edit_date": 1_700_000_001}));
         if let UpdateKind::Message(m) = edited.kind.clone() {
             edited.kind = UpdateKind::EditedMessage(m);
@@ -470,6 +491,15 @@ mod tests {
             "from": {"id": 999, "is_bot": true, "first_name": "Bot", "username": "llm_bot"},
             "text": "earlier answer"}}));
         assert_eq!(action(&reply, &[]), Action::Ask("and then?".into()));
+        // "@bot" or "/ask" alone, replying to someone's message, asks about it.
+        let member = json!({"message_id": 3, "date": 1_700_000_000,
+            "chat": {"id": -100, "type": "supergroup", "title": "G"},
+            "from": {"id": 7, "is_bot": false, "first_name": "Bo"}, "text": "Hallo"});
+        for text in ["@llm_bot", "/ask"] {
+            let about = group(json!({"text": text, "reply_to_message": member}));
+            assert_eq!(action(&about, &[]), Action::Ask(String::new()), "{text}");
+        }
+        assert_eq!(action(&group(json!({"text": "/ask"})), &[]), Action::Empty);
         // An unlisted user in a group is refused only when addressing the bot.
         assert_eq!(
             action(&group(json!({"text": "chat"})), &[AllowedUser::Id(1)]),

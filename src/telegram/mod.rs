@@ -38,12 +38,16 @@
 
 pub mod api;
 mod connect;
+pub mod document;
 pub mod draft;
 pub mod format;
 pub mod guard;
 pub mod incoming;
+pub mod inputs;
 pub mod limits;
+pub mod media;
 pub mod persona;
+pub mod reply_context;
 pub mod split;
 pub mod state;
 pub mod stream;
@@ -111,6 +115,8 @@ pub struct BotDeps {
     pub engine: Option<EngineHandle>,
     /// The model named in the greeting when there is no local engine.
     pub model_id: String,
+    /// Replies, voice notes, files and photos made into questions.
+    pub inputs: inputs::Inputs,
     /// Whether the Bot API is reached, for `/ready`.
     pub link: TelegramLink,
 }
@@ -323,8 +329,8 @@ impl Tasks {
 /// What a conversation's worker does next.
 #[derive(Debug)]
 enum Work {
-    /// Answer a question.
-    Ask(String),
+    /// Answer a message (its text, what it replies to, its file).
+    Ask(inputs::Request),
     /// Answer the last question again.
     Retry,
     /// Forget the conversation.
@@ -611,7 +617,7 @@ impl BotCore {
                     return quick(refusal, tasks);
                 }
                 let work = match action {
-                    Action::Ask(text) => Work::Ask(text),
+                    Action::Ask(text) => Work::Ask(inputs::Request::new(text, &update, &self.me)),
                     _ => Work::Retry,
                 };
                 self.enqueue(seq, update_id, origin, work, received, sender, tasks)
@@ -802,9 +808,22 @@ impl BotCore {
             }
             Work::Persona(persona) => self.set_persona(&job.origin, persona).await,
             Work::Retry => self.answer(job, Question::Again, stop).await,
-            Work::Ask(question) => {
-                self.answer(job, Question::New(question.clone()), stop)
+            Work::Ask(request) => {
+                let inputs = &self.deps.inputs;
+                let question = match inputs
+                    .prepare(&self.api, &job.origin, request, &self.deps.responder)
                     .await
+                {
+                    inputs::Prepared::Ask { question, notice } => {
+                        if let Some(notice) = notice {
+                            self.say(&job.origin, &notice).await?;
+                        }
+                        question
+                    }
+                    inputs::Prepared::Say(text) => return Ok(self.say(&job.origin, &text).await?),
+                    inputs::Prepared::Nothing => return Ok(()),
+                };
+                self.answer(job, Question::New(question), stop).await
             }
         }
     }

@@ -26,16 +26,16 @@ use crate::util::fake_telegram::{BOT_USERNAME, FakeTelegram, forum_group, privat
 use crate::util::greedy;
 
 /// One corpus input.
-struct Input {
+pub(crate) struct Input {
     /// The file name without extension.
-    name: String,
+    pub(crate) name: String,
     /// The text, when it is valid Unicode (not for lone surrogates).
-    text: Option<String>,
+    pub(crate) text: Option<String>,
     /// The input as a JSON string literal.
     literal: String,
 }
 
-fn corpus() -> Vec<Input> {
+pub(crate) fn corpus() -> Vec<Input> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
     let mut inputs: Vec<Input> = std::fs::read_dir(&dir)
         .unwrap()
@@ -101,7 +101,7 @@ fn is_control(piece: &str) -> bool {
 }
 
 /// The control tokens of the prompt the engine builds for one user message.
-async fn control_tokens(text: &str) -> Vec<(i32, String)> {
+pub(crate) async fn control_tokens(text: &str) -> Vec<(i32, String)> {
     let engine = shared_engine().await;
     let request = ChatRequest::new(vec![ChatMessage::user(text)], greedy(1));
     let mut stream = engine.submit_showing_prompt(request).unwrap();

@@ -22,6 +22,7 @@ mod fleet;
 mod history;
 mod http;
 mod memory_limit;
+mod inputs;
 mod open_files;
 mod openai_compat;
 mod park;

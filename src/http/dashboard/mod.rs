@@ -233,6 +233,7 @@ async fn data(State(state): State<AppState>, Query(query): Query<DataQuery>) -> 
             "providers": state.metrics().snapshot(),
             "fleet": state.metrics().fleet(),
             "budgets": state.metrics().budgets(),
+            "stt": state.metrics().stt().snapshot(),
         },
     });
     with_headers(Json(body).into_response(), "application/json", "no-store")

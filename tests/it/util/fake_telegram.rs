@@ -16,6 +16,10 @@
 //! offset in the future is ignored (the oldest pending updates come back instead), and
 //! [`Chaos`] injects faults at random from a seed: 429 with `retry_after`, 5xx, and
 //! timeouts (the request is held past the client's timeout and never executed).
+//!
+//! Files: a test stores one with [`FakeTelegram::add_file`]; `getFile` answers its
+//! `file_path` (or "file is too big" past the 20 MB bots may download, as Telegram does)
+//! and `GET /file/bot<token>/<file_path>` serves its bytes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -27,7 +31,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 /// The bot's identity in `getMe`.
@@ -158,9 +162,23 @@ struct Inner {
     chats: BTreeMap<i64, Value>,
     /// The webhook URL `getWebhookInfo` reports (empty: none); `deleteWebhook` clears it.
     webhook: String,
+    /// Stored files by id.
+    files: BTreeMap<String, StoredFile>,
     /// chat → the draft the user sees now (draft id, visible text).
     drafts: BTreeMap<i64, (i64, String)>,
 }
+
+/// A file the fake serves.
+#[derive(Debug, Clone)]
+struct StoredFile {
+    path: String,
+    bytes: Vec<u8>,
+    /// The size `getFile` reports (the bytes' length unless a test says otherwise).
+    size: u64,
+}
+
+/// The largest file the Bot API lets a bot download.
+pub const DOWNLOAD_LIMIT: u64 = 20 * 1024 * 1024;
 
 struct Shared {
     token: String,
@@ -202,6 +220,7 @@ impl FakeTelegram {
         });
         let app = Router::new()
             .route("/{bot}/{method}", post(handle))
+            .route("/file/{bot}/{*path}", get(download))
             .with_state(Arc::clone(&shared));
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -221,6 +240,25 @@ impl FakeTelegram {
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
+    }
+
+    /// Stores a file; returns its `file_id`.
+    pub fn add_file(&self, bytes: Vec<u8>) -> String {
+        let size = bytes.len() as u64;
+        self.add_file_sized(bytes, size)
+    }
+
+    /// Stores a file whose `getFile` reports `size` bytes (a file too big to download
+    /// needs no bytes); returns its `file_id`.
+    pub fn add_file_sized(&self, bytes: Vec<u8>, size: u64) -> String {
+        let mut inner = self.inner();
+        let n = inner.files.len() + 1;
+        let id = format!("file-id-{n}");
+        let path = format!("documents/file_{n}.bin");
+        inner
+            .files
+            .insert(id.clone(), StoredFile { path, bytes, size });
+        id
     }
 
     /// Sets a webhook, as another deployment of the same bot would.
@@ -614,7 +652,8 @@ async fn inject_fault(
 
 /// The documented spelling of a method name.
 fn canonical(method: &str) -> String {
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
+        "getFile",
         "getUpdates",
         "getMe",
         "getWebhookInfo",
@@ -712,6 +751,21 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
         "deleteWebhook" => {
             inner.webhook.clear();
             (200, ok(json!(true)))
+        }
+        "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
+        "getFile" => {
+            let id = params.get("file_id").and_then(Value::as_str).unwrap_or("");
+            match inner.files.get(id) {
+                None => (400, error(400, "Bad Request: invalid file_id", None)),
+                Some(file) if file.size > DOWNLOAD_LIMIT => {
+                    (400, error(400, "Bad Request: file is too big", None))
+                }
+                Some(file) => (
+                    200,
+                    ok(json!({"file_id": id, "file_unique_id": format!("u-{id}"),
+                              "file_size": file.size, "file_path": file.path})),
+                ),
+            }
         }
         "setMyCommands" | "sendChatAction" | "answerCallbackQuery" => (200, ok(json!(true))),
         "sendMessageDraft" => {
@@ -833,6 +887,27 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
             )
         }
         _ => (404, error(404, "Not Found: method not found", None)),
+    }
+}
+
+/// `GET /file/bot<token>/<file_path>`: the file's bytes (404 for anything else, as the
+/// real server answers).
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    Path((bot, path)): Path<(String, String)>,
+) -> Response {
+    let at = shared.started.elapsed();
+    let found = {
+        let inner = shared.inner.lock().unwrap();
+        (bot.strip_prefix("bot") == Some(shared.token.as_str()))
+            .then(|| inner.files.values().find(|f| f.path == path).cloned())
+            .flatten()
+    };
+    let status = if found.is_some() { 200 } else { 404 };
+    record(&shared, "download", json!({"path": path}), at, status);
+    match found {
+        Some(file) => (StatusCode::OK, file.bytes).into_response(),
+        None => error(404, "Not Found", None),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod bot_process;
 pub mod fake_provider;
+pub mod fake_stt;
 pub mod fake_telegram;
 pub mod prometheus;
 
