@@ -337,6 +337,9 @@ pub fn build_chain(
                     Some(engine) => {
                         builder = builder
                             .provider(LocalProvider::new(engine.clone()), config.local_timeout);
+                        if let Some(max_wait) = config.local_max_wait {
+                            builder = builder.max_wait(max_wait);
+                        }
                     }
                     None => tracing::warn!("`local` is in the chain but no model is loaded"),
                 }
