@@ -752,7 +752,6 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
             inner.webhook.clear();
             (200, ok(json!(true)))
         }
-        "setMyCommands" | "sendChatAction" => (200, ok(json!(true))),
         "getFile" => {
             let id = params.get("file_id").and_then(Value::as_str).unwrap_or("");
             match inner.files.get(id) {
