@@ -37,7 +37,12 @@ pub enum LockError {
         holder: Option<u32>,
     },
     /// The directory or the lock file cannot be created or locked.
-    #[error("cannot lock the data directory {} ({})", dir.display(), lock_file.display())]
+    #[error(
+        "the data directory {} is not writable (cannot create or lock {}): pass --data-dir \
+         (MISTRAL_BOT_DATA_DIR) naming a writable directory",
+        dir.display(),
+        lock_file.display()
+    )]
     Io {
         /// The directory.
         dir: PathBuf,

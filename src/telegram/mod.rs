@@ -330,7 +330,7 @@ impl Tasks {
 #[derive(Debug)]
 enum Work {
     /// Answer a message (its text, what it replies to, its file).
-    Ask(inputs::Request),
+    Ask(Box<inputs::Request>),
     /// Answer the last question again.
     Retry,
     /// Forget the conversation.
@@ -617,7 +617,9 @@ impl BotCore {
                     return quick(refusal, tasks);
                 }
                 let work = match action {
-                    Action::Ask(text) => Work::Ask(inputs::Request::new(text, &update, &self.me)),
+                    Action::Ask(text) => {
+                        Work::Ask(Box::new(inputs::Request::new(text, &update, &self.me)))
+                    }
                     _ => Work::Retry,
                 };
                 self.enqueue(seq, update_id, origin, work, received, sender, tasks)
