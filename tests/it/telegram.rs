@@ -454,7 +454,7 @@ async fn a_long_answer_is_split_into_messages_within_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markdown_is_delivered_as_html_or_else_as_plain_text() {
     const PROMPT: &str =
-        "Write a C program that prints hello world, and explain when a && b is true.";
+        "Write a C program with #include <stdio.h> that prints whether a && b is true.";
     const FLAGS: &[&str] = &["--max-tokens", "300"];
     let expected = reference(PROMPT, FLAGS);
     let s = Setup::start(FLAGS).await;
