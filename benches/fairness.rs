@@ -68,7 +68,10 @@ async fn stream_gaps(
                 }
             }
             StreamEvent::Done(_) => break,
-            StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+            StreamEvent::Started
+            | StreamEvent::Prompt(_)
+            | StreamEvent::Logprobs(_)
+            | StreamEvent::ToolCall(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {

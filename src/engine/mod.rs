@@ -31,6 +31,7 @@ pub mod sampling;
 mod scheduler;
 mod slot;
 pub mod step_budget;
+pub mod tools;
 mod worker;
 
 use std::io::Read;
@@ -669,7 +670,10 @@ impl ReplyStream {
             match event? {
                 StreamEvent::Delta(delta) => text.push_str(&delta),
                 StreamEvent::Done(completion) => return Ok((text, completion)),
-                StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+                StreamEvent::Started
+                | StreamEvent::Prompt(_)
+                | StreamEvent::Logprobs(_)
+                | StreamEvent::ToolCall(_) => {}
             }
         }
         Err(EngineError::Stopped)

@@ -20,6 +20,7 @@ use super::api;
 use super::error::ApiError;
 use super::params::ResponseOptions;
 use super::state::AppState;
+use super::tools;
 use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob, Usage};
 use crate::i18n::Lang;
 
@@ -62,6 +63,15 @@ fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
         FinishReason::ContentFilter => "content_filter",
+    }
+}
+
+/// The finish reason of a reply that called tools (`has_calls`) or not: `tool_calls` when
+/// the model stopped after calls.
+fn finish_reason_with(reason: FinishReason, has_calls: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if has_calls => "tool_calls",
+        other => finish_reason(other),
     }
 }
 
@@ -160,9 +170,11 @@ async fn whole(
     let mut text = String::new();
     let mut completion = None;
     let mut logprobs = Vec::new();
+    let mut calls = Vec::new();
     while let Some(event) = events.next().await {
         match event {
             StreamEvent::Delta(delta) => text.push_str(&delta),
+            StreamEvent::ToolCall(call) => calls.push(call),
             StreamEvent::Logprobs(tokens) => logprobs.extend(tokens),
             StreamEvent::Done(done) => {
                 completion = Some(done);
@@ -174,6 +186,14 @@ async fn whole(
     let (reason, usage) = completion.map_or((FinishReason::Stop, Usage::default()), |c| {
         (c.finish_reason, c.usage)
     });
+    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    if !calls.is_empty() {
+        // OpenAI: `content` is null when the answer is only calls.
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = tools::calls_json(&calls);
+    }
     Json(json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -183,9 +203,9 @@ async fn whole(
         "provider": meta.provider,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
+            "message": message,
             "logprobs": logprobs_json(&meta, &logprobs),
-            "finish_reason": finish_reason(reason),
+            "finish_reason": finish_reason_with(reason, !calls.is_empty()),
         }],
         "usage": usage_json(&usage),
     }))
@@ -196,7 +216,7 @@ fn chunk(
     meta: &Meta,
     delta: Value,
     logprobs: &[TokenLogprob],
-    finish: Option<&Completion>,
+    finish: Option<(&Completion, bool)>,
 ) -> Event {
     let mut chunk = json!({
         "id": meta.id,
@@ -209,13 +229,13 @@ fn chunk(
             "index": 0,
             "delta": delta,
             "logprobs": logprobs_json(meta, logprobs),
-            "finish_reason": finish.map(|c| finish_reason(c.finish_reason)),
+            "finish_reason": finish.map(|(c, calls)| finish_reason_with(c.finish_reason, calls)),
         }],
     });
     if meta.options.include_usage {
         // OpenAI: with `include_usage`, every chunk but the last has `"usage": null`.
         chunk["usage"] = Value::Null;
-    } else if let Some(completion) = finish {
+    } else if let Some((completion, _)) = finish {
         // Without it, the usage rides on the finishing chunk, as llama-server sends it.
         chunk["usage"] = usage_json(&completion.usage);
     }
@@ -252,6 +272,8 @@ fn streamed(
     );
     // Log-probabilities arrive before the text of their tokens: held until that text.
     let mut pending: Vec<TokenLogprob> = Vec::new();
+    // Tool calls streamed so far: the next one's index.
+    let mut calls = 0;
     let body = events
         .map(move |event| match event {
             StreamEvent::Delta(text) if text.is_empty() => Vec::new(),
@@ -263,9 +285,19 @@ fn streamed(
                 pending.extend(tokens);
                 Vec::new()
             }
+            StreamEvent::ToolCall(call) => {
+                let logprobs = std::mem::take(&mut pending);
+                let [named, arguments] = tools::call_deltas(calls, &call);
+                calls += 1;
+                vec![
+                    chunk(&meta, named, &logprobs, None),
+                    chunk(&meta, arguments, &[], None),
+                ]
+            }
             StreamEvent::Done(completion) => {
                 let logprobs = std::mem::take(&mut pending);
-                let mut out = vec![chunk(&meta, json!({}), &logprobs, Some(&completion))];
+                let finish = Some((&completion, calls > 0));
+                let mut out = vec![chunk(&meta, json!({}), &logprobs, finish)];
                 if meta.options.include_usage {
                     out.push(usage_chunk(&meta, &completion.usage));
                 }

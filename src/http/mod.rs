@@ -25,6 +25,7 @@ mod ops;
 mod params;
 mod session;
 mod state;
+mod tools;
 
 use std::future::Future;
 

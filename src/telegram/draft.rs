@@ -205,7 +205,12 @@ async fn whole(
                     completion = Some(done);
                     break;
                 }
-                Some(StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)) => {}
+                Some(
+                    StreamEvent::Started
+                    | StreamEvent::Prompt(_)
+                    | StreamEvent::Logprobs(_)
+                    | StreamEvent::ToolCall(_),
+                ) => {}
                 None => break,
             },
             _ = tokio::time::sleep_until(next_draft), if due => {
