@@ -16,9 +16,7 @@ use super::grammar;
 use super::llama::{self, Model};
 use super::prompt::{self, ChatFormat, PromptError, Vocab};
 use super::tools::{self, ToolDialect};
-use crate::chat::{
-    ChatMessage, ChatRequest, Constraint, GenerateParams, Overflow, PromptToken, Role,
-};
+use crate::chat::{ChatMessage, ChatRequest, GenerateParams, Overflow, PromptToken, Role};
 
 /// Requests whose messages hold more bytes than this are prepared on tokio's blocking
 /// pool by `submit_async`; smaller ones inline, where the hand-off to another thread
@@ -92,16 +90,12 @@ impl Preparer {
         let tools = request.params.tools.as_ref();
         // Before the prompt work: a constraint that cannot be followed is refused cheaply.
         // A forced tool call is a constraint too, and takes precedence.
-        let forced = tools.and_then(|t| tools::forced_schema(t, self.tool_dialect));
-        let grammar = match (&forced, &request.params.constraint) {
-            (Some(schema), _) => {
-                let constraint = Constraint::JsonSchema {
-                    name: "tool_calls".into(),
-                    schema: schema.clone(),
-                    strict: true,
-                };
-                let gbnf = grammar::gbnf(&constraint, llama::json_schema_to_grammar)?;
-                let gbnf = tools::forced_grammar(&gbnf, self.tool_dialect);
+        let forced = match tools {
+            Some(tools) => tools::forced_gbnf(tools, self.tool_dialect)?,
+            None => None,
+        };
+        let grammar = match (forced, &request.params.constraint) {
+            (Some(gbnf), _) => {
                 self.model.check_grammar(&gbnf)?;
                 Some(gbnf)
             }

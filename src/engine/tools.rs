@@ -30,8 +30,11 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use super::grammar::ConstraintError;
 use super::prompt::{ChatFormat, PromptError, Segment, Vocab, merge};
-use crate::chat::{ChatMessage, FunctionTool, Role, StreamEvent, ToolCall, ToolChoice, Tools};
+use crate::chat::{
+    ChatMessage, Constraint, FunctionTool, Role, StreamEvent, ToolCall, ToolChoice, Tools,
+};
 
 /// The control tokens of Mistral's v3 function-calling format.
 pub const MISTRAL_TOOL_TOKENS: [&str; 5] = [
@@ -413,19 +416,45 @@ pub fn forced_schema(tools: &Tools, dialect: ToolDialect) -> Option<Value> {
 /// `root`): as it is in the generic dialect; after the `[TOOL_CALLS]` token in Mistral's
 /// (the grammar sampler matches a control token by its text).
 pub fn forced_grammar(schema_grammar: &str, dialect: ToolDialect) -> String {
+    let rules: String = schema_grammar
+        .lines()
+        .map(|line| {
+            if line.starts_with("space ::=") {
+                // The converter allows up to two newlines and 20 blanks between tokens:
+                // a small model spends its budget on them. A call needs one space at most.
+                "space ::= \" \"?\n".to_string()
+            } else if let (ToolDialect::Mistral, Some(rest)) =
+                (dialect, line.strip_prefix("root ::="))
+            {
+                format!("tool-calls-array ::={rest}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
     match dialect {
-        ToolDialect::Generic => schema_grammar.to_string(),
+        ToolDialect::Generic => rules,
         ToolDialect::Mistral => {
-            let renamed: String = schema_grammar
-                .lines()
-                .map(|line| match line.strip_prefix("root ::=") {
-                    Some(rest) => format!("tool-calls-array ::={rest}\n"),
-                    None => format!("{line}\n"),
-                })
-                .collect();
-            format!("root ::= \"{TOOL_CALLS_TOKEN}\" \" \"? tool-calls-array\n{renamed}")
+            format!("root ::= \"{TOOL_CALLS_TOKEN}\" \" \"? tool-calls-array\n{rules}")
         }
     }
+}
+
+/// The GBNF grammar that forces a call of `tools` in `dialect` (see [`forced_schema`] and
+/// [`forced_grammar`]), through llama.cpp's JSON Schema converter; `None` unless the
+/// choice forces a call; an error when a function's parameters use what the converter
+/// does not honour.
+pub fn forced_gbnf(tools: &Tools, dialect: ToolDialect) -> Result<Option<String>, ConstraintError> {
+    let Some(schema) = forced_schema(tools, dialect) else {
+        return Ok(None);
+    };
+    let constraint = Constraint::JsonSchema {
+        name: "tool_calls".into(),
+        schema,
+        strict: true,
+    };
+    let gbnf = super::grammar::gbnf(&constraint, super::llama::json_schema_to_grammar)?;
+    Ok(Some(forced_grammar(&gbnf, dialect)))
 }
 
 /// A call as the model wrote it: the function's name and its arguments (a JSON object,
@@ -818,10 +847,15 @@ mod tests {
         let mistral = forced_schema(&tools(ToolChoice::Required), ToolDialect::Mistral).unwrap();
         assert_eq!(mistral["type"], "array");
         assert!(mistral.get("maxItems").is_none());
-        let grammar = forced_grammar("root ::= x\nx ::= \"a\"", ToolDialect::Mistral);
+        let converted =
+            "root ::= x space\nspace ::= | \" \" | \"\\n\"{1,2} [ \\t]{0,20}\nx ::= \"a\"";
         assert_eq!(
-            grammar,
-            "root ::= \"[TOOL_CALLS]\" \" \"? tool-calls-array\ntool-calls-array ::= x\nx ::= \"a\"\n"
+            forced_grammar(converted, ToolDialect::Mistral),
+            "root ::= \"[TOOL_CALLS]\" \" \"? tool-calls-array\ntool-calls-array ::= x space\nspace ::= \" \"?\nx ::= \"a\"\n"
+        );
+        assert_eq!(
+            forced_grammar(converted, ToolDialect::Generic),
+            "root ::= x space\nspace ::= \" \"?\nx ::= \"a\"\n"
         );
     }
 
