@@ -979,6 +979,10 @@ impl BotCore {
         .await;
         lock(stop).take();
         let delivered = delivered?;
+        if delivered.messages == 0 && !delivered.stopped {
+            // A blank answer shows nothing: say so rather than leave the user waiting.
+            self.say(origin, i18n::empty_answer(origin.lang)).await?;
+        }
         let answer = delivered.text.trim();
         // What the answer cost its sender: the provider's count, or (an answer stopped
         // before its closing record) an estimate of four bytes a token.

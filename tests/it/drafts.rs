@@ -314,6 +314,31 @@ async fn the_stop_button_of_a_draft_stops_that_answer_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_answer_gets_a_polite_reply_in_every_streaming_mode() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["  ", "\n", " "])).await;
+    for mode in ["draft", "edit", "off"] {
+        let flags = [
+            "--chain",
+            "groq",
+            "--groq-api-key",
+            FAKE_KEY,
+            "--groq-base-url",
+            groq.base_url.as_str(),
+            "--telegram-streaming",
+            mode,
+        ];
+        let s = Setup::start(&flags).await;
+        s.fake
+            .send_text(&private_chat(508), &user(508, "el", "en"), "Say nothing.");
+        s.answers(1).await;
+        let report = s.report();
+        let texts = s.fake.texts(508);
+        assert_eq!(texts.len(), 1, "{mode}\n{report}");
+        assert!(texts[0].contains("empty answer"), "{mode}\n{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_draft_is_answered_once_after_the_restart() {
     const FLAGS: &[&str] = &["--max-tokens", "700", "--telegram-streaming", "draft"];
     let expected = reference(ESSAY, FLAGS);
