@@ -68,7 +68,11 @@ async fn stream_gaps(
                 }
             }
             StreamEvent::Done(_) => break,
-            StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+            StreamEvent::Started
+            | StreamEvent::Prompt(_)
+            | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {

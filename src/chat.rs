@@ -109,6 +109,10 @@ pub struct GenerateParams {
     pub constraint: Option<Constraint>,
     /// What to do with a conversation longer than the window.
     pub overflow: Overflow,
+    /// Choices to generate for the one prompt (OpenAI `n`, at least 1). With more than
+    /// one, the reply stream marks each choice's events ([`StreamEvent::Choice`]) and ends
+    /// each with [`StreamEvent::ChoiceEnd`].
+    pub n: u32,
 }
 
 /// A constraint on the reply's form.
@@ -159,6 +163,7 @@ impl Default for GenerateParams {
             logprobs: None,
             constraint: None,
             overflow: Overflow::Trim,
+            n: 1,
         }
     }
 }
@@ -361,6 +366,14 @@ pub enum StreamEvent {
     /// The log-probabilities of tokens generated since the last such event (only when
     /// [`GenerateParams::logprobs`] asked for them); sent before the text they make up.
     Logprobs(Vec<TokenLogprob>),
-    /// The reply is complete; nothing follows.
+    /// Only in replies with several choices ([`GenerateParams::n`] > 1): the events that
+    /// follow, up to the next `Choice`, belong to the choice with this index (0-based;
+    /// before the first marker, choice 0).
+    Choice(u32),
+    /// Only in replies with several choices: the current choice ended, for this reason.
+    /// Every choice gets one; `Done` follows the last.
+    ChoiceEnd(FinishReason),
+    /// The reply is complete; nothing follows. With several choices its usage counts
+    /// the prompt once and the tokens of all choices, and its finish reason is choice 0's.
     Done(Completion),
 }

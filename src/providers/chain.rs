@@ -347,7 +347,12 @@ async fn first_text(
             }
             Some(Ok(StreamEvent::Started)) => *started = true,
             // Log-probabilities come before the text they describe: passed on with it.
-            Some(Ok(early @ (StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)))) => {
+            Some(Ok(
+                early @ (StreamEvent::Prompt(_)
+                | StreamEvent::Logprobs(_)
+                | StreamEvent::Choice(_)
+                | StreamEvent::ChoiceEnd(_)),
+            )) => {
                 prompts.push(early);
             }
             Some(Ok(StreamEvent::Delta(_))) => {}
@@ -472,7 +477,11 @@ impl Tail {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
                 Ok(Some(Ok(
-                    event @ (StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)),
+                    event @ (StreamEvent::Started
+                    | StreamEvent::Prompt(_)
+                    | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_)),
                 ))) => {
                     return Some((vec![event], Some(tail)));
                 }

@@ -217,7 +217,13 @@ async fn whole(
                     completion = Some(done);
                     break;
                 }
-                Some(StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)) => {}
+                Some(
+                    StreamEvent::Started
+                    | StreamEvent::Prompt(_)
+                    | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_),
+                ) => {}
                 None => break,
             },
             _ = tokio::time::sleep_until(next_draft), if due => {
