@@ -71,6 +71,8 @@ async fn stream_gaps(
             StreamEvent::Started
             | StreamEvent::Prompt(_)
             | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_)
             | StreamEvent::ToolCall(_) => {}
         }
     }

@@ -193,6 +193,10 @@ pub struct GenerateParams {
     pub overflow: Overflow,
     /// The tools the model may call; `None` when the request offers none.
     pub tools: Option<Tools>,
+    /// Choices to generate for the one prompt (OpenAI `n`, at least 1). With more than
+    /// one, the reply stream marks each choice's events ([`StreamEvent::Choice`]) and ends
+    /// each with [`StreamEvent::ChoiceEnd`].
+    pub n: u32,
 }
 
 /// A constraint on the reply's form.
@@ -244,6 +248,7 @@ impl Default for GenerateParams {
             constraint: None,
             overflow: Overflow::Trim,
             tools: None,
+            n: 1,
         }
     }
 }
@@ -449,6 +454,14 @@ pub enum StreamEvent {
     /// A call of one of the request's tools, whole (only when
     /// [`GenerateParams::tools`] offered some); comes instead of text or after it.
     ToolCall(ToolCall),
-    /// The reply is complete; nothing follows.
+    /// Only in replies with several choices ([`GenerateParams::n`] > 1): the events that
+    /// follow, up to the next `Choice`, belong to the choice with this index (0-based;
+    /// before the first marker, choice 0).
+    Choice(u32),
+    /// Only in replies with several choices: the current choice ended, for this reason.
+    /// Every choice gets one; `Done` follows the last.
+    ChoiceEnd(FinishReason),
+    /// The reply is complete; nothing follows. With several choices its usage counts
+    /// the prompt once and the tokens of all choices, and its finish reason is choice 0's.
     Done(Completion),
 }

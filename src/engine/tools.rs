@@ -544,17 +544,17 @@ fn may_be_calls(text: &str) -> bool {
 }
 
 /// Reads calls out of a local reply: text that may be calls is held back until the reply
-/// ends, then becomes [`StreamEvent::ToolCall`]s if it parses as calls of `tools`, the
-/// text otherwise; a reply that is plainly text streams as it comes.
+/// (each choice, with several) ends, then becomes [`StreamEvent::ToolCall`]s if it parses
+/// as calls of `tools`, the text otherwise; a reply that is plainly text streams as it
+/// comes.
 pub fn read_calls<E: Send + 'static>(
     events: BoxStream<'static, Result<StreamEvent, E>>,
     tools: &Tools,
 ) -> BoxStream<'static, Result<StreamEvent, E>> {
     let mut reader = CallReader {
         functions: tools.functions.clone(),
-        held_text: String::new(),
-        held: Vec::new(),
-        passing: false,
+        choices: vec![ChoiceReading::default()],
+        current: 0,
     };
     events
         .flat_map(move |event| {
@@ -567,56 +567,95 @@ pub fn read_calls<E: Send + 'static>(
         .boxed()
 }
 
+/// Most choices [`read_calls`] keeps apart (OpenAI's `n` is at most 128); later ones
+/// share the last state.
+const MAX_CHOICES: usize = 128;
+
 /// The state of [`read_calls`].
 struct CallReader {
     functions: Vec<FunctionTool>,
+    /// Each choice's reading, by index.
+    choices: Vec<ChoiceReading>,
+    /// The choice the events are of now ([`StreamEvent::Choice`]).
+    current: usize,
+}
+
+/// The reading of one choice.
+#[derive(Default)]
+struct ChoiceReading {
     /// The text held back while it may be calls.
     held_text: String,
     /// Log-probabilities held with it.
     held: Vec<StreamEvent>,
     /// The reply is text: everything passes.
     passing: bool,
+    /// Its end was seen.
+    ended: bool,
 }
 
 impl CallReader {
     fn push(&mut self, event: StreamEvent) -> Vec<StreamEvent> {
-        if self.passing {
-            return vec![event];
-        }
         match event {
+            StreamEvent::Choice(index) => {
+                self.current = (index as usize).min(MAX_CHOICES - 1);
+                if self.choices.len() <= self.current {
+                    self.choices
+                        .resize_with(self.current + 1, ChoiceReading::default);
+                }
+                vec![event]
+            }
+            StreamEvent::ChoiceEnd(_) => {
+                let mut out = self.end_current();
+                out.push(event);
+                out
+            }
+            StreamEvent::Done(_) => {
+                let mut out = self.end_current();
+                out.push(event);
+                out
+            }
             StreamEvent::Delta(text) => {
-                self.held_text.push_str(&text);
-                if may_be_calls(&self.held_text) {
+                let choice = &mut self.choices[self.current];
+                if choice.passing {
+                    return vec![StreamEvent::Delta(text)];
+                }
+                choice.held_text.push_str(&text);
+                if may_be_calls(&choice.held_text) {
                     return Vec::new();
                 }
-                self.passing = true;
-                let mut out = std::mem::take(&mut self.held);
-                out.push(StreamEvent::Delta(std::mem::take(&mut self.held_text)));
+                choice.passing = true;
+                let mut out = std::mem::take(&mut choice.held);
+                out.push(StreamEvent::Delta(std::mem::take(&mut choice.held_text)));
                 out
             }
-            held @ StreamEvent::Logprobs(_) => {
-                self.held.push(held);
+            StreamEvent::Logprobs(_) if !self.choices[self.current].passing => {
+                self.choices[self.current].held.push(event);
                 Vec::new()
-            }
-            StreamEvent::Done(completion) => {
-                let mut out = std::mem::take(&mut self.held);
-                let text = std::mem::take(&mut self.held_text);
-                match parse_calls(&text, &self.functions) {
-                    Some(calls) => out.extend(calls.into_iter().map(|call| {
-                        StreamEvent::ToolCall(ToolCall {
-                            id: new_call_id(),
-                            name: call.name,
-                            arguments: call.arguments,
-                        })
-                    })),
-                    None if text.is_empty() => {}
-                    None => out.push(StreamEvent::Delta(text)),
-                }
-                out.push(StreamEvent::Done(completion));
-                out
             }
             other => vec![other],
         }
+    }
+
+    /// The current choice ended: its held text as calls or as text.
+    fn end_current(&mut self) -> Vec<StreamEvent> {
+        let choice = &mut self.choices[self.current];
+        if std::mem::replace(&mut choice.ended, true) {
+            return Vec::new();
+        }
+        let mut out = std::mem::take(&mut choice.held);
+        let text = std::mem::take(&mut choice.held_text);
+        match parse_calls(&text, &self.functions) {
+            Some(calls) => out.extend(calls.into_iter().map(|call| {
+                StreamEvent::ToolCall(ToolCall {
+                    id: new_call_id(),
+                    name: call.name,
+                    arguments: call.arguments,
+                })
+            })),
+            None if text.is_empty() => {}
+            None => out.push(StreamEvent::Delta(text)),
+        }
+        out
     }
 }
 
@@ -941,6 +980,36 @@ mod tests {
             [StreamEvent::Delta("{\"tool_calls\": [oops".into()), done()],
             "what does not parse is the text"
         );
+    }
+
+    #[tokio::test]
+    async fn each_choice_is_read_on_its_own() {
+        let call = "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {}}]}";
+        let events: Vec<Result<StreamEvent, ()>> = vec![
+            Ok(StreamEvent::Delta("{\"tool_calls\": ".into())),
+            Ok(StreamEvent::Choice(1)),
+            Ok(StreamEvent::Delta("Plain".into())),
+            Ok(StreamEvent::Choice(0)),
+            Ok(StreamEvent::Delta(call["{\"tool_calls\": ".len()..].into())),
+            Ok(StreamEvent::ChoiceEnd(FinishReason::Stop)),
+            Ok(StreamEvent::Choice(1)),
+            Ok(StreamEvent::Delta(" text".into())),
+            Ok(StreamEvent::ChoiceEnd(FinishReason::Stop)),
+            Ok(done()),
+        ];
+        let out: Vec<StreamEvent> =
+            read_calls(stream::iter(events).boxed(), &tools(ToolChoice::Auto))
+                .map(|e| e.unwrap())
+                .collect()
+                .await;
+        assert_eq!(out.len(), 9, "{out:?}");
+        assert_eq!(out[0], StreamEvent::Choice(1));
+        assert_eq!(out[1], StreamEvent::Delta("Plain".into()));
+        assert_eq!(out[2], StreamEvent::Choice(0));
+        assert!(matches!(&out[3], StreamEvent::ToolCall(c) if c.name == "get_weather"));
+        assert_eq!(out[4], StreamEvent::ChoiceEnd(FinishReason::Stop));
+        assert_eq!(out[6], StreamEvent::Delta(" text".into()));
+        assert_eq!(out[8], done());
     }
 
     fn call_strategy() -> impl Strategy<Value = (String, Value)> {

@@ -13,6 +13,9 @@ use crate::chat::{ChatMessage, ChatRequest, Role};
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
 
+/// Most choices a request may ask for (OpenAI's limit; the local engine's is its slots).
+const MAX_N: u32 = 128;
+
 /// `POST /v1/chat/completions` as sent. Unknown fields are ignored, as OpenAI clients
 /// send many (`model`, `user`, …): the bot answers with its chain.
 #[derive(Debug, Deserialize)]
@@ -41,7 +44,7 @@ pub struct ChatCompletionRequest {
     /// A stop string or a list of them.
     #[serde(default)]
     pub stop: Option<Value>,
-    /// Number of choices; only 1 is supported.
+    /// Number of choices, 1 to 128 (the local engine: at most its slots).
     #[serde(default)]
     pub n: Option<u32>,
     /// Extension (llama-server's name): generate exactly `max_tokens` tokens, ignoring
@@ -189,10 +192,13 @@ impl ChatCompletionRequest {
                 "`messages` needs a user message",
             ));
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("n", "only n = 1 is supported"));
-        }
         let mut params = settings.generate.clone();
+        if let Some(n) = self.n {
+            if !(1..=MAX_N).contains(&n) {
+                return Err(ApiError::invalid("n", format!("n must be 1 to {MAX_N}")));
+            }
+            params.n = n;
+        }
         if let Some(max) = self.max_completion_tokens.or(self.max_tokens) {
             if max == 0 {
                 return Err(ApiError::invalid(
@@ -340,7 +346,10 @@ mod tests {
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#).is_err());
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#).is_err());
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"seed":-1}"#).is_err());
-        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).is_err());
+        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#).is_err());
+        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":129}"#).is_err());
+        let two = check(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).unwrap();
+        assert_eq!(two.0.params.n, 2);
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#).is_err());
         assert!(
             check(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#)

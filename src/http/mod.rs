@@ -18,6 +18,7 @@
 
 mod api;
 mod chat;
+mod choices;
 mod conn;
 mod dashboard;
 mod error;

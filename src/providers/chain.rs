@@ -352,7 +352,12 @@ async fn first_text(
             }
             Some(Ok(StreamEvent::Started)) => *started = true,
             // Log-probabilities come before the text they describe: passed on with it.
-            Some(Ok(early @ (StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)))) => {
+            Some(Ok(
+                early @ (StreamEvent::Prompt(_)
+                | StreamEvent::Logprobs(_)
+                | StreamEvent::Choice(_)
+                | StreamEvent::ChoiceEnd(_)),
+            )) => {
                 prompts.push(early);
             }
             Some(Ok(StreamEvent::Delta(_))) => {}
@@ -480,6 +485,8 @@ impl Tail {
                     event @ (StreamEvent::Started
                     | StreamEvent::Prompt(_)
                     | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_)
                     | StreamEvent::ToolCall(_)),
                 ))) => {
                     return Some((vec![event], Some(tail)));

@@ -36,6 +36,11 @@ fn common_refusal(params: &GenerateParams) -> Result<(), ProviderError> {
     if params.logprobs.is_some() {
         return Err(refused("logprobs are served by the local engine only"));
     }
+    if params.n > 1 {
+        return Err(refused(
+            "several choices (n > 1) are served by the local engine only",
+        ));
+    }
     Ok(())
 }
 

@@ -203,6 +203,8 @@ pub async fn deliver(
                     StreamEvent::Started
                     | StreamEvent::Prompt(_)
                     | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_)
                     | StreamEvent::ToolCall(_),
                 ) => {}
                 None => break,

@@ -89,6 +89,8 @@ async fn reply(
             StreamEvent::Started
             | StreamEvent::Prompt(_)
             | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_)
             | StreamEvent::ToolCall(_) => {}
         }
     }
