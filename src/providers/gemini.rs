@@ -104,6 +104,7 @@ impl GeminiProvider {
 /// The `generateContent` request body for `request` to `model`.
 fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
     let turns = normalize(&request.messages);
+    let thinking = thinking(model);
     let mut contents: Vec<serde_json::Value> = Vec::with_capacity(turns.turns.len());
     let mut answering_calls = false;
     for turn in &turns.turns {
@@ -136,11 +137,21 @@ fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
         if !turn.text.is_empty() {
             parts.push(json!({"text": turn.text}));
         }
+        let first_call = parts.len();
         parts.extend(turn.tool_calls.iter().map(tools::gemini_call_part));
+        // Gemini 3+ answers 400 "Function call is missing a thought_signature" to a call
+        // in the history without the signature it was sent with; an OpenAI client keeps
+        // none, so the call carries Google's documented stand-in for a signature from
+        // elsewhere (https://ai.google.dev/gemini-api/docs/thought-signatures). Only the
+        // first call of a turn has one, as Gemini sends them.
+        if matches!(thinking, Thinking::Level(_))
+            && let Some(part) = parts.get_mut(first_call)
+        {
+            part["thoughtSignature"] = json!(tools::GEMINI_STAND_IN_SIGNATURE);
+        }
         contents.push(json!({"role": role, "parts": parts}));
     }
     let params = &request.params;
-    let thinking = thinking(model);
     let mut config = match thinking {
         Thinking::Budget(budget) => json!({
             "maxOutputTokens": params.max_tokens.saturating_add(budget),
@@ -432,6 +443,63 @@ mod tests {
         );
         assert_eq!(body["contents"][2]["role"], json!("user"));
         assert_eq!(body["generationConfig"]["maxOutputTokens"], json!(64));
+    }
+
+    #[test]
+    fn calls_and_results_become_parts_with_a_signature_for_gemini_3() {
+        use crate::chat::ToolCall;
+        let call = |id: &str| ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments: "{\"a\": 1}".into(),
+        };
+        let request = ChatRequest::new(
+            vec![
+                ChatMessage::user("q"),
+                ChatMessage::tool_calls("", vec![call("c1"), call("c2")]),
+                ChatMessage::tool_result("c1", "1"),
+                ChatMessage::tool_result("c2", "{\"b\": 2}"),
+            ],
+            GenerateParams::default(),
+        );
+        let body3 = body(&request, "gemini-3.5-flash-lite");
+        let contents = body3["contents"].as_array().unwrap();
+        assert_eq!(
+            contents.len(),
+            3,
+            "both results in one user turn: {contents:?}"
+        );
+        assert_eq!(
+            contents[1]["parts"][0],
+            json!({"functionCall": {"name": "f", "args": {"a": 1}},
+                   "thoughtSignature": "skip_thought_signature_validator"})
+        );
+        assert!(contents[1]["parts"][1].get("thoughtSignature").is_none());
+        assert_eq!(
+            contents[2]["parts"],
+            json!([{"functionResponse": {"name": "f", "response": {"content": 1}}},
+                   {"functionResponse": {"name": "f", "response": {"b": 2}}}])
+        );
+        let body2 = body(&request, "gemini-2.5-flash");
+        assert!(
+            body2["contents"][1]["parts"][0]
+                .get("thoughtSignature")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn function_calls_become_tool_calls_and_parallel_false_keeps_the_first() {
+        let payload = r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"a":1}},"thoughtSignature":"sig"},{"functionCall":{"name":"g","args":{}}}],"role":"model"},"finishReason":"STOP","index":0}]}"#;
+        let data = || stream::iter([Ok(payload.to_string())]).boxed();
+        let all: Vec<_> = events(data(), true).collect().await;
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(
+            matches!(&all[0], Ok(StreamEvent::ToolCall(c)) if c.name == "f" && c.arguments == "{\"a\":1}")
+        );
+        assert!(matches!(&all[1], Ok(StreamEvent::ToolCall(c)) if c.name == "g"));
+        let first: Vec<_> = events(data(), false).collect().await;
+        assert_eq!(first.len(), 2, "{first:?}");
     }
 
     #[test]

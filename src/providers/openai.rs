@@ -662,6 +662,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streamed_tool_call_pieces_become_whole_calls_before_done() {
+        let events = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            "[DONE]",
+        ])
+        .await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            events[0],
+            Ok(StreamEvent::ToolCall(crate::chat::ToolCall {
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments: "{\"a\":1}".into()
+            }))
+        );
+        assert!(matches!(events[1], Ok(StreamEvent::Done(_))));
+        // A server that ignored `stream` sends the calls whole in the message.
+        let whole = whole_completion(
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_2","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(&whole[1], Ok(StreamEvent::ToolCall(c)) if c.id == "call_2"));
+    }
+
+    #[tokio::test]
     async fn stream_chunks_become_deltas_then_done_with_usage() {
         let events = run(&[
             r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,

@@ -24,6 +24,10 @@ use super::passthrough::gemini_schema;
 use crate::chat::{Role, ToolCall, ToolChoice, Tools};
 use crate::engine::tools::{mistral_call_id, new_call_id};
 
+/// What Gemini 3+ takes in place of the `thoughtSignature` of a call made elsewhere (its
+/// docs: "skip_thought_signature_validator").
+pub const GEMINI_STAND_IN_SIGNATURE: &str = "skip_thought_signature_validator";
+
 /// Most calls one answer may carry.
 const MAX_CALLS: usize = 128;
 
