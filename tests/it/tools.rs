@@ -480,3 +480,38 @@ async fn mistrals_forced_grammar_parses_and_gives_calls_after_the_token() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].name, "get_weather");
 }
+
+#[tokio::test]
+async fn each_of_n_choices_makes_its_own_call() {
+    let app = local_app().await;
+    let mut request = asking(json!({"type": "function", "function": {"name": "get_weather"}}));
+    request["n"] = json!(2);
+    request["temperature"] = json!(0.8);
+    request["seed"] = json!(3);
+    let (status, body) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{body}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{choice}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+    }
+    let chunks = stream(&app, &request).await;
+    for index in 0..2 {
+        let own: Vec<Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == index)
+            .cloned()
+            .collect();
+        let calls = streamed_calls(&own);
+        assert_eq!(calls.len(), 1, "choice {index}: {own:?}");
+        assert!(
+            own.iter()
+                .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+        );
+    }
+    sdk_validates(&[&body], &chunks.iter().collect::<Vec<_>>());
+}
