@@ -191,5 +191,28 @@ impl Preparer {
 
 /// The bytes of a request's messages, to decide where to prepare it.
 pub(super) fn request_bytes(request: &ChatRequest) -> usize {
-    request.messages.iter().map(|m| m.content.len()).sum()
+    let calls = |m: &ChatMessage| -> usize {
+        m.tool_calls
+            .iter()
+            .map(|c| c.name.len() + c.arguments.len())
+            .sum()
+    };
+    // Tools are rendered into the prompt too: their schemas count.
+    let tools: usize = request
+        .params
+        .tools
+        .iter()
+        .flat_map(|t| &t.functions)
+        .map(|f| {
+            f.name.len()
+                + f.description.as_ref().map_or(0, String::len)
+                + f.parameters.to_string().len()
+        })
+        .sum();
+    request
+        .messages
+        .iter()
+        .map(|m| m.content.len() + calls(m))
+        .sum::<usize>()
+        + tools
 }

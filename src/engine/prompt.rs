@@ -440,6 +440,28 @@ fn truncate_to_tokens(vocab: &dyn Vocab, text: &str, max_tokens: usize) -> Strin
     }
 }
 
+/// Tokenization of a toy vocabulary for tests: one token per character (its code point
+/// mod 1000), and with parsing on each of `controls` is one token (1000 + its index).
+#[cfg(test)]
+pub(super) fn toy_tokenize(text: &str, parse_special: bool, controls: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    'outer: while let Some(c) = rest.chars().next() {
+        if parse_special {
+            for (i, control) in controls.iter().enumerate() {
+                if let Some(after) = rest.strip_prefix(control) {
+                    out.push(1000 + i as i32);
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+        }
+        out.push(c as i32 % 1000);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,22 +474,7 @@ mod tests {
 
     impl Vocab for CharVocab {
         fn tokenize(&self, text: &str, parse_special: bool) -> Vec<i32> {
-            let mut out = Vec::new();
-            let mut rest = text;
-            'outer: while let Some(c) = rest.chars().next() {
-                if parse_special {
-                    for (i, control) in CONTROL.iter().enumerate() {
-                        if let Some(after) = rest.strip_prefix(control) {
-                            out.push(1000 + i as i32);
-                            rest = after;
-                            continue 'outer;
-                        }
-                    }
-                }
-                out.push(c as i32 % 1000);
-                rest = &rest[c.len_utf8()..];
-            }
-            out
+            toy_tokenize(text, parse_special, &CONTROL)
         }
 
         fn bos(&self) -> Option<i32> {

@@ -697,22 +697,7 @@ mod tests {
             if self.tool_tokens {
                 controls.extend(MISTRAL_TOOL_TOKENS);
             }
-            let mut out = Vec::new();
-            let mut rest = text;
-            'outer: while let Some(c) = rest.chars().next() {
-                if parse_special {
-                    for (i, control) in controls.iter().enumerate() {
-                        if let Some(after) = rest.strip_prefix(control) {
-                            out.push(1000 + i as i32);
-                            rest = after;
-                            continue 'outer;
-                        }
-                    }
-                }
-                out.push(c as i32 % 1000);
-                rest = &rest[c.len_utf8()..];
-            }
-            out
+            super::super::prompt::toy_tokenize(text, parse_special, &controls)
         }
 
         fn bos(&self) -> Option<i32> {
