@@ -25,6 +25,7 @@ mod ops;
 mod params;
 mod session;
 mod state;
+mod webhook;
 
 use std::future::Future;
 
@@ -58,7 +59,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/dialogue_metrics", get(ops::dialogue_metrics))
         .merge(dashboard::routes())
-        .fallback(|| async { ApiError::NotFound })
+        // The webhook's path is the operator's choice: served from the fallback, it can
+        // never clash with a route (config refuses the routes' own paths).
+        .fallback(webhook::fallback)
         .layer(DefaultBodyLimit::max(state.settings().body_limit))
         .with_state(state)
 }

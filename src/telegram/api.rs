@@ -17,7 +17,7 @@ use teloxide::RequestError;
 use teloxide::net::Download;
 use teloxide::payloads::{
     AnswerCallbackQuerySetters, EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters,
-    SendMessageSetters, SetMyCommandsSetters,
+    SendMessageSetters, SetMyCommandsSetters, SetWebhookSetters,
 };
 use teloxide::prelude::{Request, Requester};
 use teloxide::requests::{JsonRequest, Payload};
@@ -25,6 +25,13 @@ use teloxide::types::{
     AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, File, FileId,
     InlineKeyboardMarkup, MessageId, ParseMode, ReplyParameters, ThreadId, True, Update,
 };
+
+/// The updates the bot asks for, polling (`getUpdates`) or by webhook (`setWebhook`).
+pub const ALLOWED_UPDATES: [AllowedUpdate; 3] = [
+    AllowedUpdate::Message,
+    AllowedUpdate::EditedMessage,
+    AllowedUpdate::CallbackQuery,
+];
 
 /// Attempts of one call that keeps failing with transient errors.
 const MAX_ATTEMPTS: u32 = 5;
@@ -51,6 +58,9 @@ pub enum ApiCallError {
     /// Another process polls with this token (409 Conflict).
     #[error("another bot instance is polling with this token (409 Conflict)")]
     Conflict,
+    /// `getUpdates` while a webhook is set (409 Conflict): delete the webhook to poll.
+    #[error("a webhook is set, so getUpdates cannot be used (409 Conflict)")]
+    WebhookActive,
     /// The message to edit is gone (the user deleted it): send a new one instead.
     #[error("the message to edit is gone")]
     MessageGone,
@@ -68,6 +78,7 @@ impl ApiCallError {
             ApiCallError::Transient(_) => "transient",
             ApiCallError::Unauthorized => "unauthorized",
             ApiCallError::Conflict => "conflict",
+            ApiCallError::WebhookActive => "webhook_active",
             ApiCallError::MessageGone => "message_gone",
             ApiCallError::Refused(_) => "refused",
         }
@@ -155,6 +166,7 @@ fn sort<T>(result: Result<T, RequestError>) -> Result<Option<T>, ApiCallError> {
             RequestError::Api(ApiError::MessageToEditNotFound) => Err(ApiCallError::MessageGone),
             RequestError::Api(ApiError::InvalidToken) => Err(ApiCallError::Unauthorized),
             RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => Err(ApiCallError::Conflict),
+            RequestError::Api(ApiError::CantGetUpdates) => Err(ApiCallError::WebhookActive),
             RequestError::Api(ApiError::Unknown(description)) if is_server_error(&description) => {
                 Err(ApiCallError::Transient(description))
             }
@@ -271,6 +283,28 @@ impl TelegramApi {
         .map(|_| ())
     }
 
+    /// Sets the webhook (`setWebhook`, as JSON), one attempt: the caller waits out
+    /// failures. Pending updates are kept (`drop_pending_updates: false`).
+    pub async fn set_webhook(
+        &self,
+        url: &url::Url,
+        secret: &str,
+        max_connections: u8,
+    ) -> Result<(), ApiCallError> {
+        let payload = teloxide::payloads::SetWebhook::new(url.clone())
+            .secret_token(secret)
+            .max_connections(max_connections)
+            .allowed_updates(ALLOWED_UPDATES)
+            .drop_pending_updates(false);
+        retrying("setWebhook", Persistence::Once, || {
+            // teloxide sends setWebhook as multipart (for a certificate we never upload);
+            // the Bot API takes every method as JSON too.
+            JsonRequest::new(self.bot.clone(), payload.clone()).send()
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Registers the command menu for `language` (`None`: the default).
     pub async fn set_commands(
         &self,
@@ -298,11 +332,7 @@ impl TelegramApi {
             .bot
             .get_updates()
             .timeout(u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX))
-            .allowed_updates([
-                AllowedUpdate::Message,
-                AllowedUpdate::EditedMessage,
-                AllowedUpdate::CallbackQuery,
-            ]);
+            .allowed_updates(ALLOWED_UPDATES);
         if let Some(offset) = offset {
             request = request.offset(offset);
         }
