@@ -167,6 +167,13 @@ fn sort<T>(result: Result<T, RequestError>) -> Result<Option<T>, ApiCallError> {
             RequestError::Api(ApiError::InvalidToken) => Err(ApiCallError::Unauthorized),
             RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => Err(ApiCallError::Conflict),
             RequestError::Api(ApiError::CantGetUpdates) => Err(ApiCallError::WebhookActive),
+            // Telegram's description grew a suffix teloxide does not match: "…while webhook
+            // is active; use deleteWebhook to delete the webhook first".
+            RequestError::Api(ApiError::Unknown(description))
+                if description.contains("can't use getUpdates method while webhook is active") =>
+            {
+                Err(ApiCallError::WebhookActive)
+            }
             RequestError::Api(ApiError::Unknown(description)) if is_server_error(&description) => {
                 Err(ApiCallError::Transient(description))
             }
@@ -567,6 +574,19 @@ mod tests {
             sort::<()>(Err(RequestError::Api(ApiError::ChatNotFound))),
             Err(ApiCallError::Refused(_))
         ));
+        // Today's and teloxide's spelling of getUpdates meeting a webhook.
+        for description in [
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook \
+             to delete the webhook first",
+            "Conflict: can't use getUpdates method while webhook is active",
+        ] {
+            let parsed: ApiError = serde_json::from_value(serde_json::json!(description)).unwrap();
+            assert_eq!(
+                sort::<()>(Err(RequestError::Api(parsed))),
+                Err(ApiCallError::WebhookActive),
+                "{description}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

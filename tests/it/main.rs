@@ -33,3 +33,4 @@ mod restart;
 mod secrets;
 mod telegram;
 mod util;
+mod webhook;
