@@ -117,4 +117,16 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
     }
+
+    proptest::proptest! {
+        /// The API key's and the webhook secret's comparison says what `==` says.
+        #[test]
+        fn key_comparison_is_equality(
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        ) {
+            proptest::prop_assert_eq!(constant_time_eq(&a, &b), a == b);
+            proptest::prop_assert!(constant_time_eq(&a, &a.clone()));
+        }
+    }
 }

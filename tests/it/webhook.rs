@@ -309,6 +309,48 @@ async fn starting_without_the_flag_deletes_the_webhook_and_polls() {
     );
 }
 
+/// Issue 13's property kept in webhook mode: a Bot API that cannot be reached at start
+/// is waited out (the HTTP API serves, the webhook answers 503 so Telegram retries), and
+/// the webhook is set once it comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bot_api_at_start_is_waited_out_in_webhook_mode() {
+    let _permit = BOTS.acquire().await.unwrap();
+    let fake = FakeTelegram::start_down(TOKEN);
+    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut flags = echo_flags(&provider);
+    flags.extend([
+        "--telegram-webhook-url".to_string(),
+        WEBHOOK_URL.to_string(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut bot = BotProcess::spawn(&fake, data_dir.path(), &flags, "info", &Launch::default());
+    let base = bot.http_url().await;
+    let update = json!({"update_id": 1, "message": {"message_id": 1, "date": 1_700_000_000,
+        "chat": private_chat(340), "from": en_user(340), "text": "early"}})
+    .to_string();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(bot.exited().is_none(), "{}", bot.stderr());
+        // No secret yet: not refused, retried later.
+        assert_eq!(post(&base, Some("any"), &update).await, 503);
+    }
+    fake.forward_webhook_to(&base);
+    fake.come_up();
+    fake.send_text(&private_chat(340), &en_user(340), "after the outage");
+    fake.wait_for("the answer once the Bot API is up", LONG, |f| {
+        f.messages(340).iter().any(|m| m.html)
+    })
+    .await;
+    let stderr = bot.stderr();
+    assert!(
+        stderr.contains("the Telegram Bot API cannot be reached"),
+        "{}",
+        report(&fake, &stderr)
+    );
+    assert_eq!(fake.texts(340), ["Echo: after the outage"]);
+}
+
 /// `mistral-bot doctor` with `--telegram-webhook-url url` against `fake`.
 async fn doctor(fake: &FakeTelegram, url: &str) -> (bool, String) {
     let data = tempfile::tempdir().unwrap();
