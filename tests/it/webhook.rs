@@ -108,6 +108,15 @@ fn webhook_count(samples: &[prometheus::Sample], outcome: &str) -> f64 {
     .unwrap_or(-1.0)
 }
 
+/// A fake Bot API, a provider answering `Echo: <question>`, a data directory, and the
+/// flags that make the bot answer with that provider.
+async fn echo_setup() -> (FakeTelegram, FakeProvider, tempfile::TempDir, Vec<String>) {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
+    let flags = echo_flags(&provider);
+    (fake, provider, tempfile::tempdir().unwrap(), flags)
+}
+
 /// Whether update `id` got a 200 from the webhook.
 fn delivered(fake: &FakeTelegram, id: i64) -> bool {
     fake.pushes()
@@ -173,10 +182,7 @@ async fn a_pushed_message_is_answered_by_the_model_and_forged_requests_reach_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_delivered_twice_is_answered_once() {
     let _permit = BOTS.acquire().await.unwrap();
-    let fake = FakeTelegram::start(TOKEN).await;
-    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
-    let data_dir = tempfile::tempdir().unwrap();
-    let flags = echo_flags(&provider);
+    let (fake, _provider, data_dir, flags) = echo_setup().await;
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (bot, base) = start(&fake, data_dir.path(), &flags).await;
     fake.send_text(&private_chat(310), &en_user(310), "only once");
@@ -253,10 +259,7 @@ async fn kill_9_after_the_webhook_took_an_update_answers_it_after_the_restart_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starting_without_the_flag_deletes_the_webhook_and_polls() {
     let _permit = BOTS.acquire().await.unwrap();
-    let fake = FakeTelegram::start(TOKEN).await;
-    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
-    let data_dir = tempfile::tempdir().unwrap();
-    let flags = echo_flags(&provider);
+    let (fake, _provider, data_dir, flags) = echo_setup().await;
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (mut bot, _) = start(&fake, data_dir.path(), &flags).await;
     fake.send_text(&private_chat(330), &en_user(330), "by webhook");
