@@ -68,7 +68,12 @@ async fn stream_gaps(
                 }
             }
             StreamEvent::Done(_) => break,
-            StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+            StreamEvent::Started
+            | StreamEvent::Prompt(_)
+            | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {

@@ -27,7 +27,11 @@ async fn stream_reply(reply: Reply, out: &mut impl Write) -> anyhow::Result<Stri
     let mut text = String::new();
     while let Some(event) = events.next().await {
         match event {
-            StreamEvent::Started | StreamEvent::Logprobs(_) => {}
+            StreamEvent::Started
+            | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
             StreamEvent::Prompt(tokens) => {
                 let mut err = std::io::stderr().lock();
                 writeln!(err, "prompt: {} tokens", tokens.len())?;

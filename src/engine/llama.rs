@@ -205,6 +205,7 @@ impl Model {
         Ok(Context {
             ctx,
             batch: LlamaBatch::new(batch_size, 1),
+            copies_pending: false,
         })
     }
 }
@@ -282,6 +283,9 @@ pub struct ContextOptions {
 pub struct Context<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
+    /// A sequence copy ([`copy_seq`](Self::copy_seq)) is queued: llama.cpp moves the
+    /// cells' data at the next decode, so until then a sequence's state is not to be read.
+    copies_pending: bool,
 }
 
 impl Context<'_> {
@@ -313,8 +317,20 @@ impl Context<'_> {
             }
             rows.push(entry.wants_logits.then_some(index - 1));
         }
+        // llama.cpp applies queued sequence copies first thing in a decode, failed or not.
+        self.copies_pending = false;
         self.ctx.decode(&mut self.batch)?;
         Ok(rows)
+    }
+
+    /// Makes sequence `dst` a copy of sequence `src` (all its cells; whatever `dst` held
+    /// is gone). With a KV stream per sequence (`kv_unified = false`) llama.cpp can only
+    /// copy whole sequences, and it copies the data at the start of the next decode
+    /// (`llama_memory_seq_cp`; `stream_copy_info` in `llama-kv-cache.cpp`).
+    pub fn copy_seq(&mut self, src: i32, dst: i32) {
+        // Only fails for positions beyond i32, and none are given.
+        let _ = self.ctx.copy_kv_cache_seq(src, dst, None, None);
+        self.copies_pending = true;
     }
 
     /// Removes a sequence's KV entries from position `from` on.
@@ -336,6 +352,10 @@ impl Context<'_> {
     /// the sequence's keys and values). `None` if llama.cpp failed to write it.
     #[allow(unsafe_code)]
     pub fn seq_state(&self, seq_id: i32) -> Option<Vec<u8>> {
+        if self.copies_pending {
+            // The cells say the copy is done, their data not yet: a wrong state.
+            return None;
+        }
         let flags = LlamaStateSeqFlags::empty();
         let size = self.ctx.state_seq_get_size_ext(seq_id, flags);
         let mut state = vec![0u8; size];
@@ -353,6 +373,11 @@ impl Context<'_> {
     /// Returns false if llama.cpp refused it (then the sequence is left empty).
     #[allow(unsafe_code)]
     pub fn set_seq_state(&mut self, seq_id: i32, state: &[u8]) -> bool {
+        if self.copies_pending {
+            // The queued copy would overwrite the restored data at the next decode.
+            self.forget(seq_id, 0);
+            return false;
+        }
         // SAFETY: llama.cpp reads at most `state.len()` bytes (its reader bounds-checks and
         // reports a short buffer as a failure), checks the stream count, cell count, tensor
         // types and row sizes against this context, and clears the sequence on any

@@ -20,6 +20,7 @@
 //! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt`, `detok`, `park::lru`,
 //! `park::file`, `step_budget` and `eta` are pure.
 
+pub mod choices;
 mod detok;
 pub mod eta;
 pub mod grammar;
@@ -31,6 +32,7 @@ pub mod sampling;
 mod scheduler;
 mod slot;
 pub mod step_budget;
+pub mod tools;
 mod worker;
 
 use std::io::Read;
@@ -198,6 +200,15 @@ pub enum EngineError {
     /// typed error; shared, as one failure can end several requests).
     #[error("inference failed: {0}")]
     Decode(Arc<DecodeError>),
+    /// The request asks for more choices than the engine has slots (each choice is
+    /// generated in a slot of its own).
+    #[error("n = {n} choices asked for; the local engine generates at most {slots} (its --slots)")]
+    TooManyChoices {
+        /// Choices asked for.
+        n: u32,
+        /// The engine's slots.
+        slots: usize,
+    },
 }
 
 impl EngineError {
@@ -209,6 +220,7 @@ impl EngineError {
             EngineError::Prompt(_) => "prompt",
             EngineError::Constraint(_) => "constraint",
             EngineError::Decode(_) => "decode",
+            EngineError::TooManyChoices { .. } => "too_many_choices",
         }
     }
 }
@@ -343,6 +355,8 @@ struct Job {
     /// (`--verbose-prompt`).
     shown: Option<Vec<crate::chat::PromptToken>>,
     events_tx: mpsc::UnboundedSender<Result<StreamEvent, EngineError>>,
+    /// The channels of choices 1.. when the request asks for several (`params.n`).
+    choice_txs: Vec<mpsc::UnboundedSender<Result<StreamEvent, EngineError>>>,
     submitted: Instant,
     /// Its prompt tokens counted in `SharedStats::queued_tokens` (zeroed once taken off).
     queued_tokens: u64,
@@ -483,7 +497,23 @@ impl EngineHandle {
     }
 
     fn enqueue(&self, prepared: Prepared) -> Result<ReplyStream, EngineError> {
+        let n = prepared.params.n.max(1);
+        if n as usize > self.inner.slots {
+            return Err(EngineError::TooManyChoices {
+                n,
+                slots: self.inner.slots,
+            });
+        }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (choice_txs, choice_rxs): (Vec<_>, Vec<_>) =
+            (1..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let events = if choice_rxs.is_empty() {
+            Events::One(events_rx)
+        } else {
+            let mut receivers = vec![events_rx];
+            receivers.extend(choice_rxs);
+            Events::Choices(Box::new(choices::ChoiceReceivers::new(receivers)))
+        };
         let stats = &self.inner.stats;
         let queued_tokens = stats.uncached(&prepared.prompt);
         stats
@@ -497,11 +527,12 @@ impl EngineHandle {
             grammar: prepared.grammar,
             shown: prepared.shown,
             events_tx,
+            choice_txs,
             submitted: Instant::now(),
             queued_tokens,
         };
         let refused = match self.inner.submit_tx.try_send(Command::Run(Box::new(job))) {
-            Ok(()) => return Ok(ReplyStream { events_rx }),
+            Ok(()) => return Ok(ReplyStream { events }),
             Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 waiting: self.queue_len(),
             },
@@ -650,26 +681,42 @@ impl EngineHandle {
 }
 
 /// The events of one reply: [`StreamEvent::Started`] when it gets a slot, then (when asked
-/// for) the prompt, text deltas and `Done`. Dropping it cancels the request.
+/// for) the prompt, text deltas and `Done`; with several choices, each choice's events
+/// marked ([`choices`]). Dropping it cancels the request (every choice of it).
 #[derive(Debug)]
 pub struct ReplyStream {
-    events_rx: mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>,
+    events: Events,
+}
+
+/// Where a reply's events come from.
+#[derive(Debug)]
+enum Events {
+    /// One choice: its channel.
+    One(mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>),
+    /// Several: a channel each, merged.
+    Choices(Box<choices::ChoiceReceivers>),
 }
 
 impl ReplyStream {
     /// The next event; `None` after `Done` or an error.
     pub async fn next_event(&mut self) -> Option<Result<StreamEvent, EngineError>> {
-        self.events_rx.recv().await
+        futures::StreamExt::next(self).await
     }
 
-    /// Waits for the whole reply: its text and closing record.
+    /// Waits for the whole reply: its text (of every choice, one after another) and
+    /// closing record.
     pub async fn collect(mut self) -> Result<(String, Completion), EngineError> {
         let mut text = String::new();
-        while let Some(event) = self.events_rx.recv().await {
+        while let Some(event) = self.next_event().await {
             match event? {
                 StreamEvent::Delta(delta) => text.push_str(&delta),
                 StreamEvent::Done(completion) => return Ok((text, completion)),
-                StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+                StreamEvent::Started
+                | StreamEvent::Prompt(_)
+                | StreamEvent::Logprobs(_)
+                | StreamEvent::Choice(_)
+                | StreamEvent::ChoiceEnd(_)
+                | StreamEvent::ToolCall(_) => {}
             }
         }
         Err(EngineError::Stopped)
@@ -680,7 +727,10 @@ impl Stream for ReplyStream {
     type Item = Result<StreamEvent, EngineError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events_rx.poll_recv(cx)
+        match &mut self.events {
+            Events::One(rx) => rx.poll_recv(cx),
+            Events::Choices(merged) => merged.poll_next(cx),
+        }
     }
 }
 

@@ -17,6 +17,13 @@ pub enum SlotState {
         /// The last sampled token, not yet in the KV cache.
         pending: i32,
     },
+    /// Reserved for another choice of the request in slot `leader` (OpenAI's `n`): it
+    /// gets that slot's KV cells once the prompt is read ([`Slot::fork`]). Until then its
+    /// own cache is untouched and still valid.
+    Awaiting {
+        /// The slot reading the prompt.
+        leader: usize,
+    },
 }
 
 /// One inference slot.
@@ -72,6 +79,28 @@ impl Slot {
         self.state = SlotState::Prefill { next: reused };
         self.last_used = tick;
         reused
+    }
+
+    /// Reserves the slot for a choice of the request in slot `leader` (see
+    /// [`SlotState::Awaiting`]).
+    pub fn reserve(&mut self, leader: usize, tick: u64) {
+        self.prompt = Vec::new();
+        self.state = SlotState::Awaiting { leader };
+        self.last_used = tick;
+    }
+
+    /// Takes the leader's cache, `prompt` (its KV cells were just copied into this
+    /// slot's sequence, replacing all of its own), and generates from there: the caller
+    /// samples the first token from the leader's logits and calls [`sampled`](Self::sampled).
+    /// Returns false (and changes nothing) unless the slot was awaiting.
+    pub fn fork(&mut self, prompt: &[i32]) -> bool {
+        if !matches!(self.state, SlotState::Awaiting { .. }) {
+            return false;
+        }
+        self.cached = prompt.to_vec();
+        self.prompt = prompt.to_vec();
+        self.state = SlotState::Prefill { next: prompt.len() };
+        true
     }
 
     /// Prompt tokens still to decode.
@@ -164,6 +193,30 @@ mod tests {
         slot.cached = vec![1, 2, 3];
         assert_eq!(slot.start(vec![1, 2, 3], 1), 2);
         assert_eq!(slot.remaining_prompt(), &[3]);
+    }
+
+    #[test]
+    fn an_awaiting_choice_keeps_its_cache_until_forked() {
+        let mut slot = Slot::new(1);
+        slot.cached = vec![7, 7, 7];
+        slot.reserve(0, 5);
+        assert!(!slot.is_idle());
+        assert!(slot.remaining_prompt().is_empty());
+        assert_eq!(slot.cached, vec![7, 7, 7]);
+        // Released before the prompt was read: the old cache is still what the KV holds.
+        slot.finish();
+        assert!(slot.is_idle() && slot.cached == vec![7, 7, 7]);
+
+        slot.reserve(0, 6);
+        assert!(slot.fork(&[1, 2, 3]));
+        assert!(slot.remaining_prompt().is_empty());
+        slot.sampled(9);
+        slot.decoded();
+        slot.finish();
+        assert_eq!(slot.cached, vec![1, 2, 3, 9]);
+        // Only an awaiting slot forks.
+        assert!(!slot.fork(&[5]));
+        assert_eq!(slot.cached, vec![1, 2, 3, 9]);
     }
 
     #[test]

@@ -5,13 +5,16 @@
 //! `Sync`); async code reaches it only through the submit channel and per-request event
 //! channels.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::choices::choice_seed;
 use super::detok::Detokenizer;
 use super::llama::{Context, ContextOptions, DecodeError, LoadOptions, Model, Sampler};
 use super::park::{self, Control, Parking, Preload, Prepared};
@@ -21,6 +24,7 @@ use super::sampling;
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::step_budget::{StepBudget, StepTimings};
+use super::tools::TOOL_CALLS_TOKEN;
 use super::{
     ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
@@ -162,6 +166,8 @@ pub(super) fn run(
         parking,
         waiting_for_disk: Vec::new(),
         ready: VecDeque::new(),
+        held: None,
+        followers: (0..slots).map(|_| Vec::new()).collect(),
         timings: StepTimings::default(),
         reply_secs: None,
     };
@@ -225,12 +231,18 @@ struct ActiveJob {
     max_tokens: u32,
     /// End-of-generation and control tokens do not end the reply (benchmarks).
     ignore_eos: bool,
+    /// The request's tools may be called: a Mistral model's `[TOOL_CALLS]` control token
+    /// opens its calls instead of ending the reply, and shows as its text.
+    tool_calls: bool,
     /// Report each token's log-probability with this many alternatives.
     logprobs: Option<u8>,
     usage: Usage,
     queued: std::time::Duration,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// With several choices: how many of the request's slots are still working, shared
+    /// by them (the request counts as finished when the last one ends).
+    group: Option<Rc<Cell<usize>>>,
 }
 
 struct Worker<'m> {
@@ -250,6 +262,12 @@ struct Worker<'m> {
     waiting_for_disk: Vec<(u64, Job)>,
     /// Requests whose park file was read (or failed), admitted before new ones.
     ready: VecDeque<(Job, Preload)>,
+    /// A request with several choices waiting for as many free slots; nothing else is
+    /// admitted before it (it would never find them free otherwise).
+    held: Option<(Job, Preload)>,
+    /// For each slot reading a prompt with several choices: the slots awaiting its KV
+    /// cells, choice 1 first.
+    followers: Vec<Vec<usize>>,
     /// Recent step costs: they size the prompt share of a step and feed the estimates.
     timings: StepTimings,
     /// Seconds a reply keeps its slot after its first token, moving average.
@@ -274,9 +292,18 @@ impl Worker<'_> {
             while let Ok(control) = control_rx.try_recv() {
                 self.on_control(control);
             }
-            // Take waiting requests while slots are free: those whose park file was read
-            // first, then the queue.
+            // Take waiting requests while slots are free: one held for its choices' slots
+            // first, those whose park file was read next, then the queue.
             while self.has_free_slot() {
+                if let Some((job, preload)) = self.held.take() {
+                    let free = self.jobs.iter().filter(|j| j.is_none()).count();
+                    if (job.params.n.max(1) as usize) > free {
+                        self.held = Some((job, preload));
+                        break;
+                    }
+                    self.admit(job, preload);
+                    continue;
+                }
                 if let Some((job, preload)) = self.ready.pop_front() {
                     self.admit(job, preload);
                     continue;
@@ -366,6 +393,11 @@ impl Worker<'_> {
         if job.events_tx.is_closed() {
             return; // cancelled while it waited
         }
+        let n = job.params.n.max(1) as usize;
+        if n > self.jobs.iter().filter(|j| j.is_none()).count() {
+            self.held = Some((job, preload));
+            return;
+        }
         let queued = job.submitted.elapsed();
         let Some(index) = scheduler::choose_slot(&self.slots, &job.prompt) else {
             // Unreachable: admit is called only with a free slot. Refuse rather than panic.
@@ -409,26 +441,37 @@ impl Worker<'_> {
         }
         self.tick += 1;
         let prompt_len = job.prompt.len();
+        let group = (n > 1).then(|| Rc::new(Cell::new(n)));
+        let followers = self.reserve_choices(index, &job, seed, queued, group.as_ref());
         let slot = &mut self.slots[index];
         let reused = slot.start(job.prompt, self.tick);
         self.ctx.forget(slot.seq_id, reused);
         let params = &job.params;
+        let usage = Usage {
+            prompt_tokens: prompt_len as u32,
+            cached_tokens: reused as u32,
+            processed_tokens: (prompt_len - reused) as u32,
+            completion_tokens: 0,
+        };
+        for &f in &followers {
+            if let Some(follower) = self.jobs[f].as_mut() {
+                follower.usage = usage;
+            }
+        }
+        self.followers[index] = followers;
         self.jobs[index] = Some(ActiveJob {
             events_tx: job.events_tx,
             sampler,
             detok: Detokenizer::new(job.stops),
             max_tokens: job.max_tokens,
             ignore_eos: params.ignore_eos,
+            tool_calls: params.tools.as_ref().is_some_and(|t| t.callable()),
             logprobs: params.logprobs,
-            usage: Usage {
-                prompt_tokens: prompt_len as u32,
-                cached_tokens: reused as u32,
-                processed_tokens: (prompt_len - reused) as u32,
-                completion_tokens: 0,
-            },
+            usage,
             queued,
             admitted: Instant::now(),
             first_token: None,
+            group,
         });
         self.stats.requests_started.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -439,6 +482,110 @@ impl Worker<'_> {
         }
         self.publish_busy();
         self.publish_reading();
+    }
+
+    /// Reserves a free slot for each choice of `job` after the first (which reads the
+    /// prompt in slot `leader`), the least recently used first, parking the conversation
+    /// each one held. Each gets its own sampler, drawing with its own seed, and its own
+    /// channel. Returns the reserved slots, choice 1 first. The caller checked that
+    /// enough slots are free.
+    fn reserve_choices(
+        &mut self,
+        leader: usize,
+        job: &Job,
+        seed: u32,
+        queued: std::time::Duration,
+        group: Option<&Rc<Cell<usize>>>,
+    ) -> Vec<usize> {
+        let mut reserved = Vec::with_capacity(job.choice_txs.len());
+        for (c, events_tx) in job.choice_txs.iter().enumerate() {
+            let choice = c as u32 + 1;
+            let Some(f) = (0..self.slots.len())
+                .filter(|&f| f != leader && self.jobs[f].is_none() && self.slots[f].is_idle())
+                .min_by_key(|&f| self.slots[f].last_used)
+            else {
+                // Unreachable (checked before): the choice ends at once, empty.
+                let _ = events_tx.send(Err(EngineError::Overloaded { waiting: 0 }));
+                continue;
+            };
+            let steps = sampling::chain(
+                &job.params,
+                choice_seed(seed, choice),
+                job.grammar.as_deref(),
+                self.model.n_vocab(),
+            );
+            let sampler = match Sampler::new(self.model, &steps) {
+                Ok(sampler) => sampler,
+                Err(error) => {
+                    let _ = events_tx.send(Err(error.into()));
+                    continue;
+                }
+            };
+            if let Some(parking) = self.parking.as_mut() {
+                parking.park_leaving(&self.ctx, &self.slots[f], &job.prompt);
+            }
+            self.slots[f].reserve(leader, self.tick);
+            self.jobs[f] = Some(ActiveJob {
+                events_tx: events_tx.clone(),
+                sampler,
+                detok: Detokenizer::new(job.stops.clone()),
+                max_tokens: job.max_tokens,
+                ignore_eos: job.params.ignore_eos,
+                tool_calls: job.params.tools.as_ref().is_some_and(|t| t.callable()),
+                logprobs: job.params.logprobs,
+                usage: Usage::default(),
+                queued,
+                admitted: Instant::now(),
+                first_token: None,
+                group: group.cloned(),
+            });
+            reserved.push(f);
+        }
+        reserved
+    }
+
+    /// The slots awaiting the prompt of slot `leader` take its KV cells (one copy each)
+    /// and sample their first token from its logits row `row`, as the leader does.
+    fn fork_choices(&mut self, leader: usize, row: i32) {
+        let followers = std::mem::take(&mut self.followers[leader]);
+        let leader_seq = self.slots[leader].seq_id;
+        for f in followers {
+            if self.jobs[f].is_none() || self.slots[f].state != (SlotState::Awaiting { leader }) {
+                continue;
+            }
+            self.ctx.copy_seq(leader_seq, self.slots[f].seq_id);
+            let prompt = self.slots[leader].cached.clone();
+            self.slots[f].fork(&prompt);
+            self.take_token(f, row);
+        }
+    }
+
+    /// Ends the choices still awaiting the prompt of slot `leader` (it ended before its
+    /// prompt was read): with `error`, or as `reason`. Their own caches are untouched.
+    fn release_choices(
+        &mut self,
+        leader: usize,
+        error: Option<&EngineError>,
+        reason: FinishReason,
+    ) {
+        for f in std::mem::take(&mut self.followers[leader]) {
+            if self.slots[f].state != (SlotState::Awaiting { leader }) {
+                continue;
+            }
+            match error {
+                Some(error) => {
+                    self.slots[f].finish();
+                    if let Some(job) = self.jobs[f].take() {
+                        if last_of_request(job.group.as_ref()) {
+                            self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = job.events_tx.send(Err(error.clone()));
+                    }
+                }
+                None => self.finish(f, reason),
+            }
+        }
+        self.publish_busy();
     }
 
     /// Publishes the prompt tokens the slots have still to read.
@@ -516,17 +663,26 @@ impl Worker<'_> {
     fn after_decode(&mut self, entry: &BatchEntry, row: Option<i32>) {
         let i = entry.slot;
         let slot = &mut self.slots[i];
+        let mut prompt_read = false;
         match slot.state {
             SlotState::Decode { .. } => slot.decoded(),
             SlotState::Prefill { .. } => {
-                slot.prefilled(entry.tokens.len());
+                prompt_read = slot.prefilled(entry.tokens.len());
                 self.stats
                     .prompt_tokens_processed
                     .fetch_add(entry.tokens.len() as u64, Ordering::Relaxed);
             }
-            SlotState::Idle => return,
+            SlotState::Idle | SlotState::Awaiting { .. } => return,
         }
         let Some(row) = row else { return };
+        if prompt_read && !self.followers[i].is_empty() {
+            self.fork_choices(i, row);
+        }
+        self.take_token(i, row);
+    }
+
+    /// Samples slot `i`'s next token from logits row `row` and sends what it makes.
+    fn take_token(&mut self, i: usize, row: i32) {
         let Some(job) = self.jobs[i].as_mut() else {
             return;
         };
@@ -536,7 +692,13 @@ impl Worker<'_> {
         self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
 
         // A control token mid-reply ([INST], <|im_start|>, …) is a turn boundary too.
-        if !job.ignore_eos && (self.model.is_end_of_turn(token) || self.model.is_control(token)) {
+        let opens_calls = job.tool_calls
+            && self.model.is_control(token)
+            && self.model.piece(token, true) == TOOL_CALLS_TOKEN.as_bytes();
+        if !job.ignore_eos
+            && !opens_calls
+            && (self.model.is_end_of_turn(token) || self.model.is_control(token))
+        {
             self.finish(i, FinishReason::Stop);
             return;
         }
@@ -553,7 +715,9 @@ impl Worker<'_> {
         }
         // Forced lengths show control tokens as their text: a reply of only control tokens
         // (a random-weight model's) would otherwise be textless, an empty reply to the chain.
-        let out = job.detok.push(&self.model.piece(token, job.ignore_eos));
+        let out = job
+            .detok
+            .push(&self.model.piece(token, job.ignore_eos || opens_calls));
         if !out.text.is_empty()
             && job
                 .events_tx
@@ -576,6 +740,9 @@ impl Worker<'_> {
     }
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
+        if !self.followers[i].is_empty() {
+            self.release_choices(i, None, reason);
+        }
         self.slots[i].finish();
         let Some(mut job) = self.jobs[i].take() else {
             return;
@@ -601,7 +768,9 @@ impl Worker<'_> {
                 .timed_micros
                 .fetch_add(timings.generation.as_micros() as u64, Ordering::Relaxed);
         }
-        self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        if last_of_request(job.group.as_ref()) {
+            self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        }
         // Figures first, then the caller: stats read after `Done` already show the free slot.
         self.publish_busy();
         let rest = job.detok.finish();
@@ -618,11 +787,17 @@ impl Worker<'_> {
     }
 
     fn fail(&mut self, i: usize, error: EngineError) {
+        if !self.followers[i].is_empty() {
+            self.release_choices(i, Some(&error), FinishReason::Stop);
+        }
         let seq = self.slots[i].seq_id;
         self.ctx.forget(seq, 0);
         self.slots[i].clear();
         let job = self.jobs[i].take();
-        if job.is_some() {
+        if job
+            .as_ref()
+            .is_some_and(|job| last_of_request(job.group.as_ref()))
+        {
             self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
         }
         self.publish_busy();
@@ -702,6 +877,15 @@ fn token_logprob(model: &Model, logits: &[f32], token: i32, top: u8) -> TokenLog
             })
             .collect(),
     }
+}
+
+/// Counts one slot of a request as done; true when it was the request's last (always
+/// for a request with one choice).
+fn last_of_request(group: Option<&Rc<Cell<usize>>>) -> bool {
+    group.is_none_or(|open| {
+        open.set(open.get().saturating_sub(1));
+        open.get() == 0
+    })
 }
 
 /// A seed for a request that did not ask for one.

@@ -7,10 +7,14 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::params::{ExtraFields, ResponseOptions};
 use super::state::HttpSettings;
+use super::tools;
 use crate::chat::{ChatMessage, ChatRequest, Role};
 
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
+
+/// Most choices a request may ask for (OpenAI's limit; the local engine's is its slots).
+const MAX_N: u32 = 128;
 
 /// `POST /v1/chat/completions` as sent. Unknown fields are ignored, as OpenAI clients
 /// send many (`model`, `user`, …): the bot answers with its chain.
@@ -40,7 +44,7 @@ pub struct ChatCompletionRequest {
     /// A stop string or a list of them.
     #[serde(default)]
     pub stop: Option<Value>,
-    /// Number of choices; only 1 is supported.
+    /// Number of choices, 1 to 128 (the local engine: at most its slots).
     #[serde(default)]
     pub n: Option<u32>,
     /// Extension (llama-server's name): generate exactly `max_tokens` tokens, ignoring
@@ -50,6 +54,9 @@ pub struct ChatCompletionRequest {
     /// Sampling, logprobs, response format, stream options, truncation (`params`).
     #[serde(flatten)]
     pub extra: ExtraFields,
+    /// `tools`, `tool_choice`, `parallel_tool_calls` (`tools`).
+    #[serde(flatten)]
+    pub tool_fields: super::tools::ToolFields,
 }
 
 /// A checked request.
@@ -66,11 +73,17 @@ pub struct ValidRequest {
 /// One message as sent.
 #[derive(Debug, Deserialize)]
 pub struct WireMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     /// A string, a list of `{"type":"text","text":…}` parts, or null.
     #[serde(default)]
     pub content: Value,
+    /// An assistant's calls of tools.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<Value>,
 }
 
 /// The role of a wire message.
@@ -79,10 +92,11 @@ fn role(name: &str) -> Result<Role, ApiError> {
         "system" | "developer" => Ok(Role::System),
         "user" => Ok(Role::User),
         "assistant" => Ok(Role::Assistant),
+        "tool" => Ok(Role::Tool),
         other => Err(ApiError::invalid(
             "messages",
             format!(
-                "unsupported message role `{}` (use system, user or assistant)",
+                "unsupported message role `{}` (use system, user, assistant or tool)",
                 other.chars().take(40).collect::<String>()
             ),
         )),
@@ -162,22 +176,29 @@ impl ChatCompletionRequest {
         }
         // The configured system prompt is added by the responder, not here.
         let mut messages = Vec::with_capacity(wire.len() + 1);
-        for message in wire {
-            messages.push(ChatMessage::new(
-                role(&message.role)?,
-                content(message.content)?,
-            ));
+        for (i, message) in wire.into_iter().enumerate() {
+            let mut chat = ChatMessage::new(role(&message.role)?, content(message.content)?);
+            match chat.role {
+                Role::Assistant => chat.tool_calls = tools::calls(message.tool_calls, i)?,
+                Role::Tool => chat.tool_call_id = Some(tools::call_id(message.tool_call_id, i)?),
+                Role::System | Role::User => {}
+            }
+            messages.push(chat);
         }
+        tools::check_sequence(&messages)?;
         if !messages.iter().any(|m| m.role == Role::User) {
             return Err(ApiError::invalid(
                 "messages",
                 "`messages` needs a user message",
             ));
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("n", "only n = 1 is supported"));
-        }
         let mut params = settings.generate.clone();
+        if let Some(n) = self.n {
+            if !(1..=MAX_N).contains(&n) {
+                return Err(ApiError::invalid("n", format!("n must be 1 to {MAX_N}")));
+            }
+            params.n = n;
+        }
         if let Some(max) = self.max_completion_tokens.or(self.max_tokens) {
             if max == 0 {
                 return Err(ApiError::invalid(
@@ -216,6 +237,7 @@ impl ChatCompletionRequest {
         params.ignore_eos = self.ignore_eos.unwrap_or(false);
         let stream = self.stream.unwrap_or(false);
         let options = self.extra.apply(&mut params, stream)?;
+        params.tools = self.tool_fields.validate()?;
         Ok(ValidRequest {
             request: ChatRequest::new(messages, params),
             stream,
@@ -312,9 +334,10 @@ mod tests {
             ApiError::invalid("messages", "`messages` is required")
         );
         assert!(check(r#"{"messages":[]}"#).is_err());
-        let role = check(r#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap_err();
+        let role = check(r#"{"messages":[{"role":"function","content":"x"}]}"#).unwrap_err();
         assert!(
-            role.to_string().contains("unsupported message role `tool`"),
+            role.to_string()
+                .contains("unsupported message role `function`"),
             "{role}"
         );
         assert!(check(r#"{"messages":[{"role":"system","content":"x"}]}"#).is_err());
@@ -323,7 +346,10 @@ mod tests {
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#).is_err());
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#).is_err());
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"seed":-1}"#).is_err());
-        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).is_err());
+        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#).is_err());
+        assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"n":129}"#).is_err());
+        let two = check(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).unwrap();
+        assert_eq!(two.0.params.n, 2);
         assert!(check(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#).is_err());
         assert!(
             check(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#)

@@ -17,9 +17,11 @@ use futures::stream;
 use serde_json::{Value, json};
 
 use super::api;
+use super::choices::{Collected, Tracker};
 use super::error::ApiError;
 use super::params::ResponseOptions;
 use super::state::AppState;
+use super::tools;
 use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob, Usage};
 use crate::i18n::Lang;
 
@@ -36,6 +38,8 @@ struct Meta {
     fingerprint: String,
     /// Whether the client asked for log-probabilities.
     logprobs: bool,
+    /// Choices asked for (`n`).
+    n: u32,
     /// How to shape the response.
     options: ResponseOptions,
 }
@@ -62,6 +66,15 @@ fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
         FinishReason::ContentFilter => "content_filter",
+    }
+}
+
+/// The finish reason of a choice that called tools (`has_calls`) or not: `tool_calls`
+/// when the model stopped after calls.
+fn finish_reason_with(reason: FinishReason, has_calls: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if has_calls => "tool_calls",
+        other => finish_reason(other),
     }
 }
 
@@ -105,6 +118,7 @@ pub async fn completions(
         options,
     } = api::parse(&body)?.validate(state.settings())?;
     let logprobs = request.params.logprobs.is_some();
+    let n = request.params.n.max(1);
     let responder = state.responder().ok_or(ApiError::NotReady)?;
     let permit = state.try_admit().ok_or(ApiError::Busy)?;
     let session = super::session::session_of(&headers, &body);
@@ -125,6 +139,7 @@ pub async fn completions(
         provider: reply.provider,
         fingerprint: fingerprint(&state.settings().model_id),
         logprobs,
+        n,
         options,
     };
     // Provider names are plain ASCII; a name that is not a valid header value (a provider
@@ -157,23 +172,37 @@ async fn whole(
     meta: Meta,
     mut events: futures::stream::BoxStream<'static, StreamEvent>,
 ) -> Json<Value> {
-    let mut text = String::new();
-    let mut completion = None;
-    let mut logprobs = Vec::new();
+    let mut collected = Collected::default();
     while let Some(event) = events.next().await {
-        match event {
-            StreamEvent::Delta(delta) => text.push_str(&delta),
-            StreamEvent::Logprobs(tokens) => logprobs.extend(tokens),
-            StreamEvent::Done(done) => {
-                completion = Some(done);
-                break;
-            }
-            StreamEvent::Started | StreamEvent::Prompt(_) => {}
+        if collected.push(event) {
+            break;
         }
     }
-    let (reason, usage) = completion.map_or((FinishReason::Stop, Usage::default()), |c| {
-        (c.finish_reason, c.usage)
-    });
+    let usage = collected.completion.map_or(Usage::default(), |c| c.usage);
+    let choices: Vec<Value> = collected
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(index, choice)| {
+            let mut message = json!({"role": "assistant", "content": choice.text, "refusal": null});
+            if !choice.calls.is_empty() {
+                // OpenAI: `content` is null when the answer is only calls.
+                if choice.text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = tools::calls_json(&choice.calls);
+            }
+            json!({
+                "index": index,
+                "message": message,
+                "logprobs": logprobs_json(&meta, &choice.logprobs),
+                "finish_reason": finish_reason_with(
+                    choice.finish.unwrap_or(FinishReason::Stop),
+                    !choice.calls.is_empty(),
+                ),
+            })
+        })
+        .collect();
     Json(json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -181,22 +210,18 @@ async fn whole(
         "model": meta.model,
         "system_fingerprint": meta.fingerprint,
         "provider": meta.provider,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
-            "logprobs": logprobs_json(&meta, &logprobs),
-            "finish_reason": finish_reason(reason),
-        }],
+        "choices": choices,
         "usage": usage_json(&usage),
     }))
 }
 
-/// One `chat.completion.chunk` with one choice.
+/// One `chat.completion.chunk` with one choice, `index`.
 fn chunk(
     meta: &Meta,
+    index: u32,
     delta: Value,
     logprobs: &[TokenLogprob],
-    finish: Option<&Completion>,
+    finish: Option<(&Completion, bool)>,
 ) -> Event {
     let mut chunk = json!({
         "id": meta.id,
@@ -206,17 +231,18 @@ fn chunk(
         "system_fingerprint": meta.fingerprint,
         "provider": meta.provider,
         "choices": [{
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": logprobs_json(meta, logprobs),
-            "finish_reason": finish.map(|c| finish_reason(c.finish_reason)),
+            "finish_reason": finish.map(|(c, calls)| finish_reason_with(c.finish_reason, calls)),
         }],
     });
     if meta.options.include_usage {
         // OpenAI: with `include_usage`, every chunk but the last has `"usage": null`.
         chunk["usage"] = Value::Null;
-    } else if let Some(completion) = finish {
-        // Without it, the usage rides on the finishing chunk, as llama-server sends it.
+    } else if let Some((completion, _)) = finish.filter(|_| meta.n == 1) {
+        // Without it, the usage rides on the finishing chunk, as llama-server sends it
+        // (with several choices there is no one finishing chunk: OpenAI's way, none).
         chunk["usage"] = usage_json(&completion.usage);
     }
     Event::default().data(chunk.to_string())
@@ -237,35 +263,75 @@ fn usage_chunk(meta: &Meta, usage: &Usage) -> Event {
     Event::default().data(chunk.to_string())
 }
 
-/// The reply as `chat.completion.chunk` events: the role first, then one per delta
-/// (carrying the log-probabilities of its tokens, when asked for), then the finish reason,
-/// then (with `include_usage`) the usage, then `[DONE]`.
+/// The reply as `chat.completion.chunk` events: the role first (of each choice), then one
+/// per delta (carrying the log-probabilities of its tokens, when asked for), then each
+/// choice's finish reason, then (with `include_usage`) the usage, then `[DONE]`.
 fn streamed(
     meta: Meta,
     events: futures::stream::BoxStream<'static, StreamEvent>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let first = chunk(
-        &meta,
-        json!({"role": "assistant", "content": ""}),
-        &[],
-        None,
-    );
+    let first: Vec<Event> = (0..meta.n)
+        .map(|index| {
+            chunk(
+                &meta,
+                index,
+                json!({"role": "assistant", "content": ""}),
+                &[],
+                None,
+            )
+        })
+        .collect();
     // Log-probabilities arrive before the text of their tokens: held until that text.
-    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let mut choices = Tracker::default();
     let body = events
         .map(move |event| match event {
             StreamEvent::Delta(text) if text.is_empty() => Vec::new(),
             StreamEvent::Delta(text) => {
-                let logprobs = std::mem::take(&mut pending);
-                vec![chunk(&meta, json!({"content": text}), &logprobs, None)]
+                let logprobs = choices.take();
+                let index = choices.current();
+                vec![chunk(
+                    &meta,
+                    index,
+                    json!({"content": text}),
+                    &logprobs,
+                    None,
+                )]
             }
             StreamEvent::Logprobs(tokens) => {
-                pending.extend(tokens);
+                choices.hold(tokens);
                 Vec::new()
             }
+            StreamEvent::ToolCall(call) => {
+                let logprobs = choices.take();
+                let index = choices.current();
+                let [named, arguments] = tools::call_deltas(choices.next_call(), &call);
+                vec![
+                    chunk(&meta, index, named, &logprobs, None),
+                    chunk(&meta, index, arguments, &[], None),
+                ]
+            }
+            StreamEvent::Choice(index) => {
+                choices.switch(index);
+                Vec::new()
+            }
+            StreamEvent::ChoiceEnd(reason) => {
+                let logprobs = choices.take();
+                let ended = Completion {
+                    finish_reason: reason,
+                    usage: Usage::default(),
+                    timings: Default::default(),
+                };
+                let index = choices.current();
+                let finish = Some((&ended, choices.called()));
+                vec![chunk(&meta, index, json!({}), &logprobs, finish)]
+            }
             StreamEvent::Done(completion) => {
-                let logprobs = std::mem::take(&mut pending);
-                let mut out = vec![chunk(&meta, json!({}), &logprobs, Some(&completion))];
+                let mut out = Vec::with_capacity(2);
+                if meta.n == 1 {
+                    let logprobs = choices.take();
+                    let finish = Some((&completion, choices.called()));
+                    out.push(chunk(&meta, 0, json!({}), &logprobs, finish));
+                }
                 if meta.options.include_usage {
                     out.push(usage_chunk(&meta, &completion.usage));
                 }
@@ -274,7 +340,7 @@ fn streamed(
             StreamEvent::Started | StreamEvent::Prompt(_) => Vec::new(),
         })
         .flat_map(stream::iter);
-    let all = stream::once(futures::future::ready(first))
+    let all = stream::iter(first)
         .chain(body)
         .chain(stream::once(futures::future::ready(
             Event::default().data("[DONE]"),

@@ -74,6 +74,9 @@ impl From<Refused> for ApiError {
                 "The local model cannot follow the requested response format: {error}. \
                  Change response_format (or grammar / json_schema)."
             ),
+            (ProviderError::Engine(error @ EngineError::TooManyChoices { .. }), _) => {
+                format!("Too many choices: {error}. Ask for fewer (n).")
+            }
             (ProviderError::Refused { detail, .. }, RequestFault::ContextLengthExceeded) => {
                 format!(
                     "The messages are too long for the model ({provider}: {detail}). Shorten \

@@ -18,6 +18,7 @@
 
 mod api;
 mod chat;
+mod choices;
 mod conn;
 mod dashboard;
 mod error;
@@ -25,6 +26,7 @@ mod ops;
 mod params;
 mod session;
 mod state;
+mod tools;
 mod webhook;
 
 use std::future::Future;

@@ -345,9 +345,19 @@ async fn first_text(
             Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
                 return Ok((prompts, text, events));
             }
+            // A call of a request's tool is the answer as much as text is.
+            Some(Ok(call @ StreamEvent::ToolCall(_))) => {
+                prompts.push(call);
+                return Ok((prompts, String::new(), events));
+            }
             Some(Ok(StreamEvent::Started)) => *started = true,
             // Log-probabilities come before the text they describe: passed on with it.
-            Some(Ok(early @ (StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)))) => {
+            Some(Ok(
+                early @ (StreamEvent::Prompt(_)
+                | StreamEvent::Logprobs(_)
+                | StreamEvent::Choice(_)
+                | StreamEvent::ChoiceEnd(_)),
+            )) => {
                 prompts.push(early);
             }
             Some(Ok(StreamEvent::Delta(_))) => {}
@@ -472,7 +482,12 @@ impl Tail {
                     ProviderError::Malformed(format!("reply longer than {MAX_REPLY_BYTES} bytes"))
                 }
                 Ok(Some(Ok(
-                    event @ (StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)),
+                    event @ (StreamEvent::Started
+                    | StreamEvent::Prompt(_)
+                    | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_)
+                    | StreamEvent::ToolCall(_)),
                 ))) => {
                     return Some((vec![event], Some(tail)));
                 }

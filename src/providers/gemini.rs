@@ -15,7 +15,7 @@ use url::Url;
 use super::cloud;
 use super::convert::normalize;
 use super::openai::endpoint;
-use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse};
+use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse, tools};
 use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -104,17 +104,41 @@ impl GeminiProvider {
 /// The `generateContent` request body for `request` to `model`.
 fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
     let turns = normalize(&request.messages);
-    let contents: Vec<_> = turns
-        .turns
-        .iter()
-        .map(|(role, text)| {
-            let role = match role {
-                Role::Assistant => "model",
-                Role::User | Role::System => "user",
-            };
-            json!({"role": role, "parts": [{"text": text}]})
-        })
-        .collect();
+    let mut contents: Vec<serde_json::Value> = Vec::with_capacity(turns.turns.len());
+    let mut answering_calls = false;
+    for turn in &turns.turns {
+        if turn.role == Role::Tool {
+            // Every result of one model turn's calls goes in one user turn.
+            let name = turns
+                .turns
+                .iter()
+                .flat_map(|t| &t.tool_calls)
+                .find(|c| Some(&c.id) == turn.tool_call_id.as_ref())
+                .map_or("", |c| c.name.as_str());
+            let part = tools::gemini_response_part(name, &turn.text);
+            match contents.last_mut() {
+                Some(last) if answering_calls => {
+                    if let Some(parts) = last["parts"].as_array_mut() {
+                        parts.push(part);
+                    }
+                }
+                _ => contents.push(json!({"role": "user", "parts": [part]})),
+            }
+            answering_calls = true;
+            continue;
+        }
+        answering_calls = false;
+        let role = match turn.role {
+            Role::Assistant => "model",
+            Role::User | Role::System | Role::Tool => "user",
+        };
+        let mut parts = Vec::new();
+        if !turn.text.is_empty() {
+            parts.push(json!({"text": turn.text}));
+        }
+        parts.extend(turn.tool_calls.iter().map(tools::gemini_call_part));
+        contents.push(json!({"role": role, "parts": parts}));
+    }
     let params = &request.params;
     let thinking = thinking(model);
     let mut config = match thinking {
@@ -143,6 +167,12 @@ fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
         config[key] = value;
     }
     let mut body = json!({"contents": contents, "generationConfig": config});
+    if let Some(offered) = &params.tools
+        && let Ok((declarations, tool_config)) = tools::gemini_fields(offered)
+    {
+        body["tools"] = declarations;
+        body["toolConfig"] = tool_config;
+    }
     if let Some(system) = turns.system {
         body["systemInstruction"] = json!({"parts": [{"text": system}]});
     }
@@ -158,6 +188,9 @@ impl Provider for GeminiProvider {
         Box::pin(async move {
             let key = self.api_key.as_ref().ok_or(ProviderError::MissingKey)?;
             passthrough::gemini_fields(&request.params)?;
+            if let Some(offered) = &request.params.tools {
+                tools::gemini_fields(offered)?;
+            }
             let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
             let http = self
                 .client
@@ -173,7 +206,8 @@ impl Provider for GeminiProvider {
                 },
                 other => other,
             })?;
-            Ok(events(sse::data_stream(response.bytes_stream())))
+            let parallel = request.params.tools.as_ref().is_none_or(|t| t.parallel);
+            Ok(events(sse::data_stream(response.bytes_stream()), parallel))
         })
     }
 }
@@ -208,6 +242,8 @@ struct Part {
     /// Thinking models mark their thoughts; those are not the answer.
     #[serde(default)]
     thought: bool,
+    /// A call of one of the request's tools: `{"name", "args", "id"?}`.
+    function_call: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -249,6 +285,12 @@ struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
     finish: Option<FinishReason>,
     usage: Usage,
+    /// Events read and not yet passed on.
+    ready: std::collections::VecDeque<StreamEvent>,
+    /// Whether an answer may call several tools (else the first call only is kept).
+    parallel: bool,
+    /// Calls passed on so far.
+    calls: usize,
 }
 
 fn done(reading: &Reading) -> StreamEvent {
@@ -260,15 +302,21 @@ fn done(reading: &Reading) -> StreamEvent {
 }
 
 /// The events of a streamed `generateContent`, from its SSE `data` payloads.
-fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStream {
+fn events(data: BoxStream<'static, Result<String, ProviderError>>, parallel: bool) -> EventStream {
     let reading = Reading {
         data,
         finish: None,
         usage: Usage::default(),
+        ready: std::collections::VecDeque::new(),
+        parallel,
+        calls: 0,
     };
     stream::unfold(Some(reading), |reading| async move {
         let mut reading = reading?;
         loop {
+            if let Some(event) = reading.ready.pop_front() {
+                return Some((Ok(event), Some(reading)));
+            }
             let payload = match reading.data.next().await {
                 Some(Ok(payload)) => payload,
                 Some(Err(e)) => return Some((Err(e), None)),
@@ -334,10 +382,20 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                     if let (Some(t), false) = (&part.text, part.thought) {
                         text.push_str(t);
                     }
+                    if let Some(call) = &part.function_call {
+                        let call = match tools::gemini_call(call) {
+                            Ok(call) => call,
+                            Err(e) => return Some((Err(e), None)),
+                        };
+                        if reading.parallel || reading.calls == 0 {
+                            reading.calls += 1;
+                            reading.ready.push_back(StreamEvent::ToolCall(call));
+                        }
+                    }
                 }
             }
             if !text.is_empty() {
-                return Some((Ok(StreamEvent::Delta(text)), Some(reading)));
+                reading.ready.push_front(StreamEvent::Delta(text));
             }
         }
     })
@@ -403,7 +461,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .boxed();
-        events(data).collect().await
+        events(data, true).collect().await
     }
 
     #[tokio::test]

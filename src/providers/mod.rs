@@ -37,6 +37,7 @@ mod passthrough;
 pub mod probe;
 mod sse;
 pub mod stt;
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,10 +202,11 @@ impl ProviderError {
             ProviderError::Engine(EngineError::Prompt(PromptError::TooLong { .. })) => {
                 Fault::Request(RequestFault::ContextLengthExceeded)
             }
-            // A schema or grammar the local engine cannot follow: another provider may.
-            ProviderError::Engine(EngineError::Constraint(_)) => {
-                Fault::Request(RequestFault::InvalidRequest)
-            }
+            // A schema or grammar the local engine cannot follow, or more choices than it
+            // has slots: another provider may.
+            ProviderError::Engine(
+                EngineError::Constraint(_) | EngineError::TooManyChoices { .. },
+            ) => Fault::Request(RequestFault::InvalidRequest),
             // The others depend only on the messages (none, or ones the chat template
             // cannot render): the same request fails the same way every time.
             ProviderError::Engine(EngineError::Prompt(_)) => {

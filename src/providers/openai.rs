@@ -16,7 +16,7 @@ use url::Url;
 
 use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
-use super::{EventStream, Provider, ProviderError, passthrough, sse};
+use super::{EventStream, Provider, ProviderError, passthrough, sse, tools};
 use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -208,6 +208,7 @@ impl OpenAiProvider {
     /// The request body for `request`.
     fn body(&self, request: &ChatRequest) -> serde_json::Value {
         let turns = normalize(&request.messages);
+        let mistral = self.flavor == OpenAiFlavor::Mistral;
         let messages: Vec<_> = turns
             .system
             .iter()
@@ -216,7 +217,7 @@ impl OpenAiProvider {
                 turns
                     .turns
                     .iter()
-                    .map(|(role, text)| json!({"role": role.as_str(), "content": text})),
+                    .map(|turn| tools::openai_message(turn, mistral)),
             )
             .collect();
         let params = &request.params;
@@ -269,6 +270,11 @@ impl OpenAiProvider {
         // Refusals were checked in `stream`: here only the fields.
         for (key, value) in passthrough::openai_fields(params).unwrap_or_default() {
             body[key] = value;
+        }
+        if let Some(offered) = &params.tools {
+            for (key, value) in tools::openai_fields(offered, mistral) {
+                body[key] = value;
+            }
         }
         body
     }
@@ -344,6 +350,8 @@ struct Choice {
 struct Message {
     /// A string, or (Mistral's reasoning models) an array of typed chunks.
     content: Option<serde_json::Value>,
+    /// Calls of the request's tools: whole in a message, in pieces in a delta.
+    tool_calls: Option<serde_json::Value>,
 }
 
 /// The answer text of a message's `content`: a string as it is, or the `text` chunks of a
@@ -445,7 +453,19 @@ fn whole_completion(body: &[u8]) -> Result<Vec<Result<StreamEvent, ProviderError
     };
     let finish = choice.finish_reason.as_deref().map(finish_reason);
     let usage = chunk.usage.map(Usage::from).unwrap_or_default();
-    Ok(vec![Ok(StreamEvent::Delta(text)), Ok(done(finish, usage))])
+    let mut calls = tools::CallPieces::default();
+    if let Some(list) = choice.message.as_ref().and_then(|m| m.tool_calls.as_ref()) {
+        calls.add(list)?;
+    }
+    let mut events = vec![Ok(StreamEvent::Delta(text))];
+    events.extend(
+        calls
+            .finish()
+            .into_iter()
+            .map(|c| Ok(StreamEvent::ToolCall(c))),
+    );
+    events.push(Ok(done(finish, usage)));
+    Ok(events)
 }
 
 /// Reading state of one streamed completion.
@@ -453,6 +473,20 @@ struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
     finish: Option<FinishReason>,
     usage: Usage,
+    /// Tool calls streamed so far, in pieces.
+    calls: tools::CallPieces,
+    /// Whole calls to pass on before anything else.
+    ready: std::collections::VecDeque<StreamEvent>,
+}
+
+impl Reading {
+    /// The stream ended: calls not yet closed by a finish reason, then the end.
+    fn end(&mut self) {
+        let calls = self.calls.finish();
+        self.ready
+            .extend(calls.into_iter().map(StreamEvent::ToolCall));
+        self.ready.push_back(done(self.finish, self.usage));
+    }
 }
 
 /// The events of a streamed completion, from its SSE `data` payloads.
@@ -461,24 +495,32 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
         data,
         finish: None,
         usage: Usage::default(),
+        calls: tools::CallPieces::default(),
+        ready: std::collections::VecDeque::new(),
     };
     stream::unfold(Some(reading), |reading| async move {
         let mut reading = reading?;
         loop {
+            if let Some(event) = reading.ready.pop_front() {
+                let ended = matches!(event, StreamEvent::Done(_));
+                return Some((Ok(event), (!ended).then_some(reading)));
+            }
             let payload = match reading.data.next().await {
                 Some(Ok(payload)) => payload,
                 Some(Err(e)) => return Some((Err(e), None)),
                 // Some servers close without `[DONE]` after the finish reason; a stream
                 // that ends before any finish reason was cut off.
                 None if reading.finish.is_some() => {
-                    return Some((Ok(done(reading.finish, reading.usage)), None));
+                    reading.end();
+                    continue;
                 }
                 None => {
                     return Some((Err(ProviderError::Cut("ended before [DONE]".into())), None));
                 }
             };
             if payload.trim() == "[DONE]" {
-                return Some((Ok(done(reading.finish, reading.usage)), None));
+                reading.end();
+                continue;
             }
             let chunk: Chunk = match serde_json::from_str(&payload) {
                 Ok(chunk) => chunk,
@@ -509,18 +551,28 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
             }
             let mut text = String::new();
             for choice in &chunk.choices {
-                if let Some(reason) = &choice.finish_reason {
-                    reading.finish = Some(finish_reason(reason));
-                }
                 if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_ref()) {
                     match content_text(content) {
                         Ok(piece) => text.push_str(&piece),
                         Err(e) => return Some((Err(e), None)),
                     }
                 }
+                if let Some(calls) = choice.delta.as_ref().and_then(|d| d.tool_calls.as_ref())
+                    && let Err(e) = reading.calls.add(calls)
+                {
+                    return Some((Err(e), None));
+                }
+                if let Some(reason) = &choice.finish_reason {
+                    reading.finish = Some(finish_reason(reason));
+                    // The calls are whole when the choice finishes.
+                    let calls = reading.calls.finish();
+                    reading
+                        .ready
+                        .extend(calls.into_iter().map(StreamEvent::ToolCall));
+                }
             }
             if !text.is_empty() {
-                return Some((Ok(StreamEvent::Delta(text)), Some(reading)));
+                reading.ready.push_front(StreamEvent::Delta(text));
             }
         }
     })

@@ -36,6 +36,11 @@ fn common_refusal(params: &GenerateParams) -> Result<(), ProviderError> {
     if params.logprobs.is_some() {
         return Err(refused("logprobs are served by the local engine only"));
     }
+    if params.n > 1 {
+        return Err(refused(
+            "several choices (n > 1) are served by the local engine only",
+        ));
+    }
     Ok(())
 }
 
@@ -138,7 +143,7 @@ const GEMINI_DROPPED: &[&str] = &[
 /// A JSON Schema as Gemini's `responseSchema`: a `type` list with `null` becomes
 /// `nullable`, `const` a one-value `enum`; keywords it lacks (`$ref`, `allOf`, `not`, …)
 /// are a refusal naming them.
-fn gemini_schema(schema: &Value, path: &str) -> Result<Value, ProviderError> {
+pub(super) fn gemini_schema(schema: &Value, path: &str) -> Result<Value, ProviderError> {
     let Value::Object(map) = schema else {
         return Err(refused(format!(
             "Gemini's responseSchema needs an object at {path:?}"

@@ -199,7 +199,14 @@ pub async fn deliver(
                     completion = Some(done);
                     break;
                 }
-                Some(StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_)) => {}
+                Some(
+                    StreamEvent::Started
+                    | StreamEvent::Prompt(_)
+                    | StreamEvent::Logprobs(_)
+                    | StreamEvent::Choice(_)
+                    | StreamEvent::ChoiceEnd(_)
+                    | StreamEvent::ToolCall(_),
+                ) => {}
                 None => break,
             },
             _ = tokio::time::sleep_until(next_edit), if due => {

@@ -1,10 +1,10 @@
 //! Webhook mode (`--telegram-webhook-url`): `setWebhook` at start, then the updates the
-//! HTTP API's route hands over ([`crate::webhook`]) take the same durable path as polled
-//! ones: saved as pending in [`super::state`] before Telegram is told 200, answered in
+//! HTTP API's route hands over ([`crate::webhook`]) are read as polled ones are
+//! ([`updates::read`]) and take the same durable path: saved as pending in [`super::state`] before Telegram is told 200, answered in
 //! order per conversation, answered again after a restart if the answer was cut off.
 //!
 //! - `setWebhook` carries a `secret_token` drawn at this start, the same
-//!   `allowed_updates` as polling ([`api::ALLOWED_UPDATES`]), `max_connections`, and
+//!   `allowed_updates` as polling ([`updates::ALLOWED_UPDATES`]), `max_connections`, and
 //!   `drop_pending_updates: false`. A Bot API that cannot be reached is waited out like
 //!   `getMe` ([`connect::persist`]); a refusal stops the Telegram side alone.
 //! - Backpressure: past [`MAX_PENDING`] unanswered updates the route answers 503 and
@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::api::TelegramApi;
-use super::{BotCore, MAX_PENDING, Tasks, TelegramError, connect};
+use super::{BotCore, MAX_PENDING, Tasks, TelegramError, connect, updates};
 use crate::webhook::{Pushed, WebhookInbox, WebhookOutcome, new_secret};
 
 /// Sets the webhook `inbox` describes, with a fresh secret, and returns the bot's end of
@@ -75,6 +75,11 @@ pub(super) async fn next(
 /// it is on disk.
 fn take(bot: &Arc<BotCore>, pushed: Pushed, tasks: &mut Tasks) {
     let Pushed { update, verdict } = pushed;
+    // The route hands over only objects with an `update_id`, which `read` always reads.
+    let Some(update) = updates::read(update) else {
+        let _ = verdict.send(WebhookOutcome::BadRequest);
+        return;
+    };
     if bot.state().pending_len() >= MAX_PENDING {
         let _ = verdict.send(WebhookOutcome::Busy);
         return;

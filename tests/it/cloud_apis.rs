@@ -86,7 +86,12 @@ async fn reply(
         match event {
             StreamEvent::Delta(piece) => text.push_str(&piece),
             StreamEvent::Done(done) => finish = Some(done.finish_reason),
-            StreamEvent::Started | StreamEvent::Prompt(_) | StreamEvent::Logprobs(_) => {}
+            StreamEvent::Started
+            | StreamEvent::Prompt(_)
+            | StreamEvent::Logprobs(_)
+            | StreamEvent::Choice(_)
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
         }
     }
     (

@@ -1,6 +1,7 @@
 //! Draft streaming (issue 16): `sendMessageDraft` in private chats, then the answer with
 //! `sendMessage` exactly as edit streaming's final edit; edits in groups; a server that
-//! refuses drafts falls back to edits for that chat; `/stop` and `kill -9` during a draft.
+//! refuses drafts falls back to edits for that chat; `/stop`, the draft's stop button and
+//! `kill -9` during a draft.
 //! The real binary against the fake Bot API (drafts in private chats only, draft id
 //! non-zero, as the real one), with the test model and a fake cloud provider.
 
@@ -34,6 +35,34 @@ fn calls_by_method(fake: &FakeTelegram, chat: i64) -> Vec<(String, usize)> {
         }
     }
     counts
+}
+
+/// A bot asked for a long essay in private chat `id`, once its first draft shows.
+async fn essay_drafting(id: i64) -> (Setup, Value) {
+    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
+    let chat = private_chat(id);
+    s.fake.send_text(&chat, &user(id, "fa", "en"), ESSAY);
+    s.fake
+        .wait_for("a draft", LONG, |f| {
+            !f.calls_in(id, "sendMessageDraft").is_empty()
+        })
+        .await;
+    (s, chat)
+}
+
+/// The stopped answer `partial` in chat `id` holds at least what its last draft showed,
+/// and came with no edit.
+fn assert_holds_the_last_draft(s: &Setup, id: i64, partial: &str) {
+    let report = s.report();
+    let last_draft = s.fake.calls_in(id, "sendMessageDraft").pop().unwrap();
+    assert!(
+        partial.starts_with(last_draft.text().unwrap().trim()),
+        "the message holds at least what the draft showed\n{report}"
+    );
+    assert!(
+        s.fake.calls_in(id, "editMessageText").is_empty(),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,16 +246,8 @@ async fn a_9000_character_answer_is_split_and_delivered_once_with_drafts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_a_draft_delivers_what_was_written_once() {
-    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
-    let chat = private_chat(506);
-    let fa = user(506, "fa", "en");
-    s.fake.send_text(&chat, &fa, ESSAY);
-    s.fake
-        .wait_for("a draft", LONG, |f| {
-            !f.calls_in(506, "sendMessageDraft").is_empty()
-        })
-        .await;
-    s.fake.send_text(&chat, &fa, "/stop");
+    let (s, chat) = essay_drafting(506).await;
+    s.fake.send_text(&chat, &user(506, "fa", "en"), "/stop");
     s.answers(1).await;
     let report = s.report();
     assert!(s.bot.stderr().contains("stopped=true"), "{report}");
@@ -239,17 +260,74 @@ async fn stop_during_a_draft_delivers_what_was_written_once() {
     assert!(messages.iter().any(|m| m.visible == "Stopped."), "{report}");
     let partial = messages.iter().find(|m| m.visible != "Stopped.").unwrap();
     assert!(partial.html && partial.edits == 0, "{report}");
-    let last_draft = s.fake.calls_in(506, "sendMessageDraft").pop().unwrap();
+    assert_holds_the_last_draft(&s, 506, &partial.visible);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_button_of_a_draft_stops_that_answer_only() {
+    let (s, chat) = essay_drafting(507).await;
+    let first = s.fake.calls_in(507, "sendMessageDraft").remove(0);
+    let report = s.report();
+    assert_eq!(first.params["can_stop"], true, "{report}");
+    assert_eq!(first.params["keep_on_stop"], true, "{report}");
+    let asked = &s.fake.calls_of("getUpdates")[0].params["allowed_updates"];
     assert!(
-        partial
-            .visible
-            .starts_with(last_draft.text().unwrap().trim()),
-        "the message holds at least what the draft showed\n{report}"
-    );
-    assert!(
-        s.fake.calls_in(506, "editMessageText").is_empty(),
+        asked
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t == "stopped_message_generation")),
         "{report}"
     );
+    let draft = first.params["draft_id"].as_i64().unwrap();
+
+    // A press on the draft of another answer (an older message's) stops nothing: the
+    // drafts go on after the bot has read it.
+    s.fake.press_stop(&chat, None, draft + 64);
+    s.fake
+        .wait_for("the press read", LONG, |f| f.unconfirmed() == 0)
+        .await;
+    let seen = s.fake.calls_in(507, "sendMessageDraft").len();
+    s.fake
+        .wait_for("a draft after the press", LONG, |f| {
+            f.calls_in(507, "sendMessageDraft").len() > seen
+        })
+        .await;
+
+    s.fake.press_stop(&chat, None, draft);
+    s.answers(1).await;
+    let report = s.report();
+    assert!(s.bot.stderr().contains("stopped=true"), "{report}");
+    let messages = s.fake.messages(507);
+    assert_eq!(
+        messages.len(),
+        1,
+        "the answer so far, once, and no \"Stopped.\" reply\n{report}"
+    );
+    assert_holds_the_last_draft(&s, 507, &messages[0].visible);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_answer_gets_a_polite_reply_in_every_streaming_mode() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["  ", "\n", " "])).await;
+    for mode in ["draft", "edit", "off"] {
+        let flags = [
+            "--chain",
+            "groq",
+            "--groq-api-key",
+            FAKE_KEY,
+            "--groq-base-url",
+            groq.base_url.as_str(),
+            "--telegram-streaming",
+            mode,
+        ];
+        let s = Setup::start(&flags).await;
+        s.fake
+            .send_text(&private_chat(508), &user(508, "el", "en"), "Say nothing.");
+        s.answers(1).await;
+        let report = s.report();
+        let texts = s.fake.texts(508);
+        assert_eq!(texts.len(), 1, "{mode}\n{report}");
+        assert!(texts[0].contains("empty answer"), "{mode}\n{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,5 +32,6 @@ mod refusals;
 mod restart;
 mod secrets;
 mod telegram;
+mod tools;
 mod util;
 mod webhook;

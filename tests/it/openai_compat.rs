@@ -24,7 +24,7 @@ use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
 
 /// Posts `body` to `path` and returns the status and the JSON body.
-async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
     let response = app
         .client
         .post(format!("{}{path}", app.base))
@@ -37,7 +37,7 @@ async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
 }
 
 /// Streams `body` and returns the chunks (without `[DONE]`, which must end the stream).
-async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
+pub(crate) async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let response = app
@@ -58,7 +58,7 @@ async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
 
 /// Parses `completions` (`chat.completion`) and `chunks` (`chat.completion.chunk`) with
 /// the `openai` SDK's pydantic models, strictly, and fails with what it said.
-fn sdk_validates(completions: &[&Value], chunks: &[&Value]) {
+pub(crate) fn sdk_validates(completions: &[&Value], chunks: &[&Value]) {
     const SCRIPT: &str = r#"
 import json, sys
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -666,4 +666,236 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["provider"], "local");
     assert!(body["choices"][0]["logprobs"]["content"].is_array());
+}
+
+/// Several choices (`n`) from the local engine: a request with a fixed seed, sampled
+/// freely so the choices differ.
+fn choices(n: u32, extra: Value) -> Value {
+    let mut body = ask(
+        json!({"n": n, "seed": 7, "temperature": 1.5, "top_k": 0, "min_p": 0,
+        "top_p": 1, "max_tokens": 12}),
+    );
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    body
+}
+
+/// Each choice's text and finish reasons (in order seen) from streamed chunks, checking
+/// that every chunk carries one choice.
+fn streamed_choices(chunks: &[Value]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for chunk in chunks {
+        let list = chunk["choices"].as_array().unwrap();
+        if list.is_empty() {
+            continue; // the usage chunk
+        }
+        assert_eq!(list.len(), 1, "{chunk}");
+        let index = list[0]["index"].as_u64().unwrap() as usize;
+        if out.len() <= index {
+            out.resize(index + 1, (String::new(), Vec::new()));
+        }
+        if let Some(text) = list[0]["delta"]["content"].as_str() {
+            out[index].0.push_str(text);
+        }
+        if let Some(reason) = list[0]["finish_reason"].as_str() {
+            out[index].1.push(reason.to_string());
+        }
+    }
+    out
+}
+
+fn texts_of(body: &Value) -> Vec<String> {
+    body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i, "{body}");
+            assert!(c["finish_reason"].is_string(), "{body}");
+            c["message"]["content"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// An engine of its own (4 slots, nothing cached) behind the local chain: its counters
+/// see only this test's requests.
+async fn own_engine_app() -> (TestApp, mistral_bot::engine::EngineHandle) {
+    let engine = crate::util::start_engine(crate::util::engine_config()).await;
+    let app = start_app(
+        &providers_config(&[Local], &Fakes::default()),
+        engine.clone(),
+        http_settings(),
+    )
+    .await;
+    (app, engine)
+}
+
+#[tokio::test]
+async fn n_choices_share_one_reading_of_the_prompt_and_count_as_one_request() {
+    let (app, engine) = own_engine_app().await;
+    let (status, body) = post(&app, "/v1/chat/completions", &choices(3, json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    let texts = texts_of(&body);
+    assert_eq!(texts.len(), 3, "{body}");
+    assert!(
+        texts.iter().any(|t| *t != texts[0]),
+        "each choice samples with its own seed: {texts:?}"
+    );
+    sdk_validates(&[&body], &[]);
+
+    // The prompt was decoded once, for all three; the tokens of all three are counted.
+    let usage = &body["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    assert!((3..=36).contains(&completion), "{usage}");
+    let stats = engine.stats();
+    assert_eq!(stats.prompt_tokens_processed, prompt, "{stats:?}");
+    assert_eq!(stats.tokens_generated, completion, "{stats:?}");
+    assert_eq!(
+        (
+            stats.requests_started,
+            stats.requests_finished,
+            stats.slots_busy
+        ),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    let (_, metrics) = {
+        let response = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    let samples = crate::util::prometheus::parse(&metrics).unwrap();
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        crate::util::prometheus::value(&samples, name, labels)
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(
+        get("mistral_bot_engine_prompt_tokens_processed_total", &[]),
+        prompt as f64
+    );
+    assert_eq!(
+        get(
+            "mistral_bot_provider_requests_total",
+            &[("provider", "local")]
+        ),
+        1.0
+    );
+    assert_eq!(app.counters().await["local.success"], 1);
+
+    // The same request again: the same choices (the prompt now comes from the cache).
+    let (_, again) = post(&app, "/v1/chat/completions", &choices(3, json!({}))).await;
+    assert_eq!(texts_of(&again), texts, "{again}");
+    // Choice 0 of n = 3 is what n = 1 gives with that seed.
+    let (_, one) = post(&app, "/v1/chat/completions", &choices(1, json!({}))).await;
+    assert_eq!(texts_of(&one), texts[..1], "{one}");
+}
+
+#[tokio::test]
+async fn n_choices_stream_with_their_index_and_their_own_finish_reason() {
+    let app = local_app().await;
+    let extra = json!({"logprobs": true, "top_logprobs": 2, "stop": ["\n\n"]});
+    let (status, whole) = post(&app, "/v1/chat/completions", &choices(2, extra.clone())).await;
+    assert_eq!(status, 200, "{whole}");
+    let mut body = choices(2, extra);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = stream(&app, &body).await;
+    let streamed = streamed_choices(&chunks);
+    assert_eq!(streamed.len(), 2, "{chunks:?}");
+    for (i, (text, reasons)) in streamed.iter().enumerate() {
+        let choice = &whole["choices"][i];
+        assert_eq!(text, choice["message"]["content"].as_str().unwrap(), "{i}");
+        assert_eq!(reasons.len(), 1, "one finish per choice: {chunks:?}");
+        assert_eq!(reasons[0], choice["finish_reason"].as_str().unwrap());
+        assert!(
+            !choice["logprobs"]["content"].as_array().unwrap().is_empty(),
+            "{choice}"
+        );
+    }
+    // Streamed log-probabilities ride with their own choice: as many as in the whole one.
+    for (i, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+        let streamed: usize = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+            .map(Vec::len)
+            .sum();
+        assert_eq!(
+            streamed,
+            choice["logprobs"]["content"].as_array().unwrap().len(),
+            "{i}"
+        );
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    // The same tokens as the whole answer (its prompt now partly cached).
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][field], whole["usage"][field], "{last}");
+    }
+    let all: Vec<&Value> = chunks.iter().collect();
+    sdk_validates(&[&whole], &all);
+}
+
+#[tokio::test]
+async fn n_is_checked_and_limited_to_the_engines_slots() {
+    let app = local_app().await;
+    for n in [0, 129] {
+        let (status, body) = post(&app, "/v1/chat/completions", &choices(n, json!({}))).await;
+        assert_eq!(status, 400, "{n}: {body}");
+        assert_eq!(body["error"]["param"], "n", "{body}");
+    }
+    // The test engine has 4 slots: 5 choices are refused, naming the limit.
+    let (status, body) = post(&app, "/v1/chat/completions", &choices(5, json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 4"), "{message}");
+    let (status, body) = post(&app, "/v1/chat/completions", &choices(4, json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(texts_of(&body).len(), 4);
+}
+
+#[tokio::test]
+async fn a_client_leaving_frees_every_slot_of_its_choices() {
+    let (app, engine) = own_engine_app().await;
+    let body = choices(
+        3,
+        json!({"stream": true, "ignore_eos": true, "max_tokens": 900}),
+    );
+    let mut response = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Wait until all three choices generate, then leave.
+    crate::util::wait_until(
+        "three slots busy",
+        std::time::Duration::from_secs(60),
+        || engine.stats().slots_busy == 3,
+    )
+    .await;
+    let _ = response.chunk().await.unwrap();
+    drop(response);
+    crate::util::wait_until(
+        "every slot freed",
+        std::time::Duration::from_secs(60),
+        || {
+            let stats = engine.stats();
+            stats.slots_busy == 0 && stats.requests_finished == 1
+        },
+    )
+    .await;
+    assert!(engine.stats().tokens_generated < 3 * 900);
+    // The engine still answers.
+    let (status, body) = post(&app, "/v1/chat/completions", &choices(2, json!({}))).await;
+    assert_eq!(status, 200, "{body}");
 }

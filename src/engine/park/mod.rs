@@ -318,7 +318,7 @@ impl Parking {
     }
 
     /// Parks `slot`'s cache if `prompt` would drop at least [`MIN_PARKED_TAIL`] of it.
-    fn park_leaving(&mut self, ctx: &Context<'_>, slot: &Slot, prompt: &[i32]) {
+    pub fn park_leaving(&mut self, ctx: &Context<'_>, slot: &Slot, prompt: &[i32]) {
         let dropped = slot.cached.len() - common_prefix(&slot.cached, prompt);
         if dropped >= MIN_PARKED_TAIL {
             self.park_slot(ctx, slot);
