@@ -310,6 +310,11 @@ async fn starting_without_the_flag_deletes_the_webhook_and_polls() {
             .any(|c| c.status == 200),
         "{report}"
     );
+    assert_eq!(
+        fake.calls_of("setWebhook")[0].params["allowed_updates"],
+        fake.calls_of("getUpdates")[0].params["allowed_updates"],
+        "the same updates asked for either way\n{report}"
+    );
 }
 
 /// Issue 13's property kept in webhook mode: a Bot API that cannot be reached at start
