@@ -137,7 +137,12 @@ async fn a_pushed_message_is_answered_by_the_model_and_forged_requests_reach_not
     assert_eq!(secret.len(), 64, "{secret}");
     assert_eq!(
         set.params["allowed_updates"],
-        json!(["message", "edited_message", "callback_query"])
+        json!([
+            "message",
+            "edited_message",
+            "callback_query",
+            "stopped_message_generation"
+        ])
     );
     assert_eq!(set.params["max_connections"], 40);
     assert_eq!(set.params["drop_pending_updates"], false);
