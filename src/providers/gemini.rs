@@ -12,11 +12,12 @@ use serde::Deserialize;
 use serde_json::json;
 use url::Url;
 
+use super::choices::{ChoiceReader, Piece};
 use super::cloud;
 use super::convert::normalize;
-use super::openai::endpoint;
+use super::openai::{endpoint, results};
 use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse};
-use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
+use crate::chat::{ChatRequest, FinishReason, Role, TokenLogprob, TopLogprob, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
 /// A client of the Gemini API.
@@ -173,7 +174,10 @@ impl Provider for GeminiProvider {
                 },
                 other => other,
             })?;
-            Ok(events(sse::data_stream(response.bytes_stream())))
+            Ok(events(
+                sse::data_stream(response.bytes_stream()),
+                request.params.n,
+            ))
         })
     }
 }
@@ -193,6 +197,87 @@ struct Chunk {
 struct Candidate {
     content: Option<Content>,
     finish_reason: Option<String>,
+    /// Which candidate (`candidateCount` > 1); 0 when left out.
+    #[serde(default)]
+    index: u32,
+    /// With `responseLogprobs`: the chosen token and the top alternatives of each step.
+    logprobs_result: Option<LogprobsResult>,
+}
+
+/// <https://ai.google.dev/api/generate-content#LogprobsResult>
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogprobsResult {
+    /// One per decoding step.
+    #[serde(default)]
+    top_candidates: Vec<TopCandidates>,
+    /// One per decoding step.
+    #[serde(default)]
+    chosen_candidates: Vec<LogprobCandidate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TopCandidates {
+    /// Most likely first.
+    #[serde(default)]
+    candidates: Vec<LogprobCandidate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogprobCandidate {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    log_probability: f32,
+}
+
+impl LogprobsResult {
+    /// OpenAI's shape: each chosen token with the alternatives of its step (Gemini's
+    /// token strings; their UTF-8 as `bytes`).
+    fn into_openai(self) -> Vec<TokenLogprob> {
+        let mut tops = self.top_candidates.into_iter();
+        self.chosen_candidates
+            .into_iter()
+            .map(|chosen| TokenLogprob {
+                bytes: chosen.token.as_bytes().to_vec(),
+                token: chosen.token,
+                logprob: chosen.log_probability,
+                top_logprobs: tops
+                    .next()
+                    .map(|top| top.candidates)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|alt| TopLogprob {
+                        bytes: alt.token.as_bytes().to_vec(),
+                        token: alt.token,
+                        logprob: alt.log_probability,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl Candidate {
+    /// This candidate's piece of the answer (thoughts left out).
+    fn into_piece(self) -> Piece {
+        let mut text = String::new();
+        for part in self.content.iter().flat_map(|c| &c.parts) {
+            if let (Some(t), false) = (&part.text, part.thought) {
+                text.push_str(t);
+            }
+        }
+        Piece {
+            index: self.index,
+            text,
+            logprobs: self
+                .logprobs_result
+                .map(LogprobsResult::into_openai)
+                .unwrap_or_default(),
+            finish: self.finish_reason.as_deref().map(finish_reason),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,23 +332,16 @@ fn finish_reason(reason: &str) -> FinishReason {
 
 struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
-    finish: Option<FinishReason>,
+    choices: ChoiceReader,
     usage: Usage,
 }
 
-fn done(reading: &Reading) -> StreamEvent {
-    StreamEvent::Done(Completion {
-        finish_reason: reading.finish.unwrap_or(FinishReason::Stop),
-        usage: reading.usage,
-        timings: Timings::default(),
-    })
-}
-
-/// The events of a streamed `generateContent`, from its SSE `data` payloads.
-fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStream {
+/// The events of a streamed `generateContent` of `n` candidates, from its SSE `data`
+/// payloads.
+fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> EventStream {
     let reading = Reading {
         data,
-        finish: None,
+        choices: ChoiceReader::new(n),
         usage: Usage::default(),
     };
     stream::unfold(Some(reading), |reading| async move {
@@ -271,14 +349,15 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
         loop {
             let payload = match reading.data.next().await {
                 Some(Ok(payload)) => payload,
-                Some(Err(e)) => return Some((Err(e), None)),
-                None if reading.finish.is_some() => {
-                    let done = done(&reading);
-                    return Some((Ok(done), None));
+                Some(Err(e)) => return Some((vec![Err(e)], None)),
+                None if reading.choices.any_finished() => {
+                    return Some((results(reading.choices.done(reading.usage)), None));
                 }
                 None => {
                     return Some((
-                        Err(ProviderError::Cut("ended before a finishReason".into())),
+                        vec![Err(ProviderError::Cut(
+                            "ended before a finishReason".into(),
+                        ))],
                         None,
                     ));
                 }
@@ -287,9 +366,9 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                 Ok(chunk) => chunk,
                 Err(e) => {
                     return Some((
-                        Err(ProviderError::Malformed(format!(
+                        vec![Err(ProviderError::Malformed(format!(
                             "stream chunk is not valid JSON: {e}"
-                        ))),
+                        )))],
                         None,
                     ));
                 }
@@ -301,16 +380,18 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                     .unwrap_or("error event");
                 let message: String = message.chars().take(200).collect();
                 return Some((
-                    Err(ProviderError::Cut(format!("provider error: {message}"))),
+                    vec![Err(ProviderError::Cut(format!(
+                        "provider error: {message}"
+                    )))],
                     None,
                 ));
             }
             if let Some(reason) = chunk.prompt_feedback.and_then(|f| f.block_reason) {
                 return Some((
-                    Err(ProviderError::Refused {
+                    vec![Err(ProviderError::Refused {
                         kind: RequestFault::ContentBlocked,
                         detail: format!("prompt blocked: {reason}"),
-                    }),
+                    })],
                     None,
                 ));
             }
@@ -325,29 +406,26 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                     completion_tokens: usage.candidates_token_count,
                 };
             }
-            let mut text = String::new();
-            if let Some(candidate) = chunk.candidates.first() {
-                if let Some(reason) = &candidate.finish_reason {
-                    reading.finish = Some(finish_reason(reason));
-                }
-                for part in candidate.content.iter().flat_map(|c| &c.parts) {
-                    if let (Some(t), false) = (&part.text, part.thought) {
-                        text.push_str(t);
-                    }
+            let mut events = Vec::new();
+            for candidate in chunk.candidates {
+                match reading.choices.piece(candidate.into_piece()) {
+                    Ok(more) => events.extend(more.into_iter().map(Ok)),
+                    Err(e) => return Some((vec![Err(e)], None)),
                 }
             }
-            if !text.is_empty() {
-                return Some((Ok(StreamEvent::Delta(text)), Some(reading)));
+            if !events.is_empty() {
+                return Some((events, Some(reading)));
             }
         }
     })
+    .flat_map(stream::iter)
     .boxed()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::{ChatMessage, GenerateParams};
+    use crate::chat::{ChatMessage, GenerateParams, StreamEvent};
 
     #[test]
     fn history_becomes_contents_and_system_instruction() {
@@ -403,7 +481,58 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .boxed();
-        events(data).collect().await
+        events(data, 1).collect().await
+    }
+
+    #[tokio::test]
+    async fn candidates_become_choices_with_openais_logprobs() {
+        let lp = r#""logprobsResult":{"topCandidates":[{"candidates":[{"token":"Pa","tokenId":5,"logProbability":-0.1},{"token":"Lo","tokenId":6,"logProbability":-2.5}]}],"chosenCandidates":[{"token":"Pa","tokenId":5,"logProbability":-0.1}]}"#;
+        let first = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{{"text":"Pa"}}],"role":"model"}},"index":0,{lp}}},{{"content":{{"parts":[{{"text":"Lo"}}],"role":"model"}},"index":1}}]}}"#
+        );
+        let data = stream::iter(
+            [
+                first.as_str(),
+                r#"{"candidates":[{"content":{"parts":[{"text":"ris"}]},"finishReason":"STOP","index":0},{"content":{"parts":[{"text":"ndon"}]},"finishReason":"MAX_TOKENS","index":1}],"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":4}}"#,
+            ]
+            .map(|p| Ok(p.to_string()))
+            .to_vec(),
+        )
+        .boxed();
+        let events: Vec<_> = events(data, 2)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let StreamEvent::Logprobs(tokens) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(tokens[0].token, "Pa");
+        assert_eq!(tokens[0].bytes, b"Pa");
+        assert_eq!(tokens[0].top_logprobs[1].token, "Lo");
+        assert_eq!(tokens[0].top_logprobs[1].logprob, -2.5);
+        assert_eq!(
+            events[1..4],
+            [
+                StreamEvent::Delta("Pa".into()),
+                StreamEvent::Choice(1),
+                StreamEvent::Delta("Lo".into()),
+            ]
+        );
+        assert!(events.contains(&StreamEvent::ChoiceEnd(FinishReason::Length)));
+        let Some(StreamEvent::Done(done)) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(done.usage.completion_tokens, 4);
+        // A candidate that never comes is not a silent drop to fewer choices.
+        let one = stream::iter(vec![Ok(
+            r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"STOP","index":0}]}"#
+                .to_string(),
+        )])
+        .boxed();
+        let bad: Vec<_> = super::events(one, 2).collect().await;
+        assert!(matches!(bad.last(), Some(Err(ProviderError::Malformed(_)))));
     }
 
     #[tokio::test]
