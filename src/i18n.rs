@@ -159,6 +159,14 @@ pub fn nothing_to_retry(lang: Lang) -> &'static str {
     }
 }
 
+/// The model's answer was blank (it stopped at once, or wrote only spaces).
+pub fn empty_answer(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "The model gave an empty answer. Try /retry, or ask in other words.",
+        Lang::Ru => "Модель дала пустой ответ. Попробуйте /retry или спросите иначе.",
+    }
+}
+
 /// `/stop` done.
 pub fn stopped(lang: Lang) -> &'static str {
     match lang {
@@ -183,11 +191,17 @@ pub fn refused(lang: Lang) -> &'static str {
     }
 }
 
-/// A photo, sticker, voice message, document…
+/// A message the bot cannot read: a sticker, a photo without caption, a location…
 pub fn text_only(lang: Lang) -> &'static str {
     match lang {
-        Lang::En => "Sorry, I only understand text messages.",
-        Lang::Ru => "Извините, я понимаю только текстовые сообщения.",
+        Lang::En => {
+            "Sorry, I can't read this kind of message. Send me text, a voice note, a file, \
+             or a photo with a caption."
+        }
+        Lang::Ru => {
+            "Извините, такие сообщения я не читаю. Пришлите текст, голосовое сообщение, файл \
+             или фото с подписью."
+        }
     }
 }
 
@@ -310,6 +324,7 @@ mod tests {
             (reset_done(Lang::En), reset_done(Lang::Ru)),
             (refused(Lang::En), refused(Lang::Ru)),
             (text_only(Lang::En), text_only(Lang::Ru)),
+            (empty_answer(Lang::En), empty_answer(Lang::Ru)),
             (empty_hint(Lang::En), empty_hint(Lang::Ru)),
             (chat_busy(Lang::En), chat_busy(Lang::Ru)),
             (stopped(Lang::En), stopped(Lang::Ru)),

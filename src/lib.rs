@@ -320,14 +320,17 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
 }
 
 /// Whether serve mode writes under `--data-dir`: the Telegram bot's state and histories,
-/// or park files.
+/// park files, or the cloud providers' counts (`budgets.json`).
 fn uses_data_dir(config: &Config) -> bool {
+    let cloud = |kind: &config::ProviderKind| *kind != config::ProviderKind::Local;
     config.telegram.is_some()
         || config
             .engine
             .as_ref()
             .and_then(|e| e.park.as_ref())
             .is_some_and(|p| p.disk_bytes > 0)
+        // The cloud providers' counts (budgets.json).
+        || (config.providers.state_dir.is_some() && config.providers.chain.iter().any(cloud))
 }
 
 /// Raises the open-file limit to the hard limit, logs it, and returns how many client

@@ -11,19 +11,20 @@
 
 use std::time::Duration;
 
+use super::updates::{self, ALLOWED_UPDATES};
 use teloxide::ApiError;
 use teloxide::Bot;
 use teloxide::RequestError;
 use teloxide::net::Download;
 use teloxide::payloads::{
-    AnswerCallbackQuerySetters, EditMessageTextSetters, GetUpdatesSetters, SendChatActionSetters,
-    SendMessageSetters, SetMyCommandsSetters,
+    AnswerCallbackQuerySetters, EditMessageTextSetters, SendChatActionSetters, SendMessageSetters,
+    SetMyCommandsSetters,
 };
 use teloxide::prelude::{Request, Requester};
 use teloxide::requests::{JsonRequest, Payload};
 use teloxide::types::{
-    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, File, FileId,
-    InlineKeyboardMarkup, MessageId, ParseMode, ReplyParameters, ThreadId, True, Update,
+    BotCommand, CallbackQueryId, ChatAction, ChatId, File, FileId, InlineKeyboardMarkup, MessageId,
+    ParseMode, ReplyParameters, ThreadId, True, Update,
 };
 
 /// Attempts of one call that keeps failing with transient errors.
@@ -288,25 +289,24 @@ impl TelegramApi {
         .map(|_| ())
     }
 
-    /// One long poll: updates from `offset` on, waiting up to `timeout` for some.
+    /// One long poll: updates from `offset` on, waiting up to `timeout` for some (the
+    /// types in [`ALLOWED_UPDATES`], read by [`updates::read`]).
     pub async fn get_updates(
         &self,
         offset: Option<i32>,
         timeout: Duration,
     ) -> Result<Vec<Update>, ApiCallError> {
-        let mut request = self
-            .bot
-            .get_updates()
-            .timeout(u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX))
-            .allowed_updates([
-                AllowedUpdate::Message,
-                AllowedUpdate::EditedMessage,
-                AllowedUpdate::CallbackQuery,
-            ]);
-        if let Some(offset) = offset {
-            request = request.offset(offset);
-        }
-        Ok(sort(request.send().await)?.unwrap_or_default())
+        let payload = GetUpdates {
+            offset,
+            timeout: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+            allowed_updates: ALLOWED_UPDATES,
+        };
+        let values = sort(JsonRequest::new(self.bot.clone(), payload).send().await)?;
+        Ok(values
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(updates::read)
+            .collect())
     }
 
     /// Sends `text` (HTML when `html`); returns the new message's id.
@@ -412,7 +412,9 @@ impl TelegramApi {
     }
 
     /// Streams `text` (plain) as the draft `draft_id` of `target`'s private chat
-    /// (`sendMessageDraft`, Bot API 9.3+): one attempt, the next draft comes soon.
+    /// (`sendMessageDraft`, Bot API 9.3+): one attempt, the next draft comes soon. The draft
+    /// shows a stop button (Bot API 10.3; older clients ignore it) that keeps what it shows
+    /// until the answer so far is sent.
     pub async fn draft(
         &self,
         target: Target,
@@ -424,6 +426,8 @@ impl TelegramApi {
             draft_id,
             message_thread_id: target.thread.map(|t| t.0.0),
             text: text.to_string(),
+            can_stop: true,
+            keep_on_stop: true,
         };
         retrying("sendMessageDraft", Persistence::Once, || {
             JsonRequest::new(self.bot.clone(), payload.clone()).send()
@@ -491,7 +495,9 @@ impl TelegramApi {
 
 /// `sendMessageDraft` (Bot API 9.3), which teloxide 0.17 does not know: `chat_id` (a
 /// private chat), `draft_id` (non-zero; drafts with the same id animate), `text` (0–4096
-/// characters; empty shows "Thinking…"), optional `message_thread_id`.
+/// characters; empty shows "Thinking…"), optional `message_thread_id`; `can_stop` shows a
+/// stop button whose press arrives as a `stopped_message_generation` update, and
+/// `keep_on_stop` keeps the draft on screen after the press (Bot API 10.3).
 #[derive(Debug, Clone, serde::Serialize)]
 struct SendMessageDraft {
     chat_id: i64,
@@ -499,11 +505,32 @@ struct SendMessageDraft {
     #[serde(skip_serializing_if = "Option::is_none")]
     message_thread_id: Option<i32>,
     text: String,
+    can_stop: bool,
+    keep_on_stop: bool,
 }
 
 impl Payload for SendMessageDraft {
     type Output = True;
     const NAME: &'static str = "sendMessageDraft";
+}
+
+/// `getUpdates` with `allowed_updates` as strings: teloxide 0.17's list lacks
+/// `stopped_message_generation`. The updates come back as JSON for [`updates::read`].
+#[derive(Debug, Clone, serde::Serialize)]
+struct GetUpdates {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i32>,
+    timeout: u32,
+    allowed_updates: [&'static str; ALLOWED_UPDATES.len()],
+}
+
+impl Payload for GetUpdates {
+    type Output = Vec<serde_json::Value>;
+    const NAME: &'static str = "getUpdates";
+
+    fn timeout_hint(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.timeout.into()))
+    }
 }
 
 #[cfg(test)]

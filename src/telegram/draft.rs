@@ -13,6 +13,13 @@
 //! of a part (the next part streams under a new draft id), so a late draft can never
 //! show beside the message it became.
 //!
+//! # The stop button
+//! Each draft shows Telegram's stop button (`can_stop`, Bot API 10.3). Its press arrives as
+//! a `stopped_message_generation` update naming the draft id; the draft ids of an answer
+//! encode its question's message id ([`is_draft_of`]), so the press stops that answer as
+//! `/stop` does — and only that one — and what was written is delivered. `keep_on_stop`
+//! keeps the draft on screen until that message replaces it.
+//!
 //! # Pacing and flood control
 //! Drafts are paced like edits (about one a second, per chat, only when the text changed);
 //! a `retry_after` on a draft delays the next draft and the final message of this chat only.
@@ -94,6 +101,11 @@ impl DraftSupport {
 /// The draft id of part `part` of the answer to message `message` (never zero).
 pub fn draft_id(message: i32, part: usize) -> i64 {
     i64::from(message.unsigned_abs()) * 64 + (part % 63) as i64 + 1
+}
+
+/// Whether `draft_id` is one of [`draft_id`]'s ids for the answer to message `message`.
+pub fn is_draft_of(draft_id: i64, message: i32) -> bool {
+    draft_id > 0 && (draft_id - 1) / 64 == i64::from(message.unsigned_abs())
 }
 
 /// Delivers `events` to `target` the way `support` says for this chat: drafts, edits, or
@@ -291,6 +303,22 @@ mod tests {
             let mut unique = ids.clone();
             unique.dedup();
             assert_eq!(unique.len(), ids.len());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_draft_id_names_its_message_and_no_other(
+            message in proptest::prelude::any::<i32>(),
+            other in proptest::prelude::any::<i32>(),
+            part in 0usize..10_000,
+        ) {
+            let id = draft_id(message, part);
+            proptest::prop_assert!(is_draft_of(id, message));
+            proptest::prop_assert_eq!(
+                is_draft_of(id, other),
+                other.unsigned_abs() == message.unsigned_abs()
+            );
         }
     }
 

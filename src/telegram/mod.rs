@@ -51,6 +51,7 @@ pub mod reply_context;
 pub mod split;
 pub mod state;
 pub mod stream;
+pub mod updates;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -363,11 +364,25 @@ struct Job {
     sender: Option<Sender>,
 }
 
+/// Stops the answer being written: `/stop`, or the stop button of its draft.
+struct Stopper {
+    /// The question's message id, which seeds the answer's draft ids.
+    message: i32,
+    tx: oneshot::Sender<()>,
+}
+
+impl Stopper {
+    /// Stops the answer; whether it was still being written.
+    fn stop(self) -> bool {
+        self.tx.send(()).is_ok()
+    }
+}
+
 /// A conversation's worker, as the dispatcher sees it.
 struct ChatSlot {
     jobs_tx: mpsc::Sender<Job>,
     /// Stops the answer being written, if any.
-    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    stop: Arc<Mutex<Option<Stopper>>>,
 }
 
 /// Everything the tasks share.
@@ -509,6 +524,11 @@ impl BotCore {
         if let UpdateKind::CallbackQuery(query) = &update.kind {
             return self.callback(seq, update_id, query, received, tasks);
         }
+        if let Some(press) = updates::stopped(&update) {
+            self.stop_pressed(press);
+            drop(self.state().done(seq));
+            return;
+        }
         let sender = Sender::of(&update);
         let classified = guard::guarded_sync(|| {
             incoming::classify(&update, &self.me, self.fair.allowed_for(sender.as_ref()))
@@ -600,7 +620,7 @@ impl BotCore {
                     .lock_chats()
                     .get(&origin.conversation())
                     .and_then(|slot| lock(&slot.stop).take())
-                    .is_some_and(|stop| stop.send(()).is_ok());
+                    .is_some_and(Stopper::stop);
                 let text = if stopped {
                     i18n::stopped(lang)
                 } else {
@@ -625,6 +645,29 @@ impl BotCore {
                 self.enqueue(seq, update_id, origin, work, received, sender, tasks)
             }
         }
+    }
+
+    /// The user pressed the stop button of a draft: stops that answer as `/stop` does (what
+    /// was written is delivered), unless the chat has moved on to another answer.
+    fn stop_pressed(&self, press: updates::GenerationStopped) {
+        let key = ConversationKey {
+            chat: press.chat,
+            topic: press.thread,
+        };
+        let stopper = self.lock_chats().get(&key).and_then(|slot| {
+            let mut stop = lock(&slot.stop);
+            let same = stop
+                .as_ref()
+                .is_some_and(|s| draft::is_draft_of(press.draft_id, s.message));
+            if same { stop.take() } else { None }
+        });
+        let stopped = stopper.is_some_and(Stopper::stop);
+        tracing::info!(
+            chat = press.chat,
+            draft_id = press.draft_id,
+            stopped,
+            "the user pressed a draft's stop button"
+        );
     }
 
     /// Answers an update with a text made by `text`, in its own task.
@@ -760,7 +803,7 @@ impl BotCore {
         self: Arc<Self>,
         key: ConversationKey,
         mut jobs_rx: mpsc::Receiver<Job>,
-        stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+        stop: Arc<Mutex<Option<Stopper>>>,
     ) {
         loop {
             match tokio::time::timeout(WORKER_IDLE, jobs_rx.recv()).await {
@@ -782,7 +825,7 @@ impl BotCore {
     }
 
     /// Does one job behind the panic boundary, then settles its update.
-    async fn handle(&self, job: Job, stop: &Mutex<Option<oneshot::Sender<()>>>) {
+    async fn handle(&self, job: Job, stop: &Mutex<Option<Stopper>>) {
         let result = guard::guarded(self.work(&job, stop)).await;
         // A panic may have left the stop handle set.
         lock(stop).take();
@@ -790,11 +833,7 @@ impl BotCore {
             .await;
     }
 
-    async fn work(
-        &self,
-        job: &Job,
-        stop: &Mutex<Option<oneshot::Sender<()>>>,
-    ) -> Result<(), DeliveryError> {
+    async fn work(&self, job: &Job, stop: &Mutex<Option<Stopper>>) -> Result<(), DeliveryError> {
         let key = job.origin.conversation();
         let lang = job.origin.lang;
         match &job.work {
@@ -860,14 +899,17 @@ impl BotCore {
         &self,
         job: &Job,
         question: Question,
-        stop: &Mutex<Option<oneshot::Sender<()>>>,
+        stop: &Mutex<Option<Stopper>>,
     ) -> Result<(), DeliveryError> {
         let (origin, received) = (&job.origin, job.received);
         let key = origin.conversation();
         let target = Self::target(origin);
         let typing = stream::typing(&self.api, target);
-        let (stop_tx, mut stop_rx) = oneshot::channel();
-        *lock(stop) = Some(stop_tx);
+        let (tx, mut stop_rx) = oneshot::channel();
+        *lock(stop) = Some(Stopper {
+            message: origin.message_id.0,
+            tx,
+        });
 
         let responder = &self.deps.responder;
         let started = async move {
@@ -937,6 +979,10 @@ impl BotCore {
         .await;
         lock(stop).take();
         let delivered = delivered?;
+        if delivered.messages == 0 && !delivered.stopped {
+            // A blank answer shows nothing: say so rather than leave the user waiting.
+            self.say(origin, i18n::empty_answer(origin.lang)).await?;
+        }
         let answer = delivered.text.trim();
         // What the answer cost its sender: the provider's count, or (an answer stopped
         // before its closing record) an estimate of four bytes a token.

@@ -85,3 +85,58 @@ async fn a_second_instance_on_the_same_data_dir_exits_naming_it_and_the_first_ke
     );
     assert_eq!(fake.unconfirmed(), 0, "every update confirmed\n{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_http_fronts_counting_cloud_budgets_cannot_share_a_data_dir() {
+    // A front without a bot or a model still writes budgets.json under --data-dir.
+    let provider = FakeProvider::start(Shape::OpenAi, Behavior::Echo).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let front = || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mistral-bot"));
+        command
+            .args([
+                "--chain",
+                "groq",
+                "--groq-api-key",
+                "test-key",
+                "--groq-base-url",
+            ])
+            .arg(provider.base_url.as_str())
+            .args(["--groq-daily-tokens", "1000000"])
+            .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .env_remove("TELEGRAM_BOT_TOKEN")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let mut first = front().spawn().unwrap();
+    let pid = first.id().unwrap().to_string();
+    let lock = data_dir.path().join("lock");
+    let deadline = std::time::Instant::now() + LONG;
+    while std::fs::read_to_string(&lock).map_or(true, |l| l.trim() != pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first front never took the lock"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first front exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = tokio::time::timeout(Duration::from_secs(60), front().output())
+        .await
+        .expect("the second front exits at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("pid {pid}")), "{stderr}");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first front keeps serving"
+    );
+    first.kill().await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! Draft streaming (issue 16): `sendMessageDraft` in private chats, then the answer with
 //! `sendMessage` exactly as edit streaming's final edit; edits in groups; a server that
-//! refuses drafts falls back to edits for that chat; `/stop` and `kill -9` during a draft.
+//! refuses drafts falls back to edits for that chat; `/stop`, the draft's stop button and
+//! `kill -9` during a draft.
 //! The real binary against the fake Bot API (drafts in private chats only, draft id
 //! non-zero, as the real one), with the test model and a fake cloud provider.
 
@@ -250,6 +251,91 @@ async fn stop_during_a_draft_delivers_what_was_written_once() {
         s.fake.calls_in(506, "editMessageText").is_empty(),
         "{report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_button_of_a_draft_stops_that_answer_only() {
+    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
+    let chat = private_chat(507);
+    let fa = user(507, "fa", "en");
+    s.fake.send_text(&chat, &fa, ESSAY);
+    s.fake
+        .wait_for("a draft", LONG, |f| {
+            !f.calls_in(507, "sendMessageDraft").is_empty()
+        })
+        .await;
+    let first = s.fake.calls_in(507, "sendMessageDraft").remove(0);
+    let report = s.report();
+    assert_eq!(first.params["can_stop"], true, "{report}");
+    assert_eq!(first.params["keep_on_stop"], true, "{report}");
+    let asked = &s.fake.calls_of("getUpdates")[0].params["allowed_updates"];
+    assert!(
+        asked
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t == "stopped_message_generation")),
+        "{report}"
+    );
+    let draft = first.params["draft_id"].as_i64().unwrap();
+
+    // A press on the draft of another answer (an older message's) stops nothing: the
+    // drafts go on after the bot has read it.
+    s.fake.press_stop(&chat, None, draft + 64);
+    s.fake
+        .wait_for("the press read", LONG, |f| f.unconfirmed() == 0)
+        .await;
+    let seen = s.fake.calls_in(507, "sendMessageDraft").len();
+    s.fake
+        .wait_for("a draft after the press", LONG, |f| {
+            f.calls_in(507, "sendMessageDraft").len() > seen
+        })
+        .await;
+
+    s.fake.press_stop(&chat, None, draft);
+    s.answers(1).await;
+    let report = s.report();
+    assert!(s.bot.stderr().contains("stopped=true"), "{report}");
+    let messages = s.fake.messages(507);
+    assert_eq!(
+        messages.len(),
+        1,
+        "the answer so far, once, and no \"Stopped.\" reply\n{report}"
+    );
+    let last_draft = s.fake.calls_in(507, "sendMessageDraft").pop().unwrap();
+    assert!(
+        messages[0]
+            .visible
+            .starts_with(last_draft.text().unwrap().trim()),
+        "the message holds at least what the draft showed\n{report}"
+    );
+    assert!(
+        s.fake.calls_in(507, "editMessageText").is_empty(),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_answer_gets_a_polite_reply_in_every_streaming_mode() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["  ", "\n", " "])).await;
+    for mode in ["draft", "edit", "off"] {
+        let flags = [
+            "--chain",
+            "groq",
+            "--groq-api-key",
+            FAKE_KEY,
+            "--groq-base-url",
+            groq.base_url.as_str(),
+            "--telegram-streaming",
+            mode,
+        ];
+        let s = Setup::start(&flags).await;
+        s.fake
+            .send_text(&private_chat(508), &user(508, "el", "en"), "Say nothing.");
+        s.answers(1).await;
+        let report = s.report();
+        let texts = s.fake.texts(508);
+        assert_eq!(texts.len(), 1, "{mode}\n{report}");
+        assert!(texts[0].contains("empty answer"), "{mode}\n{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

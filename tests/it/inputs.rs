@@ -304,9 +304,24 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
         Some(format!("Bearer {STT_KEY}").as_str())
     );
 
+    // A voice note without its optional `mime_type` (teloxide alone cannot read it) is
+    // heard and answered too.
+    let bytes = voice_bytes(CAPITAL_Q);
+    let size = bytes.len() as u64;
+    let id = s.fake.add_file(bytes);
+    let mut note = voice(&id, 3, size);
+    note.as_object_mut().unwrap().remove("mime_type");
+    s.fake.inject(
+        "message",
+        json!({"chat": chat, "from": en_user(51), "voice": note}),
+    );
+    let texts = s.messages(51, 4).await;
+    assert_eq!(texts[2], format!("🎤 «{CAPITAL_Q}»"), "{}", s.report());
+    assert_eq!(texts[3], CAPITAL_A, "{}", s.report());
+
     // The service rate limited, hanging past --stt-timeout, answering garbage, down (503):
     // a polite reply each time, and the next text message is answered normally.
-    let mut expected = 2;
+    let mut expected = 4;
     for behavior in [
         SttBehavior::RateLimited,
         SttBehavior::Hang,
@@ -423,8 +438,8 @@ async fn a_voice_note_is_transcribed_shown_and_answered_and_failures_are_polite(
     }
     assert_eq!(
         figures["audio_seconds"],
-        json!(8),
-        "3 + 3 + 2 s heard: {metrics}"
+        json!(11),
+        "3 + 3 + 3 + 2 s heard: {metrics}"
     );
     assert!(figures["latency_p50_ms"].as_f64().is_some(), "{metrics}");
     for (name, provider) in metrics["data"]["providers"].as_object().unwrap() {
@@ -613,7 +628,7 @@ async fn a_photo_caption_is_answered_with_a_note_and_stickers_are_not() {
                            "width": 512, "height": 512, "is_animated": false, "is_video": false}}),
     );
     let texts = s.messages(chat, 3).await;
-    assert!(texts[2].contains("only understand text"), "{}", s.report());
+    assert!(texts[2].contains("can't read this kind"), "{}", s.report());
 }
 
 /// File names and captions from the bad-input corpus: every one answered (or politely

@@ -574,7 +574,7 @@ async fn access_groups_and_messages_that_are_not_text() {
                "photo": [{"file_id": "p", "file_unique_id": "u", "width": 90, "height": 90, "file_size": 1000}]}),
     );
     let texts = s.messages(42, 1).await;
-    assert!(texts[0].contains("only understand text"), "{}", s.report());
+    assert!(texts[0].contains("can't read this kind"), "{}", s.report());
     s.fake.send_text(&private_chat(42), &en_user(42), "   ");
     let texts = s.messages(42, 2).await;
     assert!(texts[1].contains("empty"), "{}", s.report());

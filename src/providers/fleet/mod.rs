@@ -5,8 +5,11 @@
 //! affinity key with bounded load), so a returning chat reaches the server holding its KV
 //! cache. A server that fails (cannot be reached, answers 5xx, breaks its stream before
 //! any text) is marked down and the request is tried on the conversation's next server at
-//! once; a task probes the down server (`GET /health`, else `GET /v1/models`) until it
-//! answers, and then its conversations return to it. Only when every server has failed
+//! once; a task probes the down server until it answers, and then its conversations return
+//! to it. The probe asks `GET /ready` (mistral-bot's readiness: 503 while its model loads,
+//! when its `/health` already answers 200), else `GET /health` (llama-server's, vLLM's,
+//! TGI's and SGLang's), else `GET /v1/models`; a server without the route (404) is asked
+//! the next one, any other answer is the server's. Only when every server has failed
 //! does the chain see a failure. A request refused for what it asks (400, 413) is not the
 //! server's fault and is not tried elsewhere; a busy server (429) is passed over for this
 //! request without being marked down.
@@ -45,8 +48,8 @@ struct Server {
     url: String,
     /// The client of its API.
     provider: OpenAiProvider,
-    /// `GET {root}/health`, llama-server's, vLLM's, TGI's and SGLang's readiness route.
-    health: Option<Url>,
+    /// `GET {root}/ready` then `GET {root}/health`: the readiness routes, in the order asked.
+    readiness: [Option<Url>; 2],
     /// `GET {base}/models`, every OpenAI-compatible server's.
     models: Option<Url>,
     /// Marked down after a failure, until a probe succeeds.
@@ -80,11 +83,11 @@ impl std::fmt::Debug for FleetProvider {
     }
 }
 
-/// `{base without a trailing /v1}/health`: where the servers put their health route.
-fn health_url(base: &Url) -> Option<Url> {
+/// `{base without a trailing /v1}/{route}`: where the servers put their health routes.
+fn root_url(base: &Url, route: &str) -> Option<Url> {
     let trimmed = base.as_str().trim_end_matches('/');
     let root = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
-    Url::parse(&format!("{root}/health")).ok()
+    Url::parse(&format!("{root}/{route}")).ok()
 }
 
 impl FleetProvider {
@@ -110,7 +113,7 @@ impl FleetProvider {
                         client.clone(),
                         &server_config,
                     ),
-                    health: health_url(url),
+                    readiness: [root_url(url, "ready"), root_url(url, "health")],
                     models: endpoint(url, "models").ok(),
                     down: AtomicBool::new(false),
                     probing: AtomicBool::new(false),
@@ -256,7 +259,8 @@ impl Shared {
         }
     }
 
-    /// Whether `server` answers its health route (or, without one, its model list).
+    /// Whether `server` is ready: the first of its readiness routes it has says so (or,
+    /// without any, it lists its models).
     async fn probe(&self, server: usize) -> bool {
         let Some(s) = self.servers.get(server) else {
             return false;
@@ -268,9 +272,10 @@ impl Shared {
             }
             request.send()
         };
-        if let Some(url) = &s.health
-            && let Ok(response) = get(url).await
-        {
+        for url in s.readiness.iter().flatten() {
+            let Ok(response) = get(url).await else {
+                continue;
+            };
             let status = response.status();
             if status.is_success() {
                 return true;
@@ -381,24 +386,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_health_route_is_at_the_servers_root() {
+    fn the_health_routes_are_at_the_servers_root() {
         let url = |u: &str| Url::parse(u).unwrap();
+        let health = |u: &str| root_url(&url(u), "health").unwrap().to_string();
+        assert_eq!(health("http://a:8080/v1"), "http://a:8080/health");
+        assert_eq!(health("http://a:8080/v1/"), "http://a:8080/health");
+        assert_eq!(health("http://a/llm/v1"), "http://a/llm/health");
+        assert_eq!(health("http://a:9000"), "http://a:9000/health");
         assert_eq!(
-            health_url(&url("http://a:8080/v1")).unwrap().as_str(),
-            "http://a:8080/health"
+            root_url(&url("http://a:8080/v1"), "ready")
+                .unwrap()
+                .as_str(),
+            "http://a:8080/ready"
         );
-        assert_eq!(
-            health_url(&url("http://a:8080/v1/")).unwrap().as_str(),
-            "http://a:8080/health"
-        );
-        assert_eq!(
-            health_url(&url("http://a/llm/v1")).unwrap().as_str(),
-            "http://a/llm/health"
-        );
-        assert_eq!(
-            health_url(&url("http://a:9000")).unwrap().as_str(),
-            "http://a:9000/health"
-        );
+    }
+
+    /// A server on loopback answering `routes` (path, status) and 404 elsewhere.
+    async fn server(routes: &'static [(&'static str, u16)]) -> Url {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| async move {
+            let status = routes
+                .iter()
+                .find(|(path, _)| *path == uri.path())
+                .map_or(404, |(_, status)| *status);
+            axum::http::StatusCode::from_u16(status).unwrap()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Url::parse(&format!("http://{address}/v1")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_server_is_ready_when_its_first_readiness_route_says_so() {
+        let cases: [(&'static [(&'static str, u16)], bool); 7] = [
+            // mistral-bot loading its model: alive, not ready.
+            (&[("/ready", 503), ("/health", 200)], false),
+            (&[("/ready", 200), ("/health", 200)], true),
+            // llama-server, vLLM, TGI, SGLang: no /ready.
+            (&[("/health", 200)], true),
+            (&[("/health", 503)], false),
+            // A bare OpenAI-compatible server.
+            (&[("/v1/models", 200)], true),
+            (&[("/v1/models", 500)], false),
+            (&[], false),
+        ];
+        let config = CloudConfig {
+            base_url: Url::parse("http://unused/v1").unwrap(),
+            api_key: None,
+            key_required: false,
+            model: "m".into(),
+            timeout: Duration::from_secs(5),
+        };
+        for (routes, ready) in cases {
+            let url = server(routes).await;
+            let fleet = FleetProvider::new(
+                reqwest::Client::new(),
+                &config,
+                std::slice::from_ref(&url),
+                &Metrics::new(),
+            );
+            assert_eq!(fleet.shared.probe(0).await, ready, "{routes:?}");
+        }
     }
 
     #[test]

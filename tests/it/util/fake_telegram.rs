@@ -166,6 +166,8 @@ struct Inner {
     files: BTreeMap<String, StoredFile>,
     /// chat → the draft the user sees now (draft id, visible text).
     drafts: BTreeMap<i64, (i64, String)>,
+    /// The update types the bot last asked for (`None`: never asked, Telegram's default).
+    allowed_updates: Option<Vec<String>>,
 }
 
 /// A file the fake serves.
@@ -310,6 +312,22 @@ impl FakeTelegram {
         inner
             .updates
             .push_back(json!({"update_id": id, "callback_query": query}));
+        id
+    }
+
+    /// Queues the user's press on the stop button of draft `draft_id` in `chat` (Bot API
+    /// 10.3 `stopped_message_generation`); returns the update's id.
+    pub fn press_stop(&self, chat: &Value, thread: Option<i64>, draft_id: i64) -> i64 {
+        let mut inner = self.inner();
+        inner.next_update_id += 1;
+        let id = inner.next_update_id;
+        let mut stopped = json!({"chat": chat, "draft_id": draft_id});
+        if let Some(thread) = thread {
+            stopped["message_thread_id"] = json!(thread);
+        }
+        inner
+            .updates
+            .push_back(json!({"update_id": id, "stopped_message_generation": stopped}));
         id
     }
 
@@ -704,6 +722,13 @@ async fn get_updates(shared: &Shared, mut params: Value, at: Duration) -> Respon
                     .updates
                     .retain(|u| u["update_id"].as_i64() >= Some(offset));
             }
+            if let Some(asked) = params.get("allowed_updates").and_then(Value::as_array) {
+                let asked = asked.iter().filter_map(Value::as_str).map(String::from);
+                inner.allowed_updates = Some(asked.collect());
+            }
+            // Telegram never delivers a type the bot did not ask for.
+            let allowed = inner.allowed_updates.clone();
+            inner.updates.retain(|u| is_allowed(u, allowed.as_deref()));
             if !inner.updates.is_empty() || Instant::now() >= deadline {
                 let batch: Vec<Value> = inner.updates.iter().take(limit).cloned().collect();
                 if batch.is_empty() {
@@ -726,6 +751,27 @@ async fn get_updates(shared: &Shared, mut params: Value, at: Duration) -> Respon
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether Telegram delivers `update` to a bot that asked for `allowed` (`None` or empty:
+/// every type but the ones a bot must ask for by name).
+fn is_allowed(update: &Value, allowed: Option<&[String]>) -> bool {
+    const ON_REQUEST: [&str; 4] = [
+        "chat_member",
+        "message_reaction",
+        "message_reaction_count",
+        "stopped_message_generation",
+    ];
+    let Some(kind) = update
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "update_id"))
+    else {
+        return true;
+    };
+    match allowed {
+        Some(allowed) if !allowed.is_empty() => allowed.iter().any(|a| a == kind),
+        _ => !ON_REQUEST.contains(&kind.as_str()),
     }
 }
 
