@@ -72,7 +72,8 @@ async fn stream_gaps(
             | StreamEvent::Prompt(_)
             | StreamEvent::Logprobs(_)
             | StreamEvent::Choice(_)
-            | StreamEvent::ChoiceEnd(_) => {}
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
         }
     }
     if let (Some(mut reply), None) = (newcomer, newcomer_ttft) {

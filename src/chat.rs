@@ -17,6 +17,8 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
+    /// The result of a tool the model called (OpenAI's `role: "tool"`).
+    Tool,
 }
 
 impl Role {
@@ -26,6 +28,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -43,6 +46,12 @@ pub struct ChatMessage {
     pub role: Role,
     /// What it says, as plain text.
     pub content: String,
+    /// The tools an assistant message called (empty for every other message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a [`Role::Tool`] message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -51,6 +60,8 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 
@@ -67,6 +78,77 @@ impl ChatMessage {
     /// An assistant message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new(Role::Assistant, content)
+    }
+
+    /// An assistant message calling tools (with `content` beside the calls, maybe empty).
+    pub fn tool_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::new(Role::Assistant, content)
+        }
+    }
+
+    /// The result of the tool call `call_id`.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new(Role::Tool, content)
+        }
+    }
+}
+
+/// A call of a function tool, OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the tool's result names (`call_…`).
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments: a JSON object, as text (as OpenAI sends them).
+    pub arguments: String,
+}
+
+/// A function the model may call (OpenAI's `tools[].function`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionTool {
+    /// Its name, `^[a-zA-Z0-9_-]{1,64}$`.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: Option<String>,
+    /// The JSON Schema of its arguments (an object schema).
+    pub parameters: serde_json::Value,
+    /// OpenAI's `strict` flag, passed on to providers that take it.
+    pub strict: bool,
+}
+
+/// Whether and which tool the model must call (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No call: a text answer.
+    None,
+    /// The model decides.
+    Auto,
+    /// At least one call.
+    Required,
+    /// A call of this function.
+    Function(String),
+}
+
+/// The tools of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tools {
+    /// The functions offered, names unique.
+    pub functions: Vec<FunctionTool>,
+    /// Whether and which tool to call.
+    pub choice: ToolChoice,
+    /// Whether one answer may call several tools (OpenAI's `parallel_tool_calls`).
+    pub parallel: bool,
+}
+
+impl Tools {
+    /// Whether the answer may hold calls (the choice is not `none` and there are tools).
+    pub fn callable(&self) -> bool {
+        self.choice != ToolChoice::None && !self.functions.is_empty()
     }
 }
 
@@ -109,6 +191,8 @@ pub struct GenerateParams {
     pub constraint: Option<Constraint>,
     /// What to do with a conversation longer than the window.
     pub overflow: Overflow,
+    /// The tools the model may call; `None` when the request offers none.
+    pub tools: Option<Tools>,
     /// Choices to generate for the one prompt (OpenAI `n`, at least 1). With more than
     /// one, the reply stream marks each choice's events ([`StreamEvent::Choice`]) and ends
     /// each with [`StreamEvent::ChoiceEnd`].
@@ -163,6 +247,7 @@ impl Default for GenerateParams {
             logprobs: None,
             constraint: None,
             overflow: Overflow::Trim,
+            tools: None,
             n: 1,
         }
     }
@@ -366,6 +451,9 @@ pub enum StreamEvent {
     /// The log-probabilities of tokens generated since the last such event (only when
     /// [`GenerateParams::logprobs`] asked for them); sent before the text they make up.
     Logprobs(Vec<TokenLogprob>),
+    /// A call of one of the request's tools, whole (only when
+    /// [`GenerateParams::tools`] offered some); comes instead of text or after it.
+    ToolCall(ToolCall),
     /// Only in replies with several choices ([`GenerateParams::n`] > 1): the events that
     /// follow, up to the next `Choice`, belong to the choice with this index (0-based;
     /// before the first marker, choice 0).

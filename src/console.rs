@@ -30,7 +30,8 @@ async fn stream_reply(reply: Reply, out: &mut impl Write) -> anyhow::Result<Stri
             StreamEvent::Started
             | StreamEvent::Logprobs(_)
             | StreamEvent::Choice(_)
-            | StreamEvent::ChoiceEnd(_) => {}
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
             StreamEvent::Prompt(tokens) => {
                 let mut err = std::io::stderr().lock();
                 writeln!(err, "prompt: {} tokens", tokens.len())?;

@@ -90,7 +90,7 @@ impl Merger {
             StreamEvent::Started | StreamEvent::Prompt(_) => {}
             StreamEvent::Choice(_) | StreamEvent::ChoiceEnd(_) => {}
             StreamEvent::Delta(ref text) if text.is_empty() => {}
-            StreamEvent::Delta(_) | StreamEvent::Logprobs(_) => {
+            StreamEvent::Delta(_) | StreamEvent::Logprobs(_) | StreamEvent::ToolCall(_) => {
                 switch_to(&mut out, &mut self.current);
                 out.push(event);
             }

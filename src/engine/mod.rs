@@ -32,6 +32,7 @@ pub mod sampling;
 mod scheduler;
 mod slot;
 pub mod step_budget;
+pub mod tools;
 mod worker;
 
 use std::io::Read;
@@ -714,7 +715,8 @@ impl ReplyStream {
                 | StreamEvent::Prompt(_)
                 | StreamEvent::Logprobs(_)
                 | StreamEvent::Choice(_)
-                | StreamEvent::ChoiceEnd(_) => {}
+                | StreamEvent::ChoiceEnd(_)
+                | StreamEvent::ToolCall(_) => {}
             }
         }
         Err(EngineError::Stopped)

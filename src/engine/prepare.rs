@@ -8,13 +8,15 @@
 //! The model is shared with the engine thread through an `Arc`: llama.cpp tokenizes and
 //! applies chat templates from a read-only vocabulary (see `llama.rs`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::EngineError;
 use super::grammar;
 use super::llama::{self, Model};
 use super::prompt::{self, ChatFormat, PromptError, Vocab};
-use crate::chat::{ChatRequest, GenerateParams, Overflow, PromptToken};
+use super::tools::{self, ToolDialect};
+use crate::chat::{ChatMessage, ChatRequest, GenerateParams, Overflow, PromptToken, Role};
 
 /// Requests whose messages hold more bytes than this are prepared on tokio's blocking
 /// pool by `submit_async`; smaller ones inline, where the hand-off to another thread
@@ -36,6 +38,8 @@ pub(super) struct Preparer {
     format_stops: Vec<String>,
     /// The context window of each slot, in tokens.
     ctx_size: u32,
+    /// How this format over this model renders tools.
+    tool_dialect: ToolDialect,
 }
 
 /// A request ready for the engine thread.
@@ -62,11 +66,13 @@ impl Preparer {
         ctx_size: u32,
     ) -> Self {
         let format_stops = format.stop_strings();
+        let tool_dialect = format.tool_dialect(model.as_ref());
         Self {
             model,
             format,
             format_stops,
             ctx_size,
+            tool_dialect,
         }
     }
 
@@ -81,28 +87,56 @@ impl Preparer {
         // Keep at least a quarter of the window for the prompt, whatever max_tokens says.
         let max_tokens = request.params.max_tokens.clamp(1, ctx_size - ctx_size / 4);
         let budget = (ctx_size - max_tokens) as usize;
+        let tools = request.params.tools.as_ref();
         // Before the prompt work: a constraint that cannot be followed is refused cheaply.
-        let grammar = match &request.params.constraint {
+        // A forced tool call is a constraint too, and takes precedence.
+        let forced = match tools {
+            Some(tools) => tools::forced_gbnf(tools, self.tool_dialect)?,
             None => None,
-            Some(constraint) => {
+        };
+        let grammar = match (forced, &request.params.constraint) {
+            (Some(gbnf), _) => {
+                self.model.check_grammar(&gbnf)?;
+                Some(gbnf)
+            }
+            (None, None) => None,
+            (None, Some(constraint)) => {
                 let gbnf = grammar::gbnf(constraint, llama::json_schema_to_grammar)?;
                 self.model.check_grammar(&gbnf)?;
                 Some(gbnf)
             }
         };
-        let fitted = prompt::fit_prompt(
-            self.model.as_ref(),
-            self.format.as_ref(),
-            &request.messages,
-            budget,
-        )?;
+        // Tools and tool messages: Mistral's control tokens, or the generic text rendering.
+        let mistral_tools;
+        let (messages, format): (Cow<'_, [ChatMessage]>, &dyn ChatFormat) = match self.tool_dialect
+        {
+            ToolDialect::Mistral => {
+                mistral_tools = tools::MistralToolsFormat {
+                    functions: tools
+                        .filter(|t| t.callable())
+                        .map(|t| t.functions.as_slice()),
+                };
+                (Cow::Borrowed(&request.messages), &mistral_tools)
+            }
+            ToolDialect::Generic
+                if tools.is_some()
+                    || request
+                        .messages
+                        .iter()
+                        .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty()) =>
+            {
+                (
+                    Cow::Owned(tools::generic_messages(&request.messages, tools)),
+                    self.format.as_ref(),
+                )
+            }
+            ToolDialect::Generic => (Cow::Borrowed(&request.messages), self.format.as_ref()),
+        };
+        let fitted = prompt::fit_prompt(self.model.as_ref(), format, &messages, budget)?;
         if request.params.overflow == Overflow::Refuse
             && (fitted.dropped_messages > 0 || fitted.truncated)
         {
-            let whole = prompt::tokenize_segments(
-                self.model.as_ref(),
-                &self.format.render(&request.messages)?,
-            );
+            let whole = prompt::tokenize_segments(self.model.as_ref(), &format.render(&messages)?);
             return Err(PromptError::TooLong {
                 tokens: whole.len(),
                 max: budget,

@@ -7,6 +7,7 @@
 //! chat to one string and tokenizing that with parsing on would turn typed control tokens
 //! into real ones.
 
+use super::tools::ToolDialect;
 use crate::chat::{ChatMessage, Role};
 
 /// A piece of a rendered prompt.
@@ -35,6 +36,11 @@ pub trait ChatFormat {
     fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError>;
     /// Strings that end the assistant's turn when generated as plain text.
     fn stop_strings(&self) -> Vec<String>;
+    /// How tools are rendered for this format over `vocab`: the generic text rendering
+    /// unless the format has tool control tokens of its own.
+    fn tool_dialect(&self, _vocab: &dyn Vocab) -> ToolDialect {
+        ToolDialect::Generic
+    }
 }
 
 /// Errors of prompt building.
@@ -66,48 +72,13 @@ pub struct MistralFormat;
 
 impl ChatFormat for MistralFormat {
     fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, PromptError> {
-        if messages.is_empty() {
-            return Err(PromptError::Empty);
-        }
-        let mut out = vec![Segment::Bos];
-        let mut system = String::new();
-        let mut inside_turn = false;
-        for message in messages {
-            match message.role {
-                Role::System => {
-                    // Mistral has no system role: the text opens the next user turn.
-                    system.push_str(&message.content);
-                    system.push_str("\n\n");
-                }
-                Role::User => {
-                    if inside_turn {
-                        // Two user messages in a row: close the first turn empty-handed.
-                        out.push(Segment::Special("</s>".into()));
-                    }
-                    out.push(Segment::Special("[INST]".into()));
-                    out.push(Segment::Text(format!(
-                        " {}{} ",
-                        std::mem::take(&mut system),
-                        message.content
-                    )));
-                    out.push(Segment::Special("[/INST]".into()));
-                    inside_turn = true;
-                }
-                Role::Assistant => {
-                    out.push(Segment::Text(message.content.clone()));
-                    out.push(Segment::Special("</s>".into()));
-                    inside_turn = false;
-                }
-            }
-        }
-        if !system.is_empty() {
-            // A system prompt with no user message after it still reaches the model.
-            out.push(Segment::Special("[INST]".into()));
-            out.push(Segment::Text(format!(" {}", system.trim_end())));
-            out.push(Segment::Text(" ".into()));
-            out.push(Segment::Special("[/INST]".into()));
-        }
-        Ok(merge(out))
+        // Tool calls and results in the history take v0.3's control tokens; only a
+        // vocabulary that has them is given such messages (see `tool_dialect`).
+        super::tools::render_mistral(messages, None)
+    }
+
+    fn tool_dialect(&self, vocab: &dyn Vocab) -> ToolDialect {
+        ToolDialect::of(vocab)
     }
 
     fn stop_strings(&self) -> Vec<String> {
@@ -158,7 +129,7 @@ pub fn segments_from_rendered(
 
 /// Joins neighbouring segments of the same kind and drops empty ones, so tokenization
 /// sees text as llama.cpp would see it in one string.
-fn merge(segments: Vec<Segment>) -> Vec<Segment> {
+pub(super) fn merge(segments: Vec<Segment>) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
     for segment in segments {
         match (out.last_mut(), segment) {

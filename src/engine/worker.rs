@@ -24,6 +24,7 @@ use super::sampling;
 use super::scheduler::{self, BatchEntry};
 use super::slot::{Slot, SlotState};
 use super::step_budget::{StepBudget, StepTimings};
+use super::tools::TOOL_CALLS_TOKEN;
 use super::{
     ChatTemplateChoice, Command, EngineConfig, EngineError, Job, ModelInfo, SharedStats, StartError,
 };
@@ -230,6 +231,9 @@ struct ActiveJob {
     max_tokens: u32,
     /// End-of-generation and control tokens do not end the reply (benchmarks).
     ignore_eos: bool,
+    /// The request's tools may be called: a Mistral model's `[TOOL_CALLS]` control token
+    /// opens its calls instead of ending the reply, and shows as its text.
+    tool_calls: bool,
     /// Report each token's log-probability with this many alternatives.
     logprobs: Option<u8>,
     usage: Usage,
@@ -461,6 +465,7 @@ impl Worker<'_> {
             detok: Detokenizer::new(job.stops),
             max_tokens: job.max_tokens,
             ignore_eos: params.ignore_eos,
+            tool_calls: params.tools.as_ref().is_some_and(|t| t.callable()),
             logprobs: params.logprobs,
             usage,
             queued,
@@ -526,6 +531,7 @@ impl Worker<'_> {
                 detok: Detokenizer::new(job.stops.clone()),
                 max_tokens: job.max_tokens,
                 ignore_eos: job.params.ignore_eos,
+                tool_calls: job.params.tools.as_ref().is_some_and(|t| t.callable()),
                 logprobs: job.params.logprobs,
                 usage: Usage::default(),
                 queued,
@@ -686,7 +692,13 @@ impl Worker<'_> {
         self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
 
         // A control token mid-reply ([INST], <|im_start|>, …) is a turn boundary too.
-        if !job.ignore_eos && (self.model.is_end_of_turn(token) || self.model.is_control(token)) {
+        let opens_calls = job.tool_calls
+            && self.model.is_control(token)
+            && self.model.piece(token, true) == TOOL_CALLS_TOKEN.as_bytes();
+        if !job.ignore_eos
+            && !opens_calls
+            && (self.model.is_end_of_turn(token) || self.model.is_control(token))
+        {
             self.finish(i, FinishReason::Stop);
             return;
         }
@@ -703,7 +715,9 @@ impl Worker<'_> {
         }
         // Forced lengths show control tokens as their text: a reply of only control tokens
         // (a random-weight model's) would otherwise be textless, an empty reply to the chain.
-        let out = job.detok.push(&self.model.piece(token, job.ignore_eos));
+        let out = job
+            .detok
+            .push(&self.model.piece(token, job.ignore_eos || opens_calls));
         if !out.text.is_empty()
             && job
                 .events_tx

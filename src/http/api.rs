@@ -7,6 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::params::{ExtraFields, ResponseOptions};
 use super::state::HttpSettings;
+use super::tools;
 use crate::chat::{ChatMessage, ChatRequest, Role};
 
 /// Most stop strings a request may give (OpenAI's limit).
@@ -53,6 +54,9 @@ pub struct ChatCompletionRequest {
     /// Sampling, logprobs, response format, stream options, truncation (`params`).
     #[serde(flatten)]
     pub extra: ExtraFields,
+    /// `tools`, `tool_choice`, `parallel_tool_calls` (`tools`).
+    #[serde(flatten)]
+    pub tool_fields: super::tools::ToolFields,
 }
 
 /// A checked request.
@@ -69,11 +73,17 @@ pub struct ValidRequest {
 /// One message as sent.
 #[derive(Debug, Deserialize)]
 pub struct WireMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     /// A string, a list of `{"type":"text","text":…}` parts, or null.
     #[serde(default)]
     pub content: Value,
+    /// An assistant's calls of tools.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<Value>,
 }
 
 /// The role of a wire message.
@@ -82,10 +92,11 @@ fn role(name: &str) -> Result<Role, ApiError> {
         "system" | "developer" => Ok(Role::System),
         "user" => Ok(Role::User),
         "assistant" => Ok(Role::Assistant),
+        "tool" => Ok(Role::Tool),
         other => Err(ApiError::invalid(
             "messages",
             format!(
-                "unsupported message role `{}` (use system, user or assistant)",
+                "unsupported message role `{}` (use system, user, assistant or tool)",
                 other.chars().take(40).collect::<String>()
             ),
         )),
@@ -165,12 +176,16 @@ impl ChatCompletionRequest {
         }
         // The configured system prompt is added by the responder, not here.
         let mut messages = Vec::with_capacity(wire.len() + 1);
-        for message in wire {
-            messages.push(ChatMessage::new(
-                role(&message.role)?,
-                content(message.content)?,
-            ));
+        for (i, message) in wire.into_iter().enumerate() {
+            let mut chat = ChatMessage::new(role(&message.role)?, content(message.content)?);
+            match chat.role {
+                Role::Assistant => chat.tool_calls = tools::calls(message.tool_calls, i)?,
+                Role::Tool => chat.tool_call_id = Some(tools::call_id(message.tool_call_id, i)?),
+                Role::System | Role::User => {}
+            }
+            messages.push(chat);
         }
+        tools::check_sequence(&messages)?;
         if !messages.iter().any(|m| m.role == Role::User) {
             return Err(ApiError::invalid(
                 "messages",
@@ -222,6 +237,7 @@ impl ChatCompletionRequest {
         params.ignore_eos = self.ignore_eos.unwrap_or(false);
         let stream = self.stream.unwrap_or(false);
         let options = self.extra.apply(&mut params, stream)?;
+        params.tools = self.tool_fields.validate()?;
         Ok(ValidRequest {
             request: ChatRequest::new(messages, params),
             stream,
@@ -318,9 +334,10 @@ mod tests {
             ApiError::invalid("messages", "`messages` is required")
         );
         assert!(check(r#"{"messages":[]}"#).is_err());
-        let role = check(r#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap_err();
+        let role = check(r#"{"messages":[{"role":"function","content":"x"}]}"#).unwrap_err();
         assert!(
-            role.to_string().contains("unsupported message role `tool`"),
+            role.to_string()
+                .contains("unsupported message role `function`"),
             "{role}"
         );
         assert!(check(r#"{"messages":[{"role":"system","content":"x"}]}"#).is_err());

@@ -21,6 +21,7 @@ use super::choices::{Collected, Tracker};
 use super::error::ApiError;
 use super::params::ResponseOptions;
 use super::state::AppState;
+use super::tools;
 use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob, Usage};
 use crate::i18n::Lang;
 
@@ -65,6 +66,15 @@ fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
         FinishReason::ContentFilter => "content_filter",
+    }
+}
+
+/// The finish reason of a choice that called tools (`has_calls`) or not: `tool_calls`
+/// when the model stopped after calls.
+fn finish_reason_with(reason: FinishReason, has_calls: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if has_calls => "tool_calls",
+        other => finish_reason(other),
     }
 }
 
@@ -174,11 +184,22 @@ async fn whole(
         .iter()
         .enumerate()
         .map(|(index, choice)| {
+            let mut message = json!({"role": "assistant", "content": choice.text, "refusal": null});
+            if !choice.calls.is_empty() {
+                // OpenAI: `content` is null when the answer is only calls.
+                if choice.text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = tools::calls_json(&choice.calls);
+            }
             json!({
                 "index": index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": null},
+                "message": message,
                 "logprobs": logprobs_json(&meta, &choice.logprobs),
-                "finish_reason": finish_reason(choice.finish.unwrap_or(FinishReason::Stop)),
+                "finish_reason": finish_reason_with(
+                    choice.finish.unwrap_or(FinishReason::Stop),
+                    !choice.calls.is_empty(),
+                ),
             })
         })
         .collect();
@@ -200,7 +221,7 @@ fn chunk(
     index: u32,
     delta: Value,
     logprobs: &[TokenLogprob],
-    finish: Option<&Completion>,
+    finish: Option<(&Completion, bool)>,
 ) -> Event {
     let mut chunk = json!({
         "id": meta.id,
@@ -213,13 +234,13 @@ fn chunk(
             "index": index,
             "delta": delta,
             "logprobs": logprobs_json(meta, logprobs),
-            "finish_reason": finish.map(|c| finish_reason(c.finish_reason)),
+            "finish_reason": finish.map(|(c, calls)| finish_reason_with(c.finish_reason, calls)),
         }],
     });
     if meta.options.include_usage {
         // OpenAI: with `include_usage`, every chunk but the last has `"usage": null`.
         chunk["usage"] = Value::Null;
-    } else if let Some(completion) = finish.filter(|_| meta.n == 1) {
+    } else if let Some((completion, _)) = finish.filter(|_| meta.n == 1) {
         // Without it, the usage rides on the finishing chunk, as llama-server sends it
         // (with several choices there is no one finishing chunk: OpenAI's way, none).
         chunk["usage"] = usage_json(&completion.usage);
@@ -280,6 +301,15 @@ fn streamed(
                 choices.hold(tokens);
                 Vec::new()
             }
+            StreamEvent::ToolCall(call) => {
+                let logprobs = choices.take();
+                let index = choices.current();
+                let [named, arguments] = tools::call_deltas(choices.next_call(), &call);
+                vec![
+                    chunk(&meta, index, named, &logprobs, None),
+                    chunk(&meta, index, arguments, &[], None),
+                ]
+            }
             StreamEvent::Choice(index) => {
                 choices.switch(index);
                 Vec::new()
@@ -292,13 +322,15 @@ fn streamed(
                     timings: Default::default(),
                 };
                 let index = choices.current();
-                vec![chunk(&meta, index, json!({}), &logprobs, Some(&ended))]
+                let finish = Some((&ended, choices.called()));
+                vec![chunk(&meta, index, json!({}), &logprobs, finish)]
             }
             StreamEvent::Done(completion) => {
                 let mut out = Vec::with_capacity(2);
                 if meta.n == 1 {
                     let logprobs = choices.take();
-                    out.push(chunk(&meta, 0, json!({}), &logprobs, Some(&completion)));
+                    let finish = Some((&completion, choices.called()));
+                    out.push(chunk(&meta, 0, json!({}), &logprobs, finish));
                 }
                 if meta.options.include_usage {
                     out.push(usage_chunk(&meta, &completion.usage));

@@ -5,7 +5,7 @@
 //! [`Tracker`] follows which choice a streamed event belongs to and holds each choice's
 //! log-probabilities until the text they describe. Pure.
 
-use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob};
+use crate::chat::{Completion, FinishReason, StreamEvent, TokenLogprob, ToolCall};
 
 /// Choice indices at or above this are ignored (their events stay with the choice
 /// before): the most a request may ask for is 128, and a provider that answers with
@@ -21,6 +21,8 @@ pub struct Choice {
     pub logprobs: Vec<TokenLogprob>,
     /// Why it ended (from its `ChoiceEnd`, or the closing `Done` for a single choice).
     pub finish: Option<FinishReason>,
+    /// Its calls of the request's tools.
+    pub calls: Vec<ToolCall>,
 }
 
 /// The choices of a whole completion, gathered from its events.
@@ -48,6 +50,7 @@ impl Collected {
                 }
             }
             StreamEvent::Delta(text) => self.choices[self.current].text.push_str(&text),
+            StreamEvent::ToolCall(call) => self.choices[self.current].calls.push(call),
             StreamEvent::Logprobs(tokens) => self.choices[self.current].logprobs.extend(tokens),
             StreamEvent::ChoiceEnd(reason) => self.choices[self.current].finish = Some(reason),
             StreamEvent::Done(completion) => {
@@ -68,6 +71,8 @@ impl Collected {
 pub struct Tracker {
     current: u32,
     pending: Vec<Vec<TokenLogprob>>,
+    /// Tool calls streamed so far, by choice.
+    calls: Vec<usize>,
 }
 
 impl Tracker {
@@ -90,6 +95,23 @@ impl Tracker {
             self.pending.resize_with(i + 1, Vec::new);
         }
         self.pending[i].extend(tokens);
+    }
+
+    /// The index of the current choice's next tool call (counting it).
+    pub fn next_call(&mut self) -> usize {
+        let i = self.current as usize;
+        if self.calls.len() <= i {
+            self.calls.resize(i + 1, 0);
+        }
+        self.calls[i] += 1;
+        self.calls[i] - 1
+    }
+
+    /// Whether the current choice called tools.
+    pub fn called(&self) -> bool {
+        self.calls
+            .get(self.current as usize)
+            .is_some_and(|&n| n > 0)
     }
 
     /// The current choice's held log-probabilities.

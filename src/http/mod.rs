@@ -26,6 +26,7 @@ mod ops;
 mod params;
 mod session;
 mod state;
+mod tools;
 
 use std::future::Future;
 

@@ -345,6 +345,11 @@ async fn first_text(
             Some(Ok(StreamEvent::Delta(text))) if !text.is_empty() => {
                 return Ok((prompts, text, events));
             }
+            // A call of a request's tool is the answer as much as text is.
+            Some(Ok(call @ StreamEvent::ToolCall(_))) => {
+                prompts.push(call);
+                return Ok((prompts, String::new(), events));
+            }
             Some(Ok(StreamEvent::Started)) => *started = true,
             // Log-probabilities come before the text they describe: passed on with it.
             Some(Ok(
@@ -481,7 +486,8 @@ impl Tail {
                     | StreamEvent::Prompt(_)
                     | StreamEvent::Logprobs(_)
                     | StreamEvent::Choice(_)
-                    | StreamEvent::ChoiceEnd(_)),
+                    | StreamEvent::ChoiceEnd(_)
+                    | StreamEvent::ToolCall(_)),
                 ))) => {
                     return Some((vec![event], Some(tail)));
                 }

@@ -7,7 +7,7 @@
 //! without saying so. Pure.
 
 use super::ProviderError;
-use crate::chat::{Completion, FinishReason, StreamEvent, Timings, TokenLogprob, Usage};
+use crate::chat::{Completion, FinishReason, StreamEvent, Timings, TokenLogprob, ToolCall, Usage};
 
 /// One piece of one choice, as an API sent it.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -20,6 +20,8 @@ pub struct Piece {
     pub logprobs: Vec<TokenLogprob>,
     /// Why the choice ended, if it did here.
     pub finish: Option<FinishReason>,
+    /// Whole tool calls, after the text.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// Reads the pieces of an answer with `n` choices.
@@ -76,6 +78,7 @@ impl ChoiceReader {
         if !piece.text.is_empty() {
             out.push(StreamEvent::Delta(piece.text));
         }
+        out.extend(piece.tool_calls.into_iter().map(StreamEvent::ToolCall));
         if let Some(reason) = piece.finish {
             self.finish[i] = Some(reason);
             if self.n > 1 {

@@ -16,7 +16,7 @@ use super::choices::{ChoiceReader, Piece};
 use super::cloud;
 use super::convert::normalize;
 use super::openai::{endpoint, results};
-use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse};
+use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse, tools};
 use crate::chat::{ChatRequest, FinishReason, Role, TokenLogprob, TopLogprob, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -105,17 +105,41 @@ impl GeminiProvider {
 /// The `generateContent` request body for `request` to `model`.
 fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
     let turns = normalize(&request.messages);
-    let contents: Vec<_> = turns
-        .turns
-        .iter()
-        .map(|(role, text)| {
-            let role = match role {
-                Role::Assistant => "model",
-                Role::User | Role::System => "user",
-            };
-            json!({"role": role, "parts": [{"text": text}]})
-        })
-        .collect();
+    let mut contents: Vec<serde_json::Value> = Vec::with_capacity(turns.turns.len());
+    let mut answering_calls = false;
+    for turn in &turns.turns {
+        if turn.role == Role::Tool {
+            // Every result of one model turn's calls goes in one user turn.
+            let name = turns
+                .turns
+                .iter()
+                .flat_map(|t| &t.tool_calls)
+                .find(|c| Some(&c.id) == turn.tool_call_id.as_ref())
+                .map_or("", |c| c.name.as_str());
+            let part = tools::gemini_response_part(name, &turn.text);
+            match contents.last_mut() {
+                Some(last) if answering_calls => {
+                    if let Some(parts) = last["parts"].as_array_mut() {
+                        parts.push(part);
+                    }
+                }
+                _ => contents.push(json!({"role": "user", "parts": [part]})),
+            }
+            answering_calls = true;
+            continue;
+        }
+        answering_calls = false;
+        let role = match turn.role {
+            Role::Assistant => "model",
+            Role::User | Role::System | Role::Tool => "user",
+        };
+        let mut parts = Vec::new();
+        if !turn.text.is_empty() {
+            parts.push(json!({"text": turn.text}));
+        }
+        parts.extend(turn.tool_calls.iter().map(tools::gemini_call_part));
+        contents.push(json!({"role": role, "parts": parts}));
+    }
     let params = &request.params;
     let thinking = thinking(model);
     let mut config = match thinking {
@@ -144,6 +168,12 @@ fn body(request: &ChatRequest, model: &str) -> serde_json::Value {
         config[key] = value;
     }
     let mut body = json!({"contents": contents, "generationConfig": config});
+    if let Some(offered) = &params.tools
+        && let Ok((declarations, tool_config)) = tools::gemini_fields(offered)
+    {
+        body["tools"] = declarations;
+        body["toolConfig"] = tool_config;
+    }
     if let Some(system) = turns.system {
         body["systemInstruction"] = json!({"parts": [{"text": system}]});
     }
@@ -159,6 +189,9 @@ impl Provider for GeminiProvider {
         Box::pin(async move {
             let key = self.api_key.as_ref().ok_or(ProviderError::MissingKey)?;
             passthrough::gemini_fields(&request.params)?;
+            if let Some(offered) = &request.params.tools {
+                tools::gemini_fields(offered)?;
+            }
             let endpoint = self.endpoint.clone().map_err(ProviderError::Connect)?;
             let http = self
                 .client
@@ -174,9 +207,11 @@ impl Provider for GeminiProvider {
                 },
                 other => other,
             })?;
+            let parallel = request.params.tools.as_ref().is_none_or(|t| t.parallel);
             Ok(events(
                 sse::data_stream(response.bytes_stream()),
                 request.params.n,
+                parallel,
             ))
         })
     }
@@ -260,15 +295,20 @@ impl LogprobsResult {
 }
 
 impl Candidate {
-    /// This candidate's piece of the answer (thoughts left out).
-    fn into_piece(self) -> Piece {
+    /// This candidate's piece of the answer (thoughts left out), its function calls as
+    /// tool calls.
+    fn into_piece(self) -> Result<Piece, ProviderError> {
         let mut text = String::new();
+        let mut tool_calls = Vec::new();
         for part in self.content.iter().flat_map(|c| &c.parts) {
             if let (Some(t), false) = (&part.text, part.thought) {
                 text.push_str(t);
             }
+            if let Some(call) = &part.function_call {
+                tool_calls.push(tools::gemini_call(call)?);
+            }
         }
-        Piece {
+        Ok(Piece {
             index: self.index,
             text,
             logprobs: self
@@ -276,7 +316,8 @@ impl Candidate {
                 .map(LogprobsResult::into_openai)
                 .unwrap_or_default(),
             finish: self.finish_reason.as_deref().map(finish_reason),
-        }
+            tool_calls,
+        })
     }
 }
 
@@ -293,6 +334,8 @@ struct Part {
     /// Thinking models mark their thoughts; those are not the answer.
     #[serde(default)]
     thought: bool,
+    /// A call of one of the request's tools: `{"name", "args", "id"?}`.
+    function_call: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -334,17 +377,24 @@ struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
     choices: ChoiceReader,
     usage: Usage,
+    /// Tool calls passed on so far, per candidate.
+    calls: Vec<usize>,
 }
 
 /// The events of a streamed `generateContent` of `n` candidates, from its SSE `data`
-/// payloads.
-fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> EventStream {
+/// payloads; without `parallel` tool calls, only the first call of each candidate is kept.
+fn events(
+    data: BoxStream<'static, Result<String, ProviderError>>,
+    n: u32,
+    parallel: bool,
+) -> EventStream {
     let reading = Reading {
         data,
         choices: ChoiceReader::new(n),
         usage: Usage::default(),
+        calls: vec![0; n.max(1) as usize],
     };
-    stream::unfold(Some(reading), |reading| async move {
+    stream::unfold(Some(reading), move |reading| async move {
         let mut reading = reading?;
         loop {
             let payload = match reading.data.next().await {
@@ -408,7 +458,17 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> Ev
             }
             let mut events = Vec::new();
             for candidate in chunk.candidates {
-                match reading.choices.piece(candidate.into_piece()) {
+                let piece = candidate.into_piece().map(|mut piece| {
+                    let slot = if n <= 1 { 0 } else { piece.index as usize };
+                    if let Some(calls) = reading.calls.get_mut(slot) {
+                        if !parallel {
+                            piece.tool_calls.truncate(usize::from(*calls == 0));
+                        }
+                        *calls += piece.tool_calls.len();
+                    }
+                    piece
+                });
+                match piece.and_then(|piece| reading.choices.piece(piece)) {
                     Ok(more) => events.extend(more.into_iter().map(Ok)),
                     Err(e) => return Some((vec![Err(e)], None)),
                 }
@@ -481,7 +541,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .boxed();
-        events(data, 1).collect().await
+        events(data, 1, true).collect().await
     }
 
     #[tokio::test]
@@ -499,7 +559,7 @@ mod tests {
             .to_vec(),
         )
         .boxed();
-        let events: Vec<_> = events(data, 2)
+        let events: Vec<_> = events(data, 2, true)
             .collect::<Vec<_>>()
             .await
             .into_iter()
@@ -531,7 +591,7 @@ mod tests {
                 .to_string(),
         )])
         .boxed();
-        let bad: Vec<_> = super::events(one, 2).collect().await;
+        let bad: Vec<_> = super::events(one, 2, true).collect().await;
         assert!(matches!(bad.last(), Some(Err(ProviderError::Malformed(_)))));
     }
 

@@ -67,10 +67,16 @@ impl Provider for LocalProvider {
         Box::pin(async move {
             // Prepared here (a large request on the blocking pool), never on the engine thread.
             // The engine sends `Started` when the request leaves its queue for a slot.
+            let tools = request.params.tools.clone().filter(|t| t.callable());
             let stream = self.engine.submit_async(request, show_prompt).await?;
-            Ok(stream
+            let events = stream
                 .map(|event| event.map_err(ProviderError::from))
-                .boxed())
+                .boxed();
+            // The model writes its calls as text: read them back as calls.
+            Ok(match tools {
+                Some(tools) => crate::engine::tools::read_calls(events, &tools),
+                None => events,
+            })
         })
     }
 }

@@ -38,6 +38,7 @@ mod passthrough;
 pub mod probe;
 mod sse;
 pub mod stt;
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -17,7 +17,7 @@ use url::Url;
 use super::choices::{ChoiceReader, Piece};
 use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
-use super::{EventStream, Provider, ProviderError, passthrough, sse};
+use super::{EventStream, Provider, ProviderError, passthrough, sse, tools};
 use crate::chat::{ChatRequest, FinishReason, StreamEvent, TokenLogprob, TopLogprob, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
@@ -209,6 +209,7 @@ impl OpenAiProvider {
     /// The request body for `request`.
     fn body(&self, request: &ChatRequest) -> serde_json::Value {
         let turns = normalize(&request.messages);
+        let mistral = self.flavor == OpenAiFlavor::Mistral;
         let messages: Vec<_> = turns
             .system
             .iter()
@@ -217,7 +218,7 @@ impl OpenAiProvider {
                 turns
                     .turns
                     .iter()
-                    .map(|(role, text)| json!({"role": role.as_str(), "content": text})),
+                    .map(|turn| tools::openai_message(turn, mistral)),
             )
             .collect();
         let params = &request.params;
@@ -270,6 +271,11 @@ impl OpenAiProvider {
         // Refusals were checked in `stream`: here only the fields.
         for (key, value) in passthrough::openai_fields(params).unwrap_or_default() {
             body[key] = value;
+        }
+        if let Some(offered) = &params.tools {
+            for (key, value) in tools::openai_fields(offered, mistral) {
+                body[key] = value;
+            }
         }
         body
     }
@@ -394,17 +400,15 @@ impl From<WireToken> for TokenLogprob {
 impl Choice {
     /// This choice's piece of the answer: the text of its `delta` (streamed) or
     /// `message` (whole), its tokens' log-probabilities, its finish reason.
-    fn into_piece(self) -> Result<Piece, ProviderError> {
-        let text = match self
-            .delta
-            .as_ref()
-            .or(self.message.as_ref())
-            .and_then(|m| m.content.as_ref())
-        {
+    /// The message's raw `tool_calls` come apart (pieces when streamed).
+    fn into_piece(self) -> Result<(Piece, Option<serde_json::Value>), ProviderError> {
+        let message = self.delta.or(self.message);
+        let text = match message.as_ref().and_then(|m| m.content.as_ref()) {
             Some(content) => content_text(content)?,
             None => String::new(),
         };
-        Ok(Piece {
+        let calls = message.and_then(|m| m.tool_calls);
+        let piece = Piece {
             index: self.index,
             text,
             logprobs: self
@@ -415,7 +419,9 @@ impl Choice {
                 .map(TokenLogprob::from)
                 .collect(),
             finish: self.finish_reason.as_deref().map(finish_reason),
-        })
+            tool_calls: Vec::new(),
+        };
+        Ok((piece, calls))
     }
 }
 
@@ -423,6 +429,8 @@ impl Choice {
 struct Message {
     /// A string, or (Mistral's reasoning models) an array of typed chunks.
     content: Option<serde_json::Value>,
+    /// Calls of the request's tools: whole in a message, in pieces in a delta.
+    tool_calls: Option<serde_json::Value>,
 }
 
 /// The answer text of a message's `content`: a string as it is, or the `text` chunks of a
@@ -517,7 +525,12 @@ fn whole_completion(
     let mut reader = ChoiceReader::new(n);
     let mut events = Vec::new();
     for choice in chunk.choices {
-        let mut piece = choice.into_piece()?;
+        let (mut piece, calls) = choice.into_piece()?;
+        if let Some(list) = calls {
+            let mut pieces = tools::CallPieces::default();
+            pieces.add(&list)?;
+            piece.tool_calls = pieces.finish();
+        }
         // A whole completion's choice has ended, said so or not.
         piece.finish.get_or_insert(FinishReason::Stop);
         events.extend(reader.piece(piece)?);
@@ -535,6 +548,51 @@ struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
     choices: ChoiceReader,
     usage: Usage,
+    /// Choices asked for.
+    n: u32,
+    /// Each choice's tool calls streamed so far, in pieces.
+    calls: Vec<tools::CallPieces>,
+}
+
+impl Reading {
+    /// The stream ended: each choice's calls not yet closed by a finish reason, then
+    /// the end.
+    fn end(&mut self) -> Vec<Result<StreamEvent, ProviderError>> {
+        let mut events = Vec::new();
+        for (index, calls) in self.calls.iter_mut().enumerate() {
+            let tool_calls = calls.finish();
+            if tool_calls.is_empty() {
+                continue;
+            }
+            let piece = Piece {
+                index: index as u32,
+                tool_calls,
+                ..Piece::default()
+            };
+            match self.choices.piece(piece) {
+                Ok(more) => events.extend(more.into_iter().map(Ok)),
+                Err(e) => return vec![Err(e)],
+            }
+        }
+        events.extend(results(self.choices.done(self.usage)));
+        events
+    }
+
+    /// The events of one streamed choice.
+    fn choice(&mut self, choice: Choice) -> Result<Vec<StreamEvent>, ProviderError> {
+        let (mut piece, calls) = choice.into_piece()?;
+        let slot = if self.n <= 1 { 0 } else { piece.index as usize };
+        if let Some(pieces) = self.calls.get_mut(slot) {
+            if let Some(list) = calls {
+                pieces.add(&list)?;
+            }
+            // The calls are whole when the choice finishes.
+            if piece.finish.is_some() {
+                piece.tool_calls = pieces.finish();
+            }
+        }
+        self.choices.piece(piece)
+    }
 }
 
 /// The events of a streamed completion of `n` choices, from its SSE `data` payloads.
@@ -543,6 +601,10 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> Ev
         data,
         choices: ChoiceReader::new(n),
         usage: Usage::default(),
+        n,
+        calls: (0..n.max(1))
+            .map(|_| tools::CallPieces::default())
+            .collect(),
     };
     stream::unfold(Some(reading), |reading| async move {
         let mut reading = reading?;
@@ -552,9 +614,7 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> Ev
                 Some(Err(e)) => return Some((vec![Err(e)], None)),
                 // Some servers close without `[DONE]` after the finish reason; a stream
                 // that ends before any finish reason was cut off.
-                None if reading.choices.any_finished() => {
-                    return Some((results(reading.choices.done(reading.usage)), None));
-                }
+                None if reading.choices.any_finished() => return Some((reading.end(), None)),
                 None => {
                     return Some((
                         vec![Err(ProviderError::Cut("ended before [DONE]".into()))],
@@ -563,7 +623,7 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> Ev
                 }
             };
             if payload.trim() == "[DONE]" {
-                return Some((results(reading.choices.done(reading.usage)), None));
+                return Some((reading.end(), None));
             }
             let chunk: Chunk = match serde_json::from_str(&payload) {
                 Ok(chunk) => chunk,
@@ -596,10 +656,7 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> Ev
             }
             let mut events = Vec::new();
             for choice in chunk.choices {
-                match choice
-                    .into_piece()
-                    .and_then(|piece| reading.choices.piece(piece))
-                {
+                match reading.choice(choice) {
                     Ok(more) => events.extend(more.into_iter().map(Ok)),
                     Err(e) => return Some((vec![Err(e)], None)),
                 }

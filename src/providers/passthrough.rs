@@ -153,7 +153,7 @@ const GEMINI_DROPPED: &[&str] = &[
 /// A JSON Schema as Gemini's `responseSchema`: a `type` list with `null` becomes
 /// `nullable`, `const` a one-value `enum`; keywords it lacks (`$ref`, `allOf`, `not`, …)
 /// are a refusal naming them.
-fn gemini_schema(schema: &Value, path: &str) -> Result<Value, ProviderError> {
+pub(super) fn gemini_schema(schema: &Value, path: &str) -> Result<Value, ProviderError> {
     let Value::Object(map) = schema else {
         return Err(refused(format!(
             "Gemini's responseSchema needs an object at {path:?}"

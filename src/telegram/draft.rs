@@ -222,7 +222,8 @@ async fn whole(
                     | StreamEvent::Prompt(_)
                     | StreamEvent::Logprobs(_)
                     | StreamEvent::Choice(_)
-                    | StreamEvent::ChoiceEnd(_),
+                    | StreamEvent::ChoiceEnd(_)
+                    | StreamEvent::ToolCall(_),
                 ) => {}
                 None => break,
             },

@@ -204,7 +204,8 @@ pub async fn deliver(
                     | StreamEvent::Prompt(_)
                     | StreamEvent::Logprobs(_)
                     | StreamEvent::Choice(_)
-                    | StreamEvent::ChoiceEnd(_),
+                    | StreamEvent::ChoiceEnd(_)
+                    | StreamEvent::ToolCall(_),
                 ) => {}
                 None => break,
             },

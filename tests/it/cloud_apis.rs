@@ -90,7 +90,8 @@ async fn reply(
             | StreamEvent::Prompt(_)
             | StreamEvent::Logprobs(_)
             | StreamEvent::Choice(_)
-            | StreamEvent::ChoiceEnd(_) => {}
+            | StreamEvent::ChoiceEnd(_)
+            | StreamEvent::ToolCall(_) => {}
         }
     }
     (

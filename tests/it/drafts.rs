@@ -37,6 +37,34 @@ fn calls_by_method(fake: &FakeTelegram, chat: i64) -> Vec<(String, usize)> {
     counts
 }
 
+/// A bot asked for a long essay in private chat `id`, once its first draft shows.
+async fn essay_drafting(id: i64) -> (Setup, Value) {
+    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
+    let chat = private_chat(id);
+    s.fake.send_text(&chat, &user(id, "fa", "en"), ESSAY);
+    s.fake
+        .wait_for("a draft", LONG, |f| {
+            !f.calls_in(id, "sendMessageDraft").is_empty()
+        })
+        .await;
+    (s, chat)
+}
+
+/// The stopped answer `partial` in chat `id` holds at least what its last draft showed,
+/// and came with no edit.
+fn assert_holds_the_last_draft(s: &Setup, id: i64, partial: &str) {
+    let report = s.report();
+    let last_draft = s.fake.calls_in(id, "sendMessageDraft").pop().unwrap();
+    assert!(
+        partial.starts_with(last_draft.text().unwrap().trim()),
+        "the message holds at least what the draft showed\n{report}"
+    );
+    assert!(
+        s.fake.calls_in(id, "editMessageText").is_empty(),
+        "{report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_answers_stream_as_drafts_groups_as_edits_and_refused_drafts_fall_back() {
     const FLAGS: &[&str] = &["--max-tokens", "700", "--telegram-streaming", "draft"];
@@ -218,16 +246,8 @@ async fn a_9000_character_answer_is_split_and_delivered_once_with_drafts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_a_draft_delivers_what_was_written_once() {
-    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
-    let chat = private_chat(506);
-    let fa = user(506, "fa", "en");
-    s.fake.send_text(&chat, &fa, ESSAY);
-    s.fake
-        .wait_for("a draft", LONG, |f| {
-            !f.calls_in(506, "sendMessageDraft").is_empty()
-        })
-        .await;
-    s.fake.send_text(&chat, &fa, "/stop");
+    let (s, chat) = essay_drafting(506).await;
+    s.fake.send_text(&chat, &user(506, "fa", "en"), "/stop");
     s.answers(1).await;
     let report = s.report();
     assert!(s.bot.stderr().contains("stopped=true"), "{report}");
@@ -240,30 +260,12 @@ async fn stop_during_a_draft_delivers_what_was_written_once() {
     assert!(messages.iter().any(|m| m.visible == "Stopped."), "{report}");
     let partial = messages.iter().find(|m| m.visible != "Stopped.").unwrap();
     assert!(partial.html && partial.edits == 0, "{report}");
-    let last_draft = s.fake.calls_in(506, "sendMessageDraft").pop().unwrap();
-    assert!(
-        partial
-            .visible
-            .starts_with(last_draft.text().unwrap().trim()),
-        "the message holds at least what the draft showed\n{report}"
-    );
-    assert!(
-        s.fake.calls_in(506, "editMessageText").is_empty(),
-        "{report}"
-    );
+    assert_holds_the_last_draft(&s, 506, &partial.visible);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stop_button_of_a_draft_stops_that_answer_only() {
-    let s = Setup::start(&["--max-tokens", "700", DRAFT[0], DRAFT[1]]).await;
-    let chat = private_chat(507);
-    let fa = user(507, "fa", "en");
-    s.fake.send_text(&chat, &fa, ESSAY);
-    s.fake
-        .wait_for("a draft", LONG, |f| {
-            !f.calls_in(507, "sendMessageDraft").is_empty()
-        })
-        .await;
+    let (s, chat) = essay_drafting(507).await;
     let first = s.fake.calls_in(507, "sendMessageDraft").remove(0);
     let report = s.report();
     assert_eq!(first.params["can_stop"], true, "{report}");
@@ -300,17 +302,7 @@ async fn the_stop_button_of_a_draft_stops_that_answer_only() {
         1,
         "the answer so far, once, and no \"Stopped.\" reply\n{report}"
     );
-    let last_draft = s.fake.calls_in(507, "sendMessageDraft").pop().unwrap();
-    assert!(
-        messages[0]
-            .visible
-            .starts_with(last_draft.text().unwrap().trim()),
-        "the message holds at least what the draft showed\n{report}"
-    );
-    assert!(
-        s.fake.calls_in(507, "editMessageText").is_empty(),
-        "{report}"
-    );
+    assert_holds_the_last_draft(&s, 507, &messages[0].visible);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,4 +32,5 @@ mod refusals;
 mod restart;
 mod secrets;
 mod telegram;
+mod tools;
 mod util;

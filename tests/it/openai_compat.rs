@@ -24,7 +24,7 @@ use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
 
 /// Posts `body` to `path` and returns the status and the JSON body.
-async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
     let response = app
         .client
         .post(format!("{}{path}", app.base))
@@ -37,7 +37,7 @@ async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
 }
 
 /// Streams `body` and returns the chunks (without `[DONE]`, which must end the stream).
-async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
+pub(crate) async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let response = app
@@ -58,7 +58,7 @@ async fn stream(app: &TestApp, body: &Value) -> Vec<Value> {
 
 /// Parses `completions` (`chat.completion`) and `chunks` (`chat.completion.chunk`) with
 /// the `openai` SDK's pydantic models, strictly, and fails with what it said.
-fn sdk_validates(completions: &[&Value], chunks: &[&Value]) {
+pub(crate) fn sdk_validates(completions: &[&Value], chunks: &[&Value]) {
     const SCRIPT: &str = r#"
 import json, sys
 from openai.types.chat import ChatCompletion, ChatCompletionChunk

@@ -86,6 +86,16 @@ pub enum Behavior {
     Echo,
     /// Each request draws one of the faults at random from a seed, else echoes.
     Chaos(ProviderChaos),
+    /// Calls tools (name, arguments), in the API's own form (OpenAI: streamed
+    /// `delta.tool_calls`, arguments in pieces, `finish_reason: tool_calls`; Gemini:
+    /// `functionCall` parts); to a request whose last message is a tool's result, answers
+    /// these pieces of text instead.
+    CallTools {
+        /// The calls.
+        calls: Vec<(String, Value)>,
+        /// The answer after the results.
+        answer: Vec<String>,
+    },
 }
 
 /// Odds (per thousand) of each fault of [`Behavior::Chaos`]; the rest is [`Behavior::Echo`].
@@ -406,6 +416,9 @@ async fn handle(
     );
     let behavior = match behavior {
         Behavior::Echo => Behavior::Answer(echo_pieces(&question)),
+        Behavior::CallTools { answer, .. } if answers_a_tool(state.shape, &json) => {
+            Behavior::Answer(answer)
+        }
         Behavior::Chaos(chaos) => {
             let roll = state.rng.lock().unwrap().below(1000);
             let mut bound = 0;
@@ -486,6 +499,20 @@ async fn handle(
             response
         }
         _ => respond(state.shape, behavior, Asked::of(state.shape, &json)).await,
+    }
+}
+
+/// Whether the request's last message is a tool's result.
+fn answers_a_tool(shape: Shape, body: &Value) -> bool {
+    match shape {
+        Shape::OpenAi => body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["role"] == "tool"),
+        Shape::Gemini => body["contents"]
+            .as_array()
+            .and_then(|c| c.last())
+            .is_some_and(|c| c["parts"][0].get("functionResponse").is_some()),
     }
 }
 
@@ -770,6 +797,51 @@ async fn respond(shape: Shape, behavior: Behavior, asked: Asked) -> Response {
             "data: {\"choices\":[{\"delta\":{\"content\": oops\n\n",
         )),
         Behavior::Echo | Behavior::Chaos(_) => unreachable!("resolved per request"),
+        Behavior::CallTools { calls, .. } => {
+            let events: Vec<String> = match shape {
+                Shape::OpenAi => {
+                    let mut events = vec![openai_chunk(
+                        json!({"role": "assistant", "content": null}),
+                        None,
+                    )];
+                    for (i, (name, arguments)) in calls.iter().enumerate() {
+                        events.push(openai_chunk(
+                            json!({"tool_calls": [{"index": i, "id": format!("call_fake{i}"),
+                                "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                            None,
+                        ));
+                        // The arguments in two pieces, split inside a string.
+                        let text = arguments.to_string();
+                        let cut = text.len() / 2;
+                        let cut = (cut..text.len())
+                            .find(|&c| text.is_char_boundary(c))
+                            .unwrap_or(text.len());
+                        for piece in [&text[..cut], &text[cut..]] {
+                            events.push(openai_chunk(
+                                json!({"tool_calls": [{"index": i,
+                                    "function": {"arguments": piece}}]}),
+                                None,
+                            ));
+                        }
+                    }
+                    events.push(openai_chunk(json!({}), Some("tool_calls")));
+                    events.push("[DONE]".into());
+                    events
+                }
+                Shape::Gemini => {
+                    let parts: Vec<Value> = calls
+                        .iter()
+                        .map(|(name, args)| json!({"functionCall": {"name": name, "args": args}}))
+                        .collect();
+                    vec![json!({"candidates": [{"content": {"parts": parts, "role": "model"},
+                        "finishReason": "STOP", "index": 0}],
+                        "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": 3,
+                        "totalTokenCount": 14}, "modelVersion": "fake"})
+                    .to_string()]
+                }
+            };
+            event_stream(Body::from(sse(events)))
+        }
         Behavior::Thinking { thoughts, answer } => {
             let events: Vec<String> = match shape {
                 // Mistral's chunk arrays, as magistral streams them.
