@@ -803,14 +803,16 @@ fn texts_of(body: &Value) -> Vec<String> {
         .collect()
 }
 
-/// An engine of its own (4 slots, nothing cached) behind the local chain: its counters
-/// see only this test's requests.
-async fn own_engine_app() -> (TestApp, mistral_bot::engine::EngineHandle) {
+/// An engine of its own (4 slots, nothing cached) behind the local chain, replies of up
+/// to `max_tokens`: its counters see only this test's requests.
+async fn own_engine_app(max_tokens: u32) -> (TestApp, mistral_bot::engine::EngineHandle) {
     let engine = crate::util::start_engine(crate::util::engine_config()).await;
+    let mut settings = http_settings();
+    settings.generate.max_tokens = max_tokens;
     let app = start_app(
         &providers_config(&[Local], &Fakes::default()),
         engine.clone(),
-        http_settings(),
+        settings,
     )
     .await;
     (app, engine)
@@ -818,7 +820,7 @@ async fn own_engine_app() -> (TestApp, mistral_bot::engine::EngineHandle) {
 
 #[tokio::test]
 async fn n_choices_share_one_reading_of_the_prompt_and_count_as_one_request() {
-    let (app, engine) = own_engine_app().await;
+    let (app, engine) = own_engine_app(48).await;
     let (status, body) = post(&app, "/v1/chat/completions", &choices(3, json!({}))).await;
     assert_eq!(status, 200, "{body}");
     let texts = texts_of(&body);
@@ -947,7 +949,9 @@ async fn n_is_checked_and_limited_to_the_engines_slots() {
 
 #[tokio::test]
 async fn a_client_leaving_frees_every_slot_of_its_choices() {
-    let (app, engine) = own_engine_app().await;
+    // Replies of up to 900 tokens each (the window allows ~1000): long enough to leave
+    // while all three generate.
+    let (app, engine) = own_engine_app(900).await;
     let body = choices(
         3,
         json!({"stream": true, "ignore_eos": true, "max_tokens": 900}),
@@ -978,7 +982,11 @@ async fn a_client_leaving_frees_every_slot_of_its_choices() {
         },
     )
     .await;
-    assert!(engine.stats().tokens_generated < 3 * 900);
+    let generated = engine.stats().tokens_generated;
+    assert!(
+        generated < 3 * 900,
+        "the choices ran on: {generated} tokens"
+    );
     // The engine still answers.
     let (status, body) = post(&app, "/v1/chat/completions", &choices(2, json!({}))).await;
     assert_eq!(status, 200, "{body}");
