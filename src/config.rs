@@ -15,8 +15,12 @@ use clap::Parser;
 use url::Url;
 
 mod inputs;
+mod webhook;
 
 pub use inputs::{DEFAULT_STT_MODEL, GROQ_STT_BASE_URL, InputArgs, InputConfig, SttConfig};
+pub use webhook::{
+    WEBHOOK_PORTS, WebhookArgs, WebhookConfig, WebhookError, check_url as check_webhook_url,
+};
 
 use crate::chat::GenerateParams;
 use crate::chat_policy::{ChatPolicy, ChatPolicyArgs};
@@ -216,6 +220,10 @@ pub struct Args {
     #[arg(long, env = "TELEGRAM_API_URL", value_name = "URL")]
     pub telegram_api_url: Option<String>,
 
+    /// Telegram's webhook mode.
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+
     /// Who may talk to the bot: Telegram user ids and/or @usernames, comma-separated.
     /// Empty: everyone.
     #[arg(
@@ -390,6 +398,8 @@ pub struct TelegramConfig {
     pub data_dir: PathBuf,
     /// Streaming, admins and per-user limits.
     pub policy: ChatPolicy,
+    /// Webhook mode; `None`: long polling.
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// What the process was asked to do.
@@ -624,6 +634,9 @@ pub enum ConfigError {
     /// `--modes-file` cannot be used (the reason, with its causes).
     #[error("{0}")]
     Modes(String),
+    /// Webhook mode cannot start as asked.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
 }
 
 /// An error and its causes, as one line.
@@ -780,15 +793,18 @@ impl TryFrom<Args> for Config {
                 for entry in &args.allowed_users {
                     allowed_users.extend(AllowedUser::parse(entry)?);
                 }
+                let webhook = WebhookConfig::from_args(&args.webhook, api_url.as_ref())?;
                 Some(TelegramConfig {
                     token,
                     api_url,
                     allowed_users,
                     data_dir: args.data_dir.clone(),
                     policy: ChatPolicy::try_from(args.chat_policy.clone())?,
+                    webhook,
                 })
             }
         };
+        webhook::needs_a_server(&args.webhook, telegram.is_some(), &mode)?;
         let inputs = InputConfig::from_args(
             args.inputs,
             (

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::config::{
-    Args, Config, ConfigError, HttpConfig, ProviderKind, ProvidersConfig, Secret, max_tokens_limit,
-    parse_park_ram,
+    Args, Config, ConfigError, HttpConfig, ProviderKind, ProvidersConfig, Secret, WebhookError,
+    max_tokens_limit, parse_park_ram,
 };
 use crate::gguf::{self, GgufHeader};
 use crate::host::lock;
@@ -127,7 +127,10 @@ pub async fn run(args: Args) -> Report {
     let config = Config::try_from(args.clone());
     // (The model check below reports a missing model in its own words.)
     if let Err(e) = &config
-        && !matches!(e, ConfigError::OpenWithoutKey { .. } | ConfigError::NoModel)
+        && !matches!(
+            e,
+            ConfigError::OpenWithoutKey { .. } | ConfigError::NoModel | ConfigError::Webhook(_)
+        )
     {
         checks.push(Check::new(Status::Fail, "flags", e.to_string()));
     }
@@ -149,6 +152,11 @@ pub async fn run(args: Args) -> Report {
     checks.extend(build_checks(&args));
     checks.push(data_dir_check(&args.data_dir));
     checks.extend(http_checks(&args));
+    let refused = match &config {
+        Err(ConfigError::Webhook(e)) => Some(e),
+        _ => None,
+    };
+    checks.extend(webhook_url_check(&args, refused));
     checks.extend(telegram);
     checks.extend(cloud);
     Report { checks }
@@ -611,6 +619,93 @@ struct Me {
 struct WebhookInfo {
     #[serde(default)]
     url: String,
+    #[serde(default)]
+    pending_update_count: u64,
+    last_error_message: Option<String>,
+}
+
+/// Webhook mode's URL (`--telegram-webhook-url`): one Telegram delivers to, a path the
+/// HTTP API can serve, a mode that runs the HTTP API. Nothing without the flag.
+/// `refused`: what the configuration said of webhook mode, if it refused it.
+fn webhook_url_check(args: &Args, refused: Option<&WebhookError>) -> Option<Check> {
+    let raw = args.webhook.telegram_webhook_url.as_deref()?.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    let api_url = args
+        .telegram_api_url
+        .as_deref()
+        .and_then(|u| Url::parse(u.trim()).ok());
+    let checked = match refused {
+        Some(e) => Err(e.clone()),
+        None => crate::config::check_webhook_url(raw, api_url.as_ref()),
+    };
+    Some(match checked {
+        Ok(url) => Check::new(
+            Status::Ok,
+            "webhook-url",
+            format!(
+                "{}://{} port {}: Telegram delivers there; the reverse proxy must forward the                  path unchanged to --http-addr {}",
+                url.scheme(),
+                url.host_str().unwrap_or_default(),
+                url.port_or_known_default().unwrap_or_default(),
+                args.http.http_addr
+            ),
+        ),
+        Err(e) => Check::new(Status::Fail, "webhook-url", e.to_string()),
+    })
+}
+
+/// What `getWebhookInfo` says, read for the mode asked.
+fn webhook_info_check(args: &Args, info: &WebhookInfo) -> Check {
+    let wanted = args
+        .webhook
+        .telegram_webhook_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty());
+    let errors = info
+        .last_error_message
+        .as_deref()
+        .map(|e| format!("; Telegram's last delivery error: {e}"))
+        .unwrap_or_default();
+    match wanted {
+        None if info.url.is_empty() => {
+            Check::new(Status::Ok, "webhook", "none set: long polling works")
+        }
+        None => Check::new(
+            Status::Warn,
+            "webhook",
+            "a webhook is set: the bot deletes it at start to poll, so whatever receives it now              stops getting updates; run only one deployment per token",
+        ),
+        Some(_) if info.url.is_empty() => Check::new(
+            Status::Ok,
+            "webhook",
+            "none set yet: the bot sets it at start",
+        ),
+        Some(wanted)
+            if Url::parse(wanted).is_ok_and(|w| Url::parse(&info.url).is_ok_and(|i| i == w)) =>
+        {
+            let status = if errors.is_empty() {
+                Status::Ok
+            } else {
+                Status::Warn
+            };
+            Check::new(
+                status,
+                "webhook",
+                format!(
+                    "set to --telegram-webhook-url, {} update(s) waiting{errors}",
+                    info.pending_update_count
+                ),
+            )
+        }
+        Some(_) => Check::new(
+            Status::Warn,
+            "webhook",
+            "another webhook URL is set: the bot replaces it at start, so whatever receives it              now stops getting updates; run only one deployment per token",
+        ),
+    }
 }
 
 /// The token accepted (`getMe`), no webhook in the way, the privacy mode.
@@ -682,18 +777,16 @@ async fn telegram_checks(args: &Args) -> Vec<Check> {
         "telegram",
         format!("token accepted: @{name}"),
     )];
-    checks.push(match bot_call::<WebhookInfo>(&client, &base, token, "getWebhookInfo").await {
-        Ok(info) if info.url.is_empty() => {
-            Check::new(Status::Ok, "webhook", "none set: long polling works")
-        }
-        Ok(_) => Check::new(
-            Status::Warn,
-            "webhook",
-            "a webhook is set: the bot deletes it at start to poll, so whatever receives it now \
-             stops getting updates; run only one deployment per token",
-        ),
-        Err(e) => Check::new(Status::Warn, "webhook", format!("getWebhookInfo failed ({e})")),
-    });
+    checks.push(
+        match bot_call::<WebhookInfo>(&client, &base, token, "getWebhookInfo").await {
+            Ok(info) => webhook_info_check(args, &info),
+            Err(e) => Check::new(
+                Status::Warn,
+                "webhook",
+                format!("getWebhookInfo failed ({e})"),
+            ),
+        },
+    );
     checks.push(if me.can_read_all_group_messages {
         Check::new(
             Status::Ok,

@@ -15,7 +15,8 @@
 //!   message), the chain asked, and a delivered turn committed.
 //! - [`doctor`]: `mistral-bot doctor`, the set-up check; [`gguf`]: the model file's header.
 //! - [`kv_cache`]: the KV cache's settings (flash attention, K/V types) and its size per token.
-//! - [`telegram`]: the Telegram bot (long polling, streamed answers, commands).
+//! - [`telegram`]: the Telegram bot (long polling or a webhook, streamed answers, commands);
+//!   [`webhook`]: the hand-off from the HTTP API's webhook route to the bot.
 //! - [`host`]: host limits decided at start-up (the memory plan, the data-dir lock).
 //! - [`persona`]: the modes a conversation may choose and its stored choice;
 //!   [`usage`]: per-user fair-use windows and their rows; [`chat_policy`]: their flags.
@@ -59,6 +60,7 @@ pub mod redact;
 pub mod responder;
 pub mod telegram;
 pub mod usage;
+pub mod webhook;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -218,6 +220,15 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     if config.telegram.is_some() {
         state.set_telegram_link(link.clone());
     }
+    // Webhook mode: the HTTP API serves the webhook's path and hands updates to the bot.
+    let webhook = config
+        .telegram
+        .as_ref()
+        .and_then(|t| t.webhook.clone())
+        .map(webhook::WebhookInbox::new);
+    if let Some(inbox) = &webhook {
+        state.set_webhook(inbox.clone());
+    }
     let listener = TcpListener::bind(config.http.addr)
         .await
         .with_context(|| format!("binding the HTTP API to {}", config.http.addr))?;
@@ -298,10 +309,14 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let inputs = telegram::inputs::Inputs::new(config.inputs.clone(), stt, prompt_room);
     let result = serve_front_ends(
         &config,
-        responder,
-        engine.clone(),
-        link,
-        inputs,
+        telegram::BotDeps {
+            responder,
+            engine: engine.clone(),
+            model_id: model_id(&config),
+            link,
+            inputs,
+            webhook,
+        },
         server,
         stop_rx,
     )
@@ -365,10 +380,7 @@ const PARK_ON_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Serves the HTTP API and, when configured, the Telegram bot until they stop.
 async fn serve_front_ends(
     config: &Config,
-    responder: Arc<Responder>,
-    engine: Option<EngineHandle>,
-    link: link::TelegramLink,
-    inputs: telegram::inputs::Inputs,
+    deps: telegram::BotDeps,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -378,13 +390,7 @@ async fn serve_front_ends(
             .context("the HTTP server task failed")?
             .context("the HTTP server failed");
     };
-    let deps = telegram::BotDeps {
-        responder,
-        engine,
-        model_id: model_id(config),
-        link: link.clone(),
-        inputs,
-    };
+    let link = deps.link.clone();
     // The bot stops with the same signal as the HTTP API. It waits out a Bot API that
     // cannot be reached; what stops it for good (a rejected token) stops the Telegram side
     // alone: the HTTP API and the engine keep serving, and `/ready` says so.

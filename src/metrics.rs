@@ -25,8 +25,10 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
 mod stt;
+mod webhook;
 
 pub use stt::{SttMetrics, SttSnapshot};
+pub use webhook::{TELEGRAM_WEBHOOK_REQUESTS, WebhookMetrics};
 
 /// Attempts per provider (exposed with `_total`).
 pub const PROVIDER_REQUESTS: &str = "mistral_bot_provider_requests";
@@ -281,6 +283,8 @@ pub struct Metrics {
     memory_limit: Gauge<i64, AtomicI64>,
     /// Speech-to-text figures, apart from the chat providers'.
     stt: SttMetrics,
+    /// Telegram webhook requests, by outcome.
+    webhook: WebhookMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -367,6 +371,7 @@ impl Metrics {
             memory_limit.clone(),
         );
         let stt = SttMetrics::register(&mut registry);
+        let webhook = WebhookMetrics::register(&mut registry);
         for provider in KNOWN_PROVIDERS {
             let labels = vec![("provider", provider)];
             for family in [&requests, &success, &timeouts, &cancelled] {
@@ -385,6 +390,7 @@ impl Metrics {
             first_text,
             tallies: Mutex::new(BTreeMap::new()),
             stt,
+            webhook,
             engine,
             fleet,
             budgets,
@@ -475,6 +481,11 @@ impl Metrics {
     /// The speech-to-text figures.
     pub fn stt(&self) -> &SttMetrics {
         &self.stt
+    }
+
+    /// The Telegram webhook's figures.
+    pub fn webhook(&self) -> &WebhookMetrics {
+        &self.webhook
     }
 
     /// Where the engine gauges come from; set once the engine is loaded.

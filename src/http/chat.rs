@@ -270,12 +270,15 @@ fn streamed(
     meta: Meta,
     events: futures::stream::BoxStream<'static, StreamEvent>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    // The role chunk has no content yet: `null`, as llama-server sends it (OpenAI sends
+    // ""; both parse). Clients that treat a present `content` as text, such as llama.cpp's
+    // own server tests, expect no empty one.
     let first: Vec<Event> = (0..meta.n)
         .map(|index| {
             chunk(
                 &meta,
                 index,
-                json!({"role": "assistant", "content": ""}),
+                json!({"role": "assistant", "content": null}),
                 &[],
                 None,
             )

@@ -27,6 +27,7 @@ mod params;
 mod session;
 mod state;
 mod tools;
+mod webhook;
 
 use std::future::Future;
 
@@ -60,7 +61,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/dialogue_metrics", get(ops::dialogue_metrics))
         .merge(dashboard::routes())
-        .fallback(|| async { ApiError::NotFound })
+        // The webhook's path is the operator's choice: served from the fallback, it can
+        // never clash with a route (config refuses the routes' own paths).
+        .fallback(webhook::fallback)
         .layer(DefaultBodyLimit::max(state.settings().body_limit))
         .with_state(state)
 }
@@ -115,5 +118,17 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    proptest::proptest! {
+        /// The API key's and the webhook secret's comparison says what `==` says.
+        #[test]
+        fn key_comparison_is_equality(
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        ) {
+            proptest::prop_assert_eq!(constant_time_eq(&a, &b), a == b);
+            proptest::prop_assert!(constant_time_eq(&a, &a.clone()));
+        }
     }
 }

@@ -16,6 +16,7 @@ use crate::engine::EngineHandle;
 use crate::link::TelegramLink;
 use crate::metrics::{EngineFigures, Metrics};
 use crate::responder::Responder;
+use crate::webhook::WebhookInbox;
 
 /// The HTTP API's settings.
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ struct Inner {
     history: Mutex<History>,
     /// Whether the Telegram bot reaches the Bot API, when there is a bot.
     telegram: OnceLock<TelegramLink>,
+    /// Telegram's webhook, in webhook mode.
+    webhook: OnceLock<WebhookInbox>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
                 in_flight: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
                 history: Mutex::default(),
                 telegram: OnceLock::new(),
+                webhook: OnceLock::new(),
                 settings,
             }),
         }
@@ -117,6 +121,17 @@ impl AppState {
     /// the first call counts.
     pub fn set_telegram_link(&self, link: TelegramLink) {
         let _ = self.inner.telegram.set(link);
+    }
+
+    /// Webhook mode: serve `inbox`'s path and hand its updates over. Only the first call
+    /// counts; call it before [`serve`](super::serve).
+    pub fn set_webhook(&self, inbox: WebhookInbox) {
+        let _ = self.inner.webhook.set(inbox);
+    }
+
+    /// Telegram's webhook, in webhook mode.
+    pub(super) fn webhook(&self) -> Option<&WebhookInbox> {
+        self.inner.webhook.get()
     }
 
     /// The Telegram bot's link to the Bot API, when there is a bot.

@@ -12,11 +12,12 @@ use serde::Deserialize;
 use serde_json::json;
 use url::Url;
 
+use super::choices::{ChoiceReader, Piece};
 use super::cloud;
 use super::convert::normalize;
-use super::openai::endpoint;
+use super::openai::{endpoint, results};
 use super::{EventStream, Provider, ProviderError, RequestFault, passthrough, sse, tools};
-use crate::chat::{ChatRequest, Completion, FinishReason, Role, StreamEvent, Timings, Usage};
+use crate::chat::{ChatRequest, FinishReason, Role, TokenLogprob, TopLogprob, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
 /// A client of the Gemini API.
@@ -218,7 +219,11 @@ impl Provider for GeminiProvider {
                 other => other,
             })?;
             let parallel = request.params.tools.as_ref().is_none_or(|t| t.parallel);
-            Ok(events(sse::data_stream(response.bytes_stream()), parallel))
+            Ok(events(
+                sse::data_stream(response.bytes_stream()),
+                request.params.n,
+                parallel,
+            ))
         })
     }
 }
@@ -238,6 +243,93 @@ struct Chunk {
 struct Candidate {
     content: Option<Content>,
     finish_reason: Option<String>,
+    /// Which candidate (`candidateCount` > 1); 0 when left out.
+    #[serde(default)]
+    index: u32,
+    /// With `responseLogprobs`: the chosen token and the top alternatives of each step.
+    logprobs_result: Option<LogprobsResult>,
+}
+
+/// <https://ai.google.dev/api/generate-content#LogprobsResult>
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogprobsResult {
+    /// One per decoding step.
+    #[serde(default)]
+    top_candidates: Vec<TopCandidates>,
+    /// One per decoding step.
+    #[serde(default)]
+    chosen_candidates: Vec<LogprobCandidate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TopCandidates {
+    /// Most likely first.
+    #[serde(default)]
+    candidates: Vec<LogprobCandidate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogprobCandidate {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    log_probability: f32,
+}
+
+impl LogprobsResult {
+    /// OpenAI's shape: each chosen token with the alternatives of its step (Gemini's
+    /// token strings; their UTF-8 as `bytes`).
+    fn into_openai(self) -> Vec<TokenLogprob> {
+        let mut tops = self.top_candidates.into_iter();
+        self.chosen_candidates
+            .into_iter()
+            .map(|chosen| TokenLogprob {
+                bytes: chosen.token.as_bytes().to_vec(),
+                token: chosen.token,
+                logprob: chosen.log_probability,
+                top_logprobs: tops
+                    .next()
+                    .map(|top| top.candidates)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|alt| TopLogprob {
+                        bytes: alt.token.as_bytes().to_vec(),
+                        token: alt.token,
+                        logprob: alt.log_probability,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl Candidate {
+    /// This candidate's piece of the answer (thoughts left out), its function calls as
+    /// tool calls.
+    fn into_piece(self) -> Result<Piece, ProviderError> {
+        let mut text = String::new();
+        let mut tool_calls = Vec::new();
+        for part in self.content.iter().flat_map(|c| &c.parts) {
+            if let (Some(t), false) = (&part.text, part.thought) {
+                text.push_str(t);
+            }
+            if let Some(call) = &part.function_call {
+                tool_calls.push(tools::gemini_call(call)?);
+            }
+        }
+        Ok(Piece {
+            index: self.index,
+            text,
+            logprobs: self
+                .logprobs_result
+                .map(LogprobsResult::into_openai)
+                .unwrap_or_default(),
+            finish: self.finish_reason.as_deref().map(finish_reason),
+            tool_calls,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,50 +386,39 @@ fn finish_reason(reason: &str) -> FinishReason {
 
 struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
-    finish: Option<FinishReason>,
+    choices: ChoiceReader,
     usage: Usage,
-    /// Events read and not yet passed on.
-    ready: std::collections::VecDeque<StreamEvent>,
-    /// Whether an answer may call several tools (else the first call only is kept).
+    /// Tool calls passed on so far, per candidate.
+    calls: Vec<usize>,
+}
+
+/// The events of a streamed `generateContent` of `n` candidates, from its SSE `data`
+/// payloads; without `parallel` tool calls, only the first call of each candidate is kept.
+fn events(
+    data: BoxStream<'static, Result<String, ProviderError>>,
+    n: u32,
     parallel: bool,
-    /// Calls passed on so far.
-    calls: usize,
-}
-
-fn done(reading: &Reading) -> StreamEvent {
-    StreamEvent::Done(Completion {
-        finish_reason: reading.finish.unwrap_or(FinishReason::Stop),
-        usage: reading.usage,
-        timings: Timings::default(),
-    })
-}
-
-/// The events of a streamed `generateContent`, from its SSE `data` payloads.
-fn events(data: BoxStream<'static, Result<String, ProviderError>>, parallel: bool) -> EventStream {
+) -> EventStream {
     let reading = Reading {
         data,
-        finish: None,
+        choices: ChoiceReader::new(n),
         usage: Usage::default(),
-        ready: std::collections::VecDeque::new(),
-        parallel,
-        calls: 0,
+        calls: vec![0; n.max(1) as usize],
     };
-    stream::unfold(Some(reading), |reading| async move {
+    stream::unfold(Some(reading), move |reading| async move {
         let mut reading = reading?;
         loop {
-            if let Some(event) = reading.ready.pop_front() {
-                return Some((Ok(event), Some(reading)));
-            }
             let payload = match reading.data.next().await {
                 Some(Ok(payload)) => payload,
-                Some(Err(e)) => return Some((Err(e), None)),
-                None if reading.finish.is_some() => {
-                    let done = done(&reading);
-                    return Some((Ok(done), None));
+                Some(Err(e)) => return Some((vec![Err(e)], None)),
+                None if reading.choices.any_finished() => {
+                    return Some((results(reading.choices.done(reading.usage)), None));
                 }
                 None => {
                     return Some((
-                        Err(ProviderError::Cut("ended before a finishReason".into())),
+                        vec![Err(ProviderError::Cut(
+                            "ended before a finishReason".into(),
+                        ))],
                         None,
                     ));
                 }
@@ -346,9 +427,9 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, parallel: boo
                 Ok(chunk) => chunk,
                 Err(e) => {
                     return Some((
-                        Err(ProviderError::Malformed(format!(
+                        vec![Err(ProviderError::Malformed(format!(
                             "stream chunk is not valid JSON: {e}"
-                        ))),
+                        )))],
                         None,
                     ));
                 }
@@ -360,16 +441,18 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, parallel: boo
                     .unwrap_or("error event");
                 let message: String = message.chars().take(200).collect();
                 return Some((
-                    Err(ProviderError::Cut(format!("provider error: {message}"))),
+                    vec![Err(ProviderError::Cut(format!(
+                        "provider error: {message}"
+                    )))],
                     None,
                 ));
             }
             if let Some(reason) = chunk.prompt_feedback.and_then(|f| f.block_reason) {
                 return Some((
-                    Err(ProviderError::Refused {
+                    vec![Err(ProviderError::Refused {
                         kind: RequestFault::ContentBlocked,
                         detail: format!("prompt blocked: {reason}"),
-                    }),
+                    })],
                     None,
                 ));
             }
@@ -384,39 +467,36 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>, parallel: boo
                     completion_tokens: usage.candidates_token_count,
                 };
             }
-            let mut text = String::new();
-            if let Some(candidate) = chunk.candidates.first() {
-                if let Some(reason) = &candidate.finish_reason {
-                    reading.finish = Some(finish_reason(reason));
-                }
-                for part in candidate.content.iter().flat_map(|c| &c.parts) {
-                    if let (Some(t), false) = (&part.text, part.thought) {
-                        text.push_str(t);
-                    }
-                    if let Some(call) = &part.function_call {
-                        let call = match tools::gemini_call(call) {
-                            Ok(call) => call,
-                            Err(e) => return Some((Err(e), None)),
-                        };
-                        if reading.parallel || reading.calls == 0 {
-                            reading.calls += 1;
-                            reading.ready.push_back(StreamEvent::ToolCall(call));
+            let mut events = Vec::new();
+            for candidate in chunk.candidates {
+                let piece = candidate.into_piece().map(|mut piece| {
+                    let slot = if n <= 1 { 0 } else { piece.index as usize };
+                    if let Some(calls) = reading.calls.get_mut(slot) {
+                        if !parallel {
+                            piece.tool_calls.truncate(usize::from(*calls == 0));
                         }
+                        *calls += piece.tool_calls.len();
                     }
+                    piece
+                });
+                match piece.and_then(|piece| reading.choices.piece(piece)) {
+                    Ok(more) => events.extend(more.into_iter().map(Ok)),
+                    Err(e) => return Some((vec![Err(e)], None)),
                 }
             }
-            if !text.is_empty() {
-                reading.ready.push_front(StreamEvent::Delta(text));
+            if !events.is_empty() {
+                return Some((events, Some(reading)));
             }
         }
     })
+    .flat_map(stream::iter)
     .boxed()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::{ChatMessage, GenerateParams};
+    use crate::chat::{ChatMessage, GenerateParams, StreamEvent};
 
     #[test]
     fn history_becomes_contents_and_system_instruction() {
@@ -492,13 +572,13 @@ mod tests {
     async fn function_calls_become_tool_calls_and_parallel_false_keeps_the_first() {
         let payload = r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"a":1}},"thoughtSignature":"sig"},{"functionCall":{"name":"g","args":{}}}],"role":"model"},"finishReason":"STOP","index":0}]}"#;
         let data = || stream::iter([Ok(payload.to_string())]).boxed();
-        let all: Vec<_> = events(data(), true).collect().await;
+        let all: Vec<_> = events(data(), 1, true).collect().await;
         assert_eq!(all.len(), 3, "{all:?}");
         assert!(
             matches!(&all[0], Ok(StreamEvent::ToolCall(c)) if c.name == "f" && c.arguments == "{\"a\":1}")
         );
         assert!(matches!(&all[1], Ok(StreamEvent::ToolCall(c)) if c.name == "g"));
-        let first: Vec<_> = events(data(), false).collect().await;
+        let first: Vec<_> = events(data(), 1, false).collect().await;
         assert_eq!(first.len(), 2, "{first:?}");
     }
 
@@ -529,7 +609,58 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .boxed();
-        events(data, true).collect().await
+        events(data, 1, true).collect().await
+    }
+
+    #[tokio::test]
+    async fn candidates_become_choices_with_openais_logprobs() {
+        let lp = r#""logprobsResult":{"topCandidates":[{"candidates":[{"token":"Pa","tokenId":5,"logProbability":-0.1},{"token":"Lo","tokenId":6,"logProbability":-2.5}]}],"chosenCandidates":[{"token":"Pa","tokenId":5,"logProbability":-0.1}]}"#;
+        let first = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{{"text":"Pa"}}],"role":"model"}},"index":0,{lp}}},{{"content":{{"parts":[{{"text":"Lo"}}],"role":"model"}},"index":1}}]}}"#
+        );
+        let data = stream::iter(
+            [
+                first.as_str(),
+                r#"{"candidates":[{"content":{"parts":[{"text":"ris"}]},"finishReason":"STOP","index":0},{"content":{"parts":[{"text":"ndon"}]},"finishReason":"MAX_TOKENS","index":1}],"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":4}}"#,
+            ]
+            .map(|p| Ok(p.to_string()))
+            .to_vec(),
+        )
+        .boxed();
+        let events: Vec<_> = events(data, 2, true)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let StreamEvent::Logprobs(tokens) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(tokens[0].token, "Pa");
+        assert_eq!(tokens[0].bytes, b"Pa");
+        assert_eq!(tokens[0].top_logprobs[1].token, "Lo");
+        assert_eq!(tokens[0].top_logprobs[1].logprob, -2.5);
+        assert_eq!(
+            events[1..4],
+            [
+                StreamEvent::Delta("Pa".into()),
+                StreamEvent::Choice(1),
+                StreamEvent::Delta("Lo".into()),
+            ]
+        );
+        assert!(events.contains(&StreamEvent::ChoiceEnd(FinishReason::Length)));
+        let Some(StreamEvent::Done(done)) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(done.usage.completion_tokens, 4);
+        // A candidate that never comes is not a silent drop to fewer choices.
+        let one = stream::iter(vec![Ok(
+            r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"STOP","index":0}]}"#
+                .to_string(),
+        )])
+        .boxed();
+        let bad: Vec<_> = super::events(one, 2, true).collect().await;
+        assert!(matches!(bad.last(), Some(Err(ProviderError::Malformed(_)))));
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@
 pub mod budget;
 mod canned;
 mod chain;
+mod choices;
 mod cloud;
 mod convert;
 pub mod fleet;

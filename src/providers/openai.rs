@@ -14,10 +14,11 @@ use serde::Deserialize;
 use serde_json::json;
 use url::Url;
 
+use super::choices::{ChoiceReader, Piece};
 use super::cloud::{self, MAX_RESPONSE_BODY};
 use super::convert::normalize;
 use super::{EventStream, Provider, ProviderError, passthrough, sse, tools};
-use crate::chat::{ChatRequest, Completion, FinishReason, StreamEvent, Timings, Usage};
+use crate::chat::{ChatRequest, FinishReason, StreamEvent, TokenLogprob, TopLogprob, Usage};
 use crate::config::{CloudConfig, ProviderKind, Secret};
 
 /// Which OpenAI-compatible API this is: the name, and what each accepts.
@@ -314,12 +315,13 @@ impl Provider for OpenAiProvider {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("application/json"));
+            let n = request.params.n;
             if is_json {
                 // The server ignored `stream: true` and sent the whole completion.
                 let body = cloud::read_bounded(response, MAX_RESPONSE_BODY).await?;
-                return whole_completion(&body).map(|events| stream::iter(events).boxed());
+                return whole_completion(&body, n).map(|events| stream::iter(events).boxed());
             }
-            Ok(events(sse::data_stream(response.bytes_stream())))
+            Ok(events(sse::data_stream(response.bytes_stream()), n))
         })
     }
 }
@@ -341,9 +343,86 @@ struct XGroq {
 
 #[derive(Debug, Deserialize)]
 struct Choice {
+    /// Which choice (0 when left out).
+    #[serde(default)]
+    index: u32,
     delta: Option<Message>,
     message: Option<Message>,
     finish_reason: Option<String>,
+    /// `{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": …}`.
+    logprobs: Option<WireLogprobs>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireLogprobs {
+    #[serde(default)]
+    content: Option<Vec<WireToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireToken {
+    token: String,
+    logprob: f32,
+    /// UTF-8 bytes of the token (`null` for some tokens); the token's own when left out.
+    #[serde(default)]
+    bytes: Option<Vec<u8>>,
+    #[serde(default)]
+    top_logprobs: Vec<WireTop>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireTop {
+    token: String,
+    logprob: f32,
+    #[serde(default)]
+    bytes: Option<Vec<u8>>,
+}
+
+impl From<WireToken> for TokenLogprob {
+    fn from(wire: WireToken) -> Self {
+        TokenLogprob {
+            bytes: wire.bytes.unwrap_or_else(|| wire.token.as_bytes().to_vec()),
+            token: wire.token,
+            logprob: wire.logprob,
+            top_logprobs: wire
+                .top_logprobs
+                .into_iter()
+                .map(|top| TopLogprob {
+                    bytes: top.bytes.unwrap_or_else(|| top.token.as_bytes().to_vec()),
+                    token: top.token,
+                    logprob: top.logprob,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Choice {
+    /// This choice's piece of the answer: the text of its `delta` (streamed) or
+    /// `message` (whole), its tokens' log-probabilities, its finish reason.
+    /// The message's raw `tool_calls` come apart (pieces when streamed).
+    fn into_piece(self) -> Result<(Piece, Option<serde_json::Value>), ProviderError> {
+        let message = self.delta.or(self.message);
+        let text = match message.as_ref().and_then(|m| m.content.as_ref()) {
+            Some(content) => content_text(content)?,
+            None => String::new(),
+        };
+        let calls = message.and_then(|m| m.tool_calls);
+        let piece = Piece {
+            index: self.index,
+            text,
+            logprobs: self
+                .logprobs
+                .and_then(|l| l.content)
+                .unwrap_or_default()
+                .into_iter()
+                .map(TokenLogprob::from)
+                .collect(),
+            finish: self.finish_reason.as_deref().map(finish_reason),
+            tool_calls: Vec::new(),
+        };
+        Ok((piece, calls))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,104 +510,128 @@ fn finish_reason(reason: &str) -> FinishReason {
     }
 }
 
-fn done(finish: Option<FinishReason>, usage: Usage) -> StreamEvent {
-    StreamEvent::Done(Completion {
-        finish_reason: finish.unwrap_or(FinishReason::Stop),
-        usage,
-        timings: Timings::default(),
-    })
-}
-
-/// A non-streamed completion as events.
-fn whole_completion(body: &[u8]) -> Result<Vec<Result<StreamEvent, ProviderError>>, ProviderError> {
+/// A non-streamed completion of `n` choices as events.
+fn whole_completion(
+    body: &[u8],
+    n: u32,
+) -> Result<Vec<Result<StreamEvent, ProviderError>>, ProviderError> {
     let chunk: Chunk = serde_json::from_slice(body)
         .map_err(|e| ProviderError::Malformed(format!("completion is not valid JSON: {e}")))?;
-    let choice = chunk
-        .choices
-        .first()
-        .ok_or_else(|| ProviderError::Malformed("completion without choices".into()))?;
-    let text = match choice.message.as_ref().and_then(|m| m.content.as_ref()) {
-        Some(content) => content_text(content)?,
-        None => String::new(),
-    };
-    let finish = choice.finish_reason.as_deref().map(finish_reason);
-    let usage = chunk.usage.map(Usage::from).unwrap_or_default();
-    let mut calls = tools::CallPieces::default();
-    if let Some(list) = choice.message.as_ref().and_then(|m| m.tool_calls.as_ref()) {
-        calls.add(list)?;
+    if chunk.choices.is_empty() {
+        return Err(ProviderError::Malformed(
+            "completion without choices".into(),
+        ));
     }
-    let mut events = vec![Ok(StreamEvent::Delta(text))];
-    events.extend(
-        calls
-            .finish()
-            .into_iter()
-            .map(|c| Ok(StreamEvent::ToolCall(c))),
-    );
-    events.push(Ok(done(finish, usage)));
-    Ok(events)
+    let mut reader = ChoiceReader::new(n);
+    let mut events = Vec::new();
+    for choice in chunk.choices {
+        let (mut piece, calls) = choice.into_piece()?;
+        if let Some(list) = calls {
+            let mut pieces = tools::CallPieces::default();
+            pieces.add(&list)?;
+            piece.tool_calls = pieces.finish();
+        }
+        // A whole completion's choice has ended, said so or not.
+        piece.finish.get_or_insert(FinishReason::Stop);
+        events.extend(reader.piece(piece)?);
+    }
+    // The text may be empty: the chain reads a `Delta` as the answer having started.
+    if !events.iter().any(|e| matches!(e, StreamEvent::Delta(_))) {
+        events.insert(0, StreamEvent::Delta(String::new()));
+    }
+    events.extend(reader.done(chunk.usage.map(Usage::from).unwrap_or_default())?);
+    Ok(events.into_iter().map(Ok).collect())
 }
 
 /// Reading state of one streamed completion.
 struct Reading {
     data: BoxStream<'static, Result<String, ProviderError>>,
-    finish: Option<FinishReason>,
+    choices: ChoiceReader,
     usage: Usage,
-    /// Tool calls streamed so far, in pieces.
-    calls: tools::CallPieces,
-    /// Whole calls to pass on before anything else.
-    ready: std::collections::VecDeque<StreamEvent>,
+    /// Choices asked for.
+    n: u32,
+    /// Each choice's tool calls streamed so far, in pieces.
+    calls: Vec<tools::CallPieces>,
 }
 
 impl Reading {
-    /// The stream ended: calls not yet closed by a finish reason, then the end.
-    fn end(&mut self) {
-        let calls = self.calls.finish();
-        self.ready
-            .extend(calls.into_iter().map(StreamEvent::ToolCall));
-        self.ready.push_back(done(self.finish, self.usage));
+    /// The stream ended: each choice's calls not yet closed by a finish reason, then
+    /// the end.
+    fn end(&mut self) -> Vec<Result<StreamEvent, ProviderError>> {
+        let mut events = Vec::new();
+        for (index, calls) in self.calls.iter_mut().enumerate() {
+            let tool_calls = calls.finish();
+            if tool_calls.is_empty() {
+                continue;
+            }
+            let piece = Piece {
+                index: index as u32,
+                tool_calls,
+                ..Piece::default()
+            };
+            match self.choices.piece(piece) {
+                Ok(more) => events.extend(more.into_iter().map(Ok)),
+                Err(e) => return vec![Err(e)],
+            }
+        }
+        events.extend(results(self.choices.done(self.usage)));
+        events
+    }
+
+    /// The events of one streamed choice.
+    fn choice(&mut self, choice: Choice) -> Result<Vec<StreamEvent>, ProviderError> {
+        let (mut piece, calls) = choice.into_piece()?;
+        let slot = if self.n <= 1 { 0 } else { piece.index as usize };
+        if let Some(pieces) = self.calls.get_mut(slot) {
+            if let Some(list) = calls {
+                pieces.add(&list)?;
+            }
+            // The calls are whole when the choice finishes.
+            if piece.finish.is_some() {
+                piece.tool_calls = pieces.finish();
+            }
+        }
+        self.choices.piece(piece)
     }
 }
 
-/// The events of a streamed completion, from its SSE `data` payloads.
-fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStream {
+/// The events of a streamed completion of `n` choices, from its SSE `data` payloads.
+fn events(data: BoxStream<'static, Result<String, ProviderError>>, n: u32) -> EventStream {
     let reading = Reading {
         data,
-        finish: None,
+        choices: ChoiceReader::new(n),
         usage: Usage::default(),
-        calls: tools::CallPieces::default(),
-        ready: std::collections::VecDeque::new(),
+        n,
+        calls: (0..n.max(1))
+            .map(|_| tools::CallPieces::default())
+            .collect(),
     };
     stream::unfold(Some(reading), |reading| async move {
         let mut reading = reading?;
         loop {
-            if let Some(event) = reading.ready.pop_front() {
-                let ended = matches!(event, StreamEvent::Done(_));
-                return Some((Ok(event), (!ended).then_some(reading)));
-            }
             let payload = match reading.data.next().await {
                 Some(Ok(payload)) => payload,
-                Some(Err(e)) => return Some((Err(e), None)),
+                Some(Err(e)) => return Some((vec![Err(e)], None)),
                 // Some servers close without `[DONE]` after the finish reason; a stream
                 // that ends before any finish reason was cut off.
-                None if reading.finish.is_some() => {
-                    reading.end();
-                    continue;
-                }
+                None if reading.choices.any_finished() => return Some((reading.end(), None)),
                 None => {
-                    return Some((Err(ProviderError::Cut("ended before [DONE]".into())), None));
+                    return Some((
+                        vec![Err(ProviderError::Cut("ended before [DONE]".into()))],
+                        None,
+                    ));
                 }
             };
             if payload.trim() == "[DONE]" {
-                reading.end();
-                continue;
+                return Some((reading.end(), None));
             }
             let chunk: Chunk = match serde_json::from_str(&payload) {
                 Ok(chunk) => chunk,
                 Err(e) => {
                     return Some((
-                        Err(ProviderError::Malformed(format!(
+                        vec![Err(ProviderError::Malformed(format!(
                             "stream chunk is not valid JSON: {e}"
-                        ))),
+                        )))],
                         None,
                     ));
                 }
@@ -542,47 +645,45 @@ fn events(data: BoxStream<'static, Result<String, ProviderError>>) -> EventStrea
                     .take(200)
                     .collect::<String>();
                 return Some((
-                    Err(ProviderError::Cut(format!("provider error: {message}"))),
+                    vec![Err(ProviderError::Cut(format!(
+                        "provider error: {message}"
+                    )))],
                     None,
                 ));
             }
             if let Some(usage) = chunk.usage.or(chunk.x_groq.and_then(|x| x.usage)) {
                 reading.usage = usage.into();
             }
-            let mut text = String::new();
-            for choice in &chunk.choices {
-                if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_ref()) {
-                    match content_text(content) {
-                        Ok(piece) => text.push_str(&piece),
-                        Err(e) => return Some((Err(e), None)),
-                    }
-                }
-                if let Some(calls) = choice.delta.as_ref().and_then(|d| d.tool_calls.as_ref())
-                    && let Err(e) = reading.calls.add(calls)
-                {
-                    return Some((Err(e), None));
-                }
-                if let Some(reason) = &choice.finish_reason {
-                    reading.finish = Some(finish_reason(reason));
-                    // The calls are whole when the choice finishes.
-                    let calls = reading.calls.finish();
-                    reading
-                        .ready
-                        .extend(calls.into_iter().map(StreamEvent::ToolCall));
+            let mut events = Vec::new();
+            for choice in chunk.choices {
+                match reading.choice(choice) {
+                    Ok(more) => events.extend(more.into_iter().map(Ok)),
+                    Err(e) => return Some((vec![Err(e)], None)),
                 }
             }
-            if !text.is_empty() {
-                reading.ready.push_front(StreamEvent::Delta(text));
+            if !events.is_empty() {
+                return Some((events, Some(reading)));
             }
         }
     })
+    .flat_map(stream::iter)
     .boxed()
+}
+
+/// Events, or the one error.
+pub(super) fn results(
+    events: Result<Vec<StreamEvent>, ProviderError>,
+) -> Vec<Result<StreamEvent, ProviderError>> {
+    match events {
+        Ok(events) => events.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(e)],
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::{ChatMessage, GenerateParams};
+    use crate::chat::{ChatMessage, Completion, GenerateParams};
     use crate::config::CloudConfig;
 
     fn provider(flavor: OpenAiFlavor) -> OpenAiProvider {
@@ -658,7 +759,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .boxed();
-        events(data).collect().await
+        events(data, 1).collect().await
     }
 
     #[tokio::test]
@@ -685,9 +786,15 @@ mod tests {
         // A server that ignored `stream` sends the calls whole in the message.
         let whole = whole_completion(
             br#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_2","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#,
+            1,
         )
         .unwrap();
-        assert!(matches!(&whole[1], Ok(StreamEvent::ToolCall(c)) if c.id == "call_2"));
+        assert!(
+            whole
+                .iter()
+                .any(|e| matches!(e, Ok(StreamEvent::ToolCall(c)) if c.id == "call_2")),
+            "{whole:?}"
+        );
     }
 
     #[tokio::test]
@@ -710,6 +817,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn choices_stream_apart_with_their_logprobs() {
+        let payloads = [
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}},{"index":1,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"Lo"},"logprobs":{"content":[{"token":"Lo","logprob":-0.5,"bytes":[76,111],"top_logprobs":[{"token":"Lo","logprob":-0.5,"bytes":null}]}],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"Pa"},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#,
+            "[DONE]",
+        ];
+        let data = stream::iter(payloads.map(|p| Ok(p.to_string())).to_vec()).boxed();
+        let events: Vec<_> = events(data, 2)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(events[0], StreamEvent::Choice(1));
+        let StreamEvent::Logprobs(tokens) = &events[1] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(tokens[0].bytes, b"Lo");
+        assert_eq!(
+            tokens[0].top_logprobs[0].bytes, b"Lo",
+            "null bytes: the token's"
+        );
+        assert_eq!(
+            events[2..],
+            [
+                StreamEvent::Delta("Lo".into()),
+                StreamEvent::Choice(0),
+                StreamEvent::Delta("Pa".into()),
+                StreamEvent::ChoiceEnd(FinishReason::Stop),
+                StreamEvent::Choice(1),
+                StreamEvent::ChoiceEnd(FinishReason::Length),
+                events[8].clone(),
+            ]
+        );
+        assert!(matches!(&events[8], StreamEvent::Done(c) if c.usage.completion_tokens == 3));
+        // An index beyond what was asked for is malformed.
+        let data = stream::iter(vec![Ok(
+            r#"{"choices":[{"index":2,"delta":{"content":"x"}}]}"#.to_string(),
+        )])
+        .boxed();
+        let bad: Vec<_> = super::events(data, 2).collect().await;
+        assert!(matches!(bad[0], Err(ProviderError::Malformed(_))));
+    }
+
+    #[tokio::test]
     async fn a_cut_or_garbled_stream_is_an_error() {
         let cut = run(&[r#"{"choices":[{"delta":{"content":"Par"}}]}"#]).await;
         assert!(
@@ -726,6 +881,7 @@ mod tests {
     fn whole_completions_are_accepted() {
         let events = whole_completion(
             br#"{"choices":[{"message":{"role":"assistant","content":"Hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#,
+            1,
         )
         .unwrap();
         assert_eq!(events[0], Ok(StreamEvent::Delta("Hi".into())));
@@ -736,7 +892,7 @@ mod tests {
                 ..
             }))
         ));
-        assert!(whole_completion(b"<html>").is_err());
+        assert!(whole_completion(b"<html>", 1).is_err());
     }
 
     #[test]
@@ -807,6 +963,7 @@ mod tests {
         assert_eq!(events[1], Ok(StreamEvent::Delta("is.".into())));
         let whole = whole_completion(
             br#"{"choices":[{"message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"x"}]},{"type":"text","text":"Hi"}]},"finish_reason":"stop"}]}"#,
+            1,
         )
         .unwrap();
         assert_eq!(whole[0], Ok(StreamEvent::Delta("Hi".into())));

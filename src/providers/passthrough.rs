@@ -12,9 +12,13 @@
 //!   and refused when the schema needs what that subset lacks).
 //! - `top_k`, `min_p` and `repeat_penalty` are the local engine's (llama-server's) knobs; no
 //!   OpenAI-compatible cloud API defines them, so they are not sent there.
-//! - Refused everywhere in the cloud: a GBNF `grammar` (llama.cpp's own format) and
-//!   `logprobs` (not passed through yet: the local engine serves them), and on Gemini
-//!   `logit_bias` (it has no such field).
+//! - `n` and `logprobs` / `top_logprobs` go to OpenAI-compatible APIs as they are (Groq
+//!   answers 400 to `n` > 1 and to `logprobs`: its refusal), and to Gemini as
+//!   `candidateCount`, `responseLogprobs` and `logprobs` (its count of alternatives, 0-20
+//!   as OpenAI's); the answers' choices and log-probabilities come back in OpenAI's shape
+//!   (`choices`).
+//! - Refused everywhere in the cloud: a GBNF `grammar` (llama.cpp's own format), and on
+//!   Gemini `logit_bias` (it has no such field).
 
 use serde_json::{Map, Value, json};
 
@@ -33,14 +37,6 @@ fn common_refusal(params: &GenerateParams) -> Result<(), ProviderError> {
     if matches!(params.constraint, Some(Constraint::Grammar(_))) {
         return Err(refused("a GBNF grammar is served by the local engine only"));
     }
-    if params.logprobs.is_some() {
-        return Err(refused("logprobs are served by the local engine only"));
-    }
-    if params.n > 1 {
-        return Err(refused(
-            "several choices (n > 1) are served by the local engine only",
-        ));
-    }
     Ok(())
 }
 
@@ -53,6 +49,13 @@ pub fn openai_fields(params: &GenerateParams) -> Result<Map<String, Value>, Prov
     }
     if params.presence_penalty != 0.0 {
         fields.insert("presence_penalty".into(), json!(params.presence_penalty));
+    }
+    if params.n > 1 {
+        fields.insert("n".into(), json!(params.n));
+    }
+    if let Some(top) = params.logprobs {
+        fields.insert("logprobs".into(), json!(true));
+        fields.insert("top_logprobs".into(), json!(top));
     }
     if !params.logit_bias.is_empty() {
         let bias: Map<String, Value> = params
@@ -89,6 +92,13 @@ pub fn gemini_fields(params: &GenerateParams) -> Result<Map<String, Value>, Prov
         return Err(refused("Gemini has no logit_bias"));
     }
     let mut fields = Map::new();
+    if params.n > 1 {
+        fields.insert("candidateCount".into(), json!(params.n));
+    }
+    if let Some(top) = params.logprobs {
+        fields.insert("responseLogprobs".into(), json!(true));
+        fields.insert("logprobs".into(), json!(top));
+    }
     if params.top_k > 0 && params.top_k != DEFAULT_TOP_K {
         fields.insert("topK".into(), json!(params.top_k));
     }
@@ -249,6 +259,32 @@ mod tests {
     }
 
     #[test]
+    fn choices_and_logprobs_pass_in_each_apis_form() {
+        let p = GenerateParams {
+            n: 3,
+            logprobs: Some(2),
+            ..GenerateParams::default()
+        };
+        let openai = openai_fields(&p).unwrap();
+        assert_eq!(
+            (&openai["n"], &openai["logprobs"], &openai["top_logprobs"]),
+            (&json!(3), &json!(true), &json!(2))
+        );
+        let gemini = gemini_fields(&p).unwrap();
+        assert_eq!(
+            (
+                &gemini["candidateCount"],
+                &gemini["responseLogprobs"],
+                &gemini["logprobs"]
+            ),
+            (&json!(3), &json!(true), &json!(2))
+        );
+        let one = GenerateParams::default();
+        assert!(!openai_fields(&one).unwrap().contains_key("n"));
+        assert!(!gemini_fields(&one).unwrap().contains_key("candidateCount"));
+    }
+
+    #[test]
     fn gemini_gets_its_own_forms() {
         let mut p = params(Some(Constraint::JsonSchema {
             name: "n".into(),
@@ -272,10 +308,6 @@ mod tests {
     #[test]
     fn what_an_api_cannot_honour_is_its_refusal() {
         let grammar = params(Some(Constraint::Grammar("root ::= \"a\"".into())));
-        let logprobs = GenerateParams {
-            logprobs: Some(2),
-            ..GenerateParams::default()
-        };
         let bias = GenerateParams {
             logit_bias: vec![(1, 1.0)],
             ..GenerateParams::default()
@@ -285,12 +317,7 @@ mod tests {
             schema: json!({"$defs": {}, "$ref": "#/$defs/x"}),
             strict: false,
         }));
-        for (p, openai_ok) in [
-            (&grammar, false),
-            (&logprobs, false),
-            (&bias, true),
-            (&reference, true),
-        ] {
+        for (p, openai_ok) in [(&grammar, false), (&bias, true), (&reference, true)] {
             assert_eq!(openai_fields(p).is_ok(), openai_ok, "{p:?}");
             let error = gemini_fields(p).unwrap_err();
             assert_eq!(

@@ -1,7 +1,10 @@
-//! The Telegram bot: long polling, who may talk, per-chat ordering, streamed answers.
+//! The Telegram bot: long polling or a webhook, who may talk, per-chat ordering, streamed
+//! answers.
 //!
 //! # Data path
-//! poller (`getUpdates`, offset and unanswered updates saved in [`state`]) →
+//! poller (`getUpdates`, offset and unanswered updates saved in [`state`]), or in webhook
+//! mode the HTTP API's webhook route (`webhook`: the update saved in [`state`] before
+//! Telegram hears 200) →
 //! [`incoming::classify`] (groups: only when addressed; access list; commands) →
 //! quick replies (`/stop`, `/stats`, `/help`, refusals, "text only") in their own tasks, or
 //! the chat's queue → the chat's worker task: the [`Responder`] (stored history, system
@@ -52,6 +55,7 @@ pub mod split;
 pub mod state;
 pub mod stream;
 pub mod updates;
+mod webhook;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +110,9 @@ pub enum TelegramError {
     /// The usage windows or access changes cannot be loaded.
     #[error("cannot load the per-user usage from the conversation store")]
     Usage(#[source] StoreError),
+    /// The OS gave no randomness for the webhook's secret.
+    #[error("cannot draw the webhook's secret token from the OS")]
+    Secret(#[source] getrandom::Error),
 }
 
 /// What the bot answers with.
@@ -120,6 +127,9 @@ pub struct BotDeps {
     pub inputs: inputs::Inputs,
     /// Whether the Bot API is reached, for `/ready`.
     pub link: TelegramLink,
+    /// Webhook mode: where the HTTP API hands the updates Telegram posts; `None`: long
+    /// polling.
+    pub webhook: Option<crate::webhook::WebhookInbox>,
 }
 
 impl BotDeps {
@@ -164,9 +174,20 @@ pub async fn run(
         id: me.user.id.0,
         username: me.user.username.clone().unwrap_or_default(),
     };
-    if let Err(e) = api.delete_webhook().await {
-        tracing::warn!(error = %e, "deleteWebhook failed; polling may conflict with a webhook");
-    }
+    // Webhook mode sets the webhook (waiting out a Bot API that cannot be reached);
+    // polling deletes one left set, which would make getUpdates answer 409.
+    let mut pushed_rx = match &deps.webhook {
+        Some(inbox) => match webhook::register(&api, inbox, &mut shutdown).await? {
+            Some(pushed_rx) => Some(pushed_rx),
+            None => return Ok(()),
+        },
+        None => {
+            if let Err(e) = api.delete_webhook().await {
+                tracing::warn!(error = %e, "deleteWebhook failed; polling may conflict with a webhook");
+            }
+            None
+        }
+    };
     for (lang, code) in [(Lang::En, None), (Lang::Ru, Some("ru"))] {
         let commands = i18n::command_menu(lang)
             .iter()
@@ -211,6 +232,12 @@ pub async fn run(
     loop {
         while let Some(joined) = tasks.set.try_join_next_with_id() {
             bot.reap(joined, &mut tasks);
+        }
+        if let Some(pushed_rx) = &mut pushed_rx {
+            match webhook::next(&bot, pushed_rx, &mut tasks, &mut shutdown).await {
+                std::ops::ControlFlow::Continue(()) => continue,
+                std::ops::ControlFlow::Break(()) => break,
+            }
         }
         if bot.state().pending_len() >= MAX_PENDING && !tasks.set.is_empty() {
             // Backpressure: Telegram keeps the updates until we ask for them.
@@ -270,6 +297,13 @@ pub async fn run(
                     bot.deps.link.lost();
                 }
                 tracing::warn!(error = %e, "getUpdates failed; retrying");
+                if e == ApiCallError::WebhookActive {
+                    // A webhook set since start, or one deleteWebhook could not remove
+                    // then: polling works only once it is gone.
+                    if let Err(e) = bot.api.delete_webhook().await {
+                        tracing::warn!(error = %e, "deleteWebhook failed");
+                    }
+                }
                 let wait = backoff;
                 backoff = (backoff * 2).min(MAX_POLL_BACKOFF);
                 wait

@@ -323,6 +323,41 @@ impl PollState {
         }
     }
 
+    /// Records one update pushed to the webhook. Returns it to answer unless it was
+    /// received before (Telegram re-sends what got no 2xx, and may deliver concurrently,
+    /// so out of order): a message is known by its chat and message id, any other update
+    /// by its `update_id`. The polling offset is left alone: a webhook has none.
+    pub fn receive_pushed(&mut self, update: Update) -> Received {
+        let key = message_key(&update).unwrap_or_else(|| format!("u:{}", update.id.0));
+        if self.recent.contains(&key) {
+            // Answered "received" only once the first delivery is on disk.
+            return Received {
+                fresh: Vec::new(),
+                duplicates: 1,
+                restarted: None,
+                saved: self.send(None),
+            };
+        }
+        let seq = self.data.next_seq;
+        let change = Change::Received {
+            offset: self.data.offset,
+            added: vec![(seq, update.clone())],
+            keys: vec![key.clone()],
+            next_seq: seq + 1,
+        };
+        self.recent.insert(key);
+        self.data.apply(change.clone());
+        if self.recent.len() > self.data.recent.len() {
+            self.recent = self.data.recent.iter().cloned().collect();
+        }
+        Received {
+            fresh: vec![(seq, update)],
+            duplicates: 0,
+            restarted: None,
+            saved: self.send(Some(change)),
+        }
+    }
+
     /// Marks an update answered.
     pub fn done(&mut self, seq: Seq) -> Durable {
         if self.data.pending.contains_key(&seq) {
@@ -459,6 +494,37 @@ mod tests {
         assert!(
             next.fresh[0].0 > pending[0].0,
             "sequence numbers keep growing"
+        );
+    }
+
+    #[tokio::test]
+    async fn pushed_updates_are_kept_once_in_any_order_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = load(dir.path());
+        // Concurrent webhook connections deliver out of order; re-sends repeat.
+        let mut fresh = Vec::new();
+        for id in [12, 10, 12, 11, 10] {
+            let received = state.receive_pushed(update(id));
+            fresh.extend(ids(&received));
+            received.saved.wait().await.unwrap();
+        }
+        assert_eq!(fresh, [12, 10, 11]);
+        let button: Update = serde_json::from_value(json!({"update_id": 13, "callback_query": {
+            "id": "q", "from": {"id": 1, "is_bot": false, "first_name": "A"},
+            "chat_instance": "c", "data": "d"}}))
+        .unwrap();
+        assert_eq!(ids(&state.receive_pushed(button.clone())), [13]);
+        assert!(state.receive_pushed(button).fresh.is_empty());
+        assert_eq!(state.offset(), None, "a webhook has no offset");
+        state.flush().wait().await.unwrap();
+        drop(state);
+
+        let mut state = load(dir.path());
+        let pending: Vec<u32> = state.pending().iter().map(|(_, u)| u.id.0).collect();
+        assert_eq!(pending, [12, 10, 11, 13], "in arrival order");
+        assert!(
+            state.receive_pushed(update(11)).fresh.is_empty(),
+            "remembered across the restart"
         );
     }
 

@@ -88,6 +88,9 @@ async fn streaming_and_whole_completions_agree_with_usage_and_done() {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // No content yet in the role chunk (llama-server's null; an empty string is text to
+    // clients such as llama.cpp's own server tests).
+    assert_eq!(chunks[0]["choices"][0]["delta"]["content"], Value::Null);
     assert!(
         chunks
             .iter()

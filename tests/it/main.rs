@@ -34,3 +34,4 @@ mod secrets;
 mod telegram;
 mod tools;
 mod util;
+mod webhook;

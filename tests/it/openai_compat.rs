@@ -641,31 +641,115 @@ async fn cloud_providers_get_the_fields_in_their_own_form_or_refuse() {
         json!({"type": "object", "properties": {"a": {"type": "integer", "nullable": true}}})
     );
 
-    // What a provider cannot honour is its refusal: logprobs and grammars are local only,
-    // so a chain of cloud providers answers 400 and the breakers stay shut.
+    // What a provider cannot honour is its refusal: a grammar is local only, so a chain
+    // of cloud providers answers 400 and the breakers stay shut.
     let app = chain_app(&[Groq, Gemini], &fakes).await;
     let hits = (groq.hits(), gemini.hits());
-    for extra in [
-        json!({"logprobs": true}),
-        json!({"grammar": "root ::= \"a\""}),
-    ] {
-        let (status, body) = post(&app, "/v1/chat/completions", &ask(extra)).await;
-        assert_eq!(status, 400, "{body}");
-        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
-    }
+    let grammar = ask(json!({"grammar": "root ::= \"a\""}));
+    let (status, body) = post(&app, "/v1/chat/completions", &grammar).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
     assert_eq!((groq.hits(), gemini.hits()), hits, "refused before sending");
     assert_eq!(app.counters().await["groq.skipped"], 0);
-    // With the local engine first in the chain, the same request is answered there.
+    // With the local engine in the chain, the same request is answered there.
     let app = chain_app(&[Groq, Local], &fakes).await;
-    let (status, body) = post(
-        &app,
-        "/v1/chat/completions",
-        &ask(json!({"logprobs": true})),
-    )
-    .await;
+    let (status, body) = post(&app, "/v1/chat/completions", &grammar).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["provider"], "local");
-    assert!(body["choices"][0]["logprobs"]["content"].is_array());
+}
+
+/// Checks cloud `choices` with log-probabilities (two choices, two alternatives each):
+/// the fakes' answers, `#1` ending the second choice.
+fn check_cloud_choices(body: &Value, provider: &str) {
+    assert_eq!(body["provider"], provider, "{body}");
+    let texts = texts_of(body);
+    assert_eq!(texts.len(), 2, "{body}");
+    assert_eq!(format!("{} #1", texts[0]), texts[1], "{body}");
+    for choice in body["choices"].as_array().unwrap() {
+        let tokens = choice["logprobs"]["content"].as_array().unwrap();
+        let joined: String = tokens
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            joined,
+            choice["message"]["content"].as_str().unwrap(),
+            "{body}"
+        );
+        for token in tokens {
+            check_logprob(token, 2);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cloud_providers_pass_n_and_logprobs_and_answer_in_openais_shape() {
+    let groq = FakeProvider::start(Shape::OpenAi, Behavior::answer(&["Par", "is."])).await;
+    let gemini = FakeProvider::start(Shape::Gemini, Behavior::answer(&["Par", "is."])).await;
+    let fakes = Fakes {
+        groq: Some(groq.clone()),
+        gemini: Some(gemini.clone()),
+        ..Fakes::default()
+    };
+    let request = ask(json!({"n": 2, "logprobs": true, "top_logprobs": 2}));
+    for (kind, fake, name) in [(Groq, &groq, "groq"), (Gemini, &gemini, "gemini")] {
+        let app = chain_app(&[kind], &fakes).await;
+        let (status, whole) = post(&app, "/v1/chat/completions", &request).await;
+        assert_eq!(status, 200, "{whole}");
+        check_cloud_choices(&whole, name);
+        let sent = fake.requests().last().unwrap().body.clone();
+        match kind {
+            Groq => {
+                assert_eq!(
+                    (&sent["n"], &sent["logprobs"], &sent["top_logprobs"]),
+                    (&json!(2), &json!(true), &json!(2)),
+                    "{sent}"
+                );
+            }
+            _ => {
+                let config = &sent["generationConfig"];
+                assert_eq!(
+                    (
+                        &config["candidateCount"],
+                        &config["responseLogprobs"],
+                        &config["logprobs"]
+                    ),
+                    (&json!(2), &json!(true), &json!(2)),
+                    "{sent}"
+                );
+            }
+        }
+        // Streamed: each chunk one choice with its index, each choice its own finish.
+        let chunks = stream(&app, &request).await;
+        let streamed = streamed_choices(&chunks);
+        for (i, (text, reasons)) in streamed.iter().enumerate() {
+            assert_eq!(
+                text,
+                whole["choices"][i]["message"]["content"].as_str().unwrap()
+            );
+            assert_eq!(reasons, &["stop"], "{chunks:?}");
+        }
+        let all: Vec<&Value> = chunks.iter().collect();
+        sdk_validates(&[&whole], &all);
+    }
+
+    // An API that takes no `n` (Groq: 400) refuses; the next provider answers, and with
+    // none left the client gets the 400, the breaker untouched.
+    groq.set(Behavior::Reject {
+        status: 400,
+        body: json!({"error": {"message": "'n' : number must be at most 1",
+            "type": "invalid_request_error"}}),
+    });
+    let app = chain_app(&[Groq, Gemini], &fakes).await;
+    let (status, body) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    check_cloud_choices(&body, "gemini");
+    let app = chain_app(&[Groq], &fakes).await;
+    let (status, body) = post(&app, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    let counters = app.counters().await;
+    assert_eq!(counters["groq.skipped"], 0, "{counters:?}");
 }
 
 /// Several choices (`n`) from the local engine: a request with a fixed seed, sampled
@@ -719,14 +803,16 @@ fn texts_of(body: &Value) -> Vec<String> {
         .collect()
 }
 
-/// An engine of its own (4 slots, nothing cached) behind the local chain: its counters
-/// see only this test's requests.
-async fn own_engine_app() -> (TestApp, mistral_bot::engine::EngineHandle) {
+/// An engine of its own (4 slots, nothing cached) behind the local chain, replies of up
+/// to `max_tokens`: its counters see only this test's requests.
+async fn own_engine_app(max_tokens: u32) -> (TestApp, mistral_bot::engine::EngineHandle) {
     let engine = crate::util::start_engine(crate::util::engine_config()).await;
+    let mut settings = http_settings();
+    settings.generate.max_tokens = max_tokens;
     let app = start_app(
         &providers_config(&[Local], &Fakes::default()),
         engine.clone(),
-        http_settings(),
+        settings,
     )
     .await;
     (app, engine)
@@ -734,7 +820,7 @@ async fn own_engine_app() -> (TestApp, mistral_bot::engine::EngineHandle) {
 
 #[tokio::test]
 async fn n_choices_share_one_reading_of_the_prompt_and_count_as_one_request() {
-    let (app, engine) = own_engine_app().await;
+    let (app, engine) = own_engine_app(48).await;
     let (status, body) = post(&app, "/v1/chat/completions", &choices(3, json!({}))).await;
     assert_eq!(status, 200, "{body}");
     let texts = texts_of(&body);
@@ -863,7 +949,9 @@ async fn n_is_checked_and_limited_to_the_engines_slots() {
 
 #[tokio::test]
 async fn a_client_leaving_frees_every_slot_of_its_choices() {
-    let (app, engine) = own_engine_app().await;
+    // Replies of up to 900 tokens each (the window allows ~1000): long enough to leave
+    // while all three generate.
+    let (app, engine) = own_engine_app(900).await;
     let body = choices(
         3,
         json!({"stream": true, "ignore_eos": true, "max_tokens": 900}),
@@ -894,7 +982,11 @@ async fn a_client_leaving_frees_every_slot_of_its_choices() {
         },
     )
     .await;
-    assert!(engine.stats().tokens_generated < 3 * 900);
+    let generated = engine.stats().tokens_generated;
+    assert!(
+        generated < 3 * 900,
+        "the choices ran on: {generated} tokens"
+    );
     // The engine still answers.
     let (status, body) = post(&app, "/v1/chat/completions", &choices(2, json!({}))).await;
     assert_eq!(status, 200, "{body}");

@@ -489,7 +489,7 @@ async fn handle(
             }
             let left = left - COST;
             *state.token_limit.lock().unwrap() = Some((left, reset.clone()));
-            let mut response = respond(state.shape, behavior).await;
+            let mut response = respond(state.shape, behavior, Asked::of(state.shape, &json)).await;
             let headers = response.headers_mut();
             headers.insert("x-ratelimit-remaining-tokens", left.into());
             headers.insert("x-ratelimit-limit-tokens", 6000.into());
@@ -498,7 +498,7 @@ async fn handle(
             }
             response
         }
-        _ => respond(state.shape, behavior).await,
+        _ => respond(state.shape, behavior, Asked::of(state.shape, &json)).await,
     }
 }
 
@@ -579,8 +579,148 @@ fn event_stream(body: Body) -> Response {
         .unwrap()
 }
 
-async fn respond(shape: Shape, behavior: Behavior) -> Response {
+/// What a request asked for that shapes an answer, as the real APIs read it: several
+/// choices (OpenAI `n`, Gemini `generationConfig.candidateCount`) and log-probabilities
+/// (`logprobs` + `top_logprobs`; Gemini `responseLogprobs` + `logprobs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Asked {
+    /// Choices beyond one.
+    more_choices: usize,
+    /// Alternatives per token, when log-probabilities are asked for.
+    logprobs: Option<usize>,
+}
+
+impl Asked {
+    fn of(shape: Shape, body: &Value) -> Self {
+        let (n, on, top) = match shape {
+            Shape::OpenAi => (&body["n"], &body["logprobs"], &body["top_logprobs"]),
+            Shape::Gemini => {
+                let config = &body["generationConfig"];
+                (
+                    &config["candidateCount"],
+                    &config["responseLogprobs"],
+                    &config["logprobs"],
+                )
+            }
+        };
+        Asked {
+            more_choices: n.as_u64().unwrap_or(1).saturating_sub(1) as usize,
+            logprobs: (on == true).then(|| top.as_u64().unwrap_or(0) as usize),
+        }
+    }
+}
+
+/// The pieces of every choice of an answer: choice 0 says `texts`, choice `i` the same
+/// with ` #i` at the end.
+fn choice_texts(texts: &[String], asked: Asked) -> Vec<Vec<String>> {
+    (0..=asked.more_choices)
+        .map(|i| {
+            let mut pieces = texts.to_vec();
+            if i > 0
+                && let Some(last) = pieces.last_mut()
+            {
+                last.push_str(&format!(" #{i}"));
+            }
+            pieces
+        })
+        .collect()
+}
+
+/// A piece as one token with `top` alternatives (itself first), in each API's shape.
+fn logprobs_of(shape: Shape, piece: &str, k: usize, top: usize) -> Value {
+    let logprob = -0.25 * (k as f64 + 1.0);
+    let alternatives: Vec<(String, f64)> = std::iter::once((piece.to_string(), logprob))
+        .chain((1..top).map(|j| (format!("alt{j}"), logprob - j as f64)))
+        .take(top)
+        .collect();
+    match shape {
+        Shape::OpenAi => json!({"content": [{"token": piece, "logprob": logprob,
+            "bytes": piece.as_bytes(),
+            "top_logprobs": alternatives.iter().map(|(t, l)| json!({"token": t,
+                "logprob": l, "bytes": t.as_bytes()})).collect::<Vec<_>>()}],
+            "refusal": null}),
+        Shape::Gemini => json!({
+            "topCandidates": [{"candidates": alternatives.iter().map(|(t, l)| json!({
+                "token": t, "tokenId": 7, "logProbability": l})).collect::<Vec<_>>()}],
+            "chosenCandidates": [{"token": piece, "tokenId": 7, "logProbability": logprob}]}),
+    }
+}
+
+/// An answer with several choices and/or log-probabilities: OpenAI streams one choice
+/// per chunk (each with its `index`, its own `finish_reason`), Gemini every candidate in
+/// each chunk (`candidates[].index`, `logprobsResult`).
+fn rich_answer(shape: Shape, texts: &[String], asked: Asked) -> Vec<String> {
+    let choices = choice_texts(texts, asked);
+    let mut events = Vec::new();
+    let with_logprobs = |mut entry: Value, piece: &str, k: usize, key: &str| {
+        if let Some(top) = asked.logprobs {
+            entry[key] = logprobs_of(shape, piece, k, top);
+        }
+        entry
+    };
+    let last = texts.len() - 1;
+    match shape {
+        Shape::OpenAi => {
+            for k in 0..texts.len() {
+                for (i, pieces) in choices.iter().enumerate() {
+                    let choice = with_logprobs(
+                        json!({"index": i, "delta": {"content": pieces[k]},
+                            "finish_reason": (k == last).then_some("stop")}),
+                        &pieces[k],
+                        k,
+                        "logprobs",
+                    );
+                    events.push(
+                        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                            "created": 1, "model": "fake", "choices": [choice]})
+                        .to_string(),
+                    );
+                }
+            }
+            events.push(
+                json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                    "choices": [], "usage": {"prompt_tokens": 11,
+                    "completion_tokens": 3 * choices.len(), "total_tokens": 11 + 3 * choices.len()}})
+                .to_string(),
+            );
+            events.push("[DONE]".into());
+        }
+        Shape::Gemini => {
+            for k in 0..texts.len() {
+                let candidates: Vec<Value> = choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, pieces)| {
+                        let mut candidate = with_logprobs(
+                            json!({"content": {"parts": [{"text": pieces[k]}], "role": "model"},
+                                "index": i}),
+                            &pieces[k],
+                            k,
+                            "logprobsResult",
+                        );
+                        if k == last {
+                            candidate["finishReason"] = json!("STOP");
+                        }
+                        candidate
+                    })
+                    .collect();
+                let mut chunk = json!({"candidates": candidates, "modelVersion": "fake"});
+                if k == last {
+                    chunk["usageMetadata"] = json!({"promptTokenCount": 11,
+                        "candidatesTokenCount": 3 * choices.len()});
+                }
+                events.push(chunk.to_string());
+            }
+        }
+    }
+    events
+}
+
+async fn respond(shape: Shape, behavior: Behavior, asked: Asked) -> Response {
     match behavior {
+        Behavior::Answer(texts) if asked != Asked::default() && !texts.is_empty() => {
+            event_stream(Body::from(sse(rich_answer(shape, &texts, asked))))
+        }
         Behavior::Answer(texts) => {
             let mut events = match shape {
                 Shape::OpenAi => pieces(shape, &texts),

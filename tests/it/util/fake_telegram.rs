@@ -17,6 +17,9 @@
 //! [`Chaos`] injects faults at random from a seed: 429 with `retry_after`, 5xx, and
 //! timeouts (the request is held past the client's timeout and never executed).
 //!
+//! Webhooks work as Telegram's (`setWebhook`, pushes with the secret header, re-sent
+//! until a 2xx, `getUpdates` answering 409 meanwhile): see `webhook`.
+//!
 //! Files: a test stores one with [`FakeTelegram::add_file`]; `getFile` answers its
 //! `file_path` (or "file is too big" past the 20 MB bots may download, as Telegram does)
 //! and `GET /file/bot<token>/<file_path>` serves its bytes.
@@ -33,6 +36,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+
+mod webhook;
 
 /// The bot's identity in `getMe`.
 pub const BOT_ID: i64 = 777_000;
@@ -160,8 +165,8 @@ struct Inner {
     messages: BTreeMap<(i64, i64), BotMessage>,
     /// Chats seen in injected updates, by id.
     chats: BTreeMap<i64, Value>,
-    /// The webhook URL `getWebhookInfo` reports (empty: none); `deleteWebhook` clears it.
-    webhook: String,
+    /// The webhook, if one is set (see `webhook`).
+    webhook: webhook::WebhookState,
     /// Stored files by id.
     files: BTreeMap<String, StoredFile>,
     /// chat → the draft the user sees now (draft id, visible text).
@@ -239,6 +244,7 @@ impl FakeTelegram {
     pub fn come_up(&self) {
         let (socket, app) = self.down.lock().unwrap().take().expect("the fake is down");
         let listener = socket.listen(1024).unwrap();
+        tokio::spawn(webhook::push_loop(Arc::clone(&self.shared)));
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
@@ -265,7 +271,7 @@ impl FakeTelegram {
 
     /// Sets a webhook, as another deployment of the same bot would.
     pub fn set_webhook(&self, url: &str) {
-        self.inner().webhook = url.to_string();
+        self.inner().webhook.url = url.to_string();
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -572,6 +578,10 @@ async fn handle(
         return inject_fault(&shared, fault, &method, params, at).await;
     }
     if method == "getUpdates" {
+        if shared.inner.lock().unwrap().webhook.is_set() {
+            record(&shared, &method, params, at, 409);
+            return webhook::conflict();
+        }
         return get_updates(&shared, params, at).await;
     }
     let mut inner = shared.inner.lock().unwrap();
@@ -670,7 +680,7 @@ async fn inject_fault(
 
 /// The documented spelling of a method name.
 fn canonical(method: &str) -> String {
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 12] = [
         "getFile",
         "getUpdates",
         "getMe",
@@ -680,6 +690,7 @@ fn canonical(method: &str) -> String {
         "sendChatAction",
         "setMyCommands",
         "deleteWebhook",
+        "setWebhook",
         "sendMessageDraft",
         "answerCallbackQuery",
     ];
@@ -787,17 +798,9 @@ fn answer(inner: &mut Inner, method: &str, params: &Value) -> (u16, Response) {
                 "has_main_web_app": false}),
             ),
         ),
-        "getWebhookInfo" => (
-            200,
-            ok(
-                json!({"url": inner.webhook, "has_custom_certificate": false,
-                "pending_update_count": 0}),
-            ),
-        ),
-        "deleteWebhook" => {
-            inner.webhook.clear();
-            (200, ok(json!(true)))
-        }
+        "getWebhookInfo" => webhook::webhook_info(inner),
+        "deleteWebhook" => webhook::delete_webhook(inner, params),
+        "setWebhook" => webhook::set_webhook(inner, params),
         "getFile" => {
             let id = params.get("file_id").and_then(Value::as_str).unwrap_or("");
             match inner.files.get(id) {
