@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 
 use crate::http::local_app;
 use crate::openai_compat::{post, sdk_validates, stream};
-use crate::util::app::{Fakes, TestApp, chain_app};
+use crate::util::app::{
+    Fakes, TestApp, chain_app, http_settings, providers_config, shared_engine, start_app,
+};
 use crate::util::fake_provider::{Behavior, FakeProvider, Shape};
 
 const CITIES: [&str; 3] = ["Paris", "London", "Rome"];
@@ -514,4 +516,25 @@ async fn each_of_n_choices_makes_its_own_call() {
         );
     }
     sdk_validates(&[&body], &chunks.iter().collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn gemini_3_gets_a_signature_on_the_calls_it_made() {
+    // Gemini 3+ refuses a call in the history without its thought signature (an OpenAI
+    // client keeps none): the round trip still works.
+    const MODEL: &str = "gemini-3.5-flash-lite";
+    let gemini = FakeProvider::start(Shape::Gemini, calling_fake()).await;
+    gemini.set_models(&[MODEL]);
+    let fakes = Fakes {
+        gemini: Some(gemini.clone()),
+        ..Fakes::default()
+    };
+    let mut config = providers_config(&[Gemini], &fakes);
+    config.gemini.model = MODEL.into();
+    let app = start_app(&config, shared_engine().await, http_settings()).await;
+    let (_, second) = cloud_round_trip(&app, "gemini", &gemini).await;
+    assert_eq!(
+        second["contents"][1]["parts"][0]["thoughtSignature"],
+        "skip_thought_signature_validator"
+    );
 }

@@ -377,6 +377,19 @@ async fn handle(
     if !state.models.lock().unwrap().contains(&model) {
         return model_not_found(state.shape, &model);
     }
+    if state.shape == Shape::Gemini
+        && model.starts_with("gemini-3")
+        && let Some(position) = unsigned_call(&json)
+    {
+        // Gemini 3+: a call in the history must carry the signature it came with.
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                "message": format!("Function call is missing a thought_signature in functionCall parts. \
+                    This is required for tools to work correctly. Additional data, position {position}.")}})),
+        )
+            .into_response();
+    }
     if state.shape == Shape::OpenAi && model == REASONING_MODEL {
         // OpenAI's answer to `max_tokens` (or a non-default temperature) on o1/o3/gpt-5.
         let unsupported = |param: &str, message: String| {
@@ -500,6 +513,18 @@ async fn handle(
         }
         _ => respond(state.shape, behavior, Asked::of(state.shape, &json)).await,
     }
+}
+
+/// The position of the first model turn whose first `functionCall` part has no
+/// `thoughtSignature` (what Gemini 3 refuses).
+fn unsigned_call(body: &Value) -> Option<usize> {
+    body["contents"].as_array()?.iter().position(|content| {
+        content["role"] == "model"
+            && content["parts"]
+                .as_array()
+                .and_then(|parts| parts.iter().find(|p| p.get("functionCall").is_some()))
+                .is_some_and(|call| call.get("thoughtSignature").is_none())
+    })
 }
 
 /// Whether the request's last message is a tool's result.
