@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The `fleet` scenario: one front without a model over two mistral-bot backends, the same
 # 16-chat round-robin workload with conversation affinity (the front's rendezvous routing)
-# and with a plain round-robin over the same two backends (request k to backend k mod 2,
-# what a balancer without affinity does; the client sends there directly, so that side
-# skips the front's few milliseconds). Figures: time to first token of the returning chats
+# and with a plain round-robin balancer over the same two backends (each request to a
+# backend drawn at random, seeded: what a chat sees of a round-robin balancer serving many
+# users' interleaved requests; the client sends there directly, so that side skips the
+# front's few milliseconds). Figures: time to first token of the returning chats
 # (median, p95) and how many of their turns were cache hits on the backend (at least half
 # the prompt found in its cache, from the backends' own usage.prompt_tokens_details).
 #
@@ -11,9 +12,9 @@
 #   (env: CHATS=16 HISTORY_WORDS=600 ROUNDS=2 CHAT_TOKENS=32 THREADS=1 SLOTS=4
 #    CTX=2048 MODES="affinity round-robin" OUT_DIR=/tmp/…; results in benches/RESULTS.md)
 #
-# Each mode starts both backends fresh (empty caches, --kv-park-ram 0 --kv-park-disk 0 so
-# only the slots' caches count: 16 chats on 2×4 slots, as a fleet that is full) and runs
-# the whole workload; modes run one after the other, never at once. Needs a quiet machine:
+# Each mode starts both backends fresh (empty caches; parking in RAM as by default, on disk
+# off: 16 chats on 2×4 slots, so a returning chat's KV is parked on the backend that served
+# it) and runs the whole workload; modes run one after the other, never at once. Needs a quiet machine:
 # two backends and the client share its cores. The client is benches/vs_llama_server.py.
 set -euo pipefail
 
@@ -84,7 +85,7 @@ for mode in $modes; do
     b2=$(free_port)
     for port in "$b1" "$b2"; do
         start "$mode-backend-$port" --model "$model" --chain local --slots "$slots" \
-            --ctx-size "$ctx" --threads "$threads" --temperature 0 --kv-park-ram 0 \
+            --ctx-size "$ctx" --threads "$threads" --temperature 0 \
             --kv-park-disk 0 --http-addr "127.0.0.1:$port" --data-dir "$out/$mode-data-$port"
         wait_ready "http://127.0.0.1:$port/ready"
     done

@@ -324,9 +324,17 @@ def chats(args):
                 [{"role": "system", "content": SYSTEM}, {"role": "user", "content": notes}]
             )
     out = {"name": args.name, "chats": len(state["chats"])}
-    # --ports: a plain round-robin over several servers, request by request (what a
-    # balancer without affinity does); else every request to --port.
-    ports = itertools.cycle([int(p) for p in args.ports.split(",")] if args.ports else [args.port])
+    # --ports: a balancer without affinity over several servers, request by request; else
+    # every request to --port. A round-robin balancer serving many users' interleaved
+    # requests sends a chat's next turn to any of its servers: a seeded draw per request
+    # models that (a strict cycle with this one client in lockstep would send chat i to
+    # server i mod N every time, by accident, whenever the chat count is a multiple of N).
+    if args.ports:
+        servers = [int(p) for p in args.ports.split(",")]
+        draw = random.Random("balancer")
+        ports = iter(lambda: draw.choice(servers), None)
+    else:
+        ports = itertools.repeat(args.port)
     if not args.resume:
         cold = []
         for i, messages in enumerate(state["chats"]):
