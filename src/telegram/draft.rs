@@ -41,7 +41,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::api::{ApiCallError, Target, TelegramApi};
-use super::split::{split_point, telegram_len};
 use super::stream::{self, Current, Delivered, DeliveryError, Pacing, TypingGuard};
 use crate::chat::StreamEvent;
 use crate::chat_policy::Streaming;
@@ -203,15 +202,7 @@ async fn whole(
                 Some(StreamEvent::Delta(delta)) => {
                     text.push_str(&delta);
                     // Past the limit: send this part complete and go on with the next.
-                    while telegram_len(&text[current.start..]) > pacing.message_limit {
-                        let cut = current.start + split_point(&text[current.start..], pacing.message_limit);
-                        let start = current.start;
-                        tokio::time::sleep_until(flood_until).await;
-                        stream::finish_persistently(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
-                        let rest = &text[cut..];
-                        current = Current::fresh(cut + (rest.len() - rest.trim_start().len()));
-                        part += 1;
-                    }
+                    part += stream::finish_full_parts(api, target, pacing, &text, &mut current, flood_until, &mut messages, &mut first_send).await?;
                 }
                 Some(StreamEvent::Done(done)) => {
                     completion = Some(done);

@@ -159,14 +159,8 @@ pub async fn deliver(
                 Some(StreamEvent::Delta(delta)) => {
                     text.push_str(&delta);
                     // Past the limit: finish this message and continue in a new one.
-                    while telegram_len(&text[current.start..]) > pacing.message_limit {
-                        let cut = current.start + split_point(&text[current.start..], pacing.message_limit);
-                        let start = current.start;
-                        tokio::time::sleep_until(flood_until).await;
-                        finish_persistently(api, target, &mut current, &text[start..cut], &mut messages, &mut first_send).await?;
+                    if finish_full_parts(api, target, pacing, &text, &mut current, flood_until, &mut messages, &mut first_send).await? > 0 {
                         typing = None;
-                        let rest = &text[cut..];
-                        current = Current::fresh(cut + (rest.len() - rest.trim_start().len()));
                     }
                     if current.id.is_none()
                         && !visible(&text[current.start..]).is_empty()
@@ -250,6 +244,41 @@ pub async fn deliver(
         first_send,
         messages,
     })
+}
+
+/// While the part of `text` from `current` on is past the message limit: waits out
+/// `flood_until`, delivers the part up to its split point complete, and starts the next
+/// part at the following text. Returns how many parts it delivered.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish_full_parts(
+    api: &TelegramApi,
+    target: Target,
+    pacing: Pacing,
+    text: &str,
+    current: &mut Current,
+    flood_until: Instant,
+    messages: &mut usize,
+    first_send: &mut Option<Instant>,
+) -> Result<usize, DeliveryError> {
+    let mut parts = 0;
+    while telegram_len(&text[current.start..]) > pacing.message_limit {
+        let start = current.start;
+        let cut = start + split_point(&text[start..], pacing.message_limit);
+        tokio::time::sleep_until(flood_until).await;
+        finish_persistently(
+            api,
+            target,
+            current,
+            &text[start..cut],
+            messages,
+            first_send,
+        )
+        .await?;
+        let rest = &text[cut..];
+        *current = Current::fresh(cut + (rest.len() - rest.trim_start().len()));
+        parts += 1;
+    }
+    Ok(parts)
 }
 
 /// [`finish`], retried until delivered, refused for good, or the deadline.
