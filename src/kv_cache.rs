@@ -7,10 +7,13 @@
 //! Rules (llama.cpp's own, checked here first for a clear error): a quantized V cache needs
 //! flash attention (llama.cpp keeps V transposed without it, and has no kernel for a
 //! quantized transposed V); a quantized K does not. `auto` is this bot's choice, not
-//! llama.cpp's: on this CPU flash attention off decoded ~13 % faster after a 1536-token
-//! history on the Mistral-7B shape and tied on prompt chunks (llama-bench, 2 threads), and
-//! llama.cpp's own `auto` resolves to on for a CPU; so `auto` is off, unless the V cache is
-//! quantized, which needs it on.
+//! llama.cpp's (whose `auto` is always on for a CPU): measured on this CPU
+//! (`examples/llama_settings.rs`, 2 threads, benches/RESULTS.md), flash attention on was
+//! faster in every phase on the test model (64-element heads: prompt +11-22 %, decode
+//! +9-33 %), but on the Mistral-7B shape (128-element heads) it decoded 14-18 % slower
+//! after 1500-4000 tokens of history (31 % slower with four streams at 4000) and won only
+//! 2-5 % on prompts and at depth 0. So `auto` follows the model's head size
+//! ([`KvCacheSettings::for_head_size`]), and is on whenever the V cache is quantized.
 
 use std::fmt;
 
@@ -91,7 +94,8 @@ impl fmt::Display for CacheType {
 /// `--flash-attn`: whether llama.cpp's fused flash-attention kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FlashAttn {
-    /// Off, unless the V cache is quantized (which needs it): see the module docs.
+    /// On for models with attention heads of at most 64 elements, off for larger ones,
+    /// always on when the V cache is quantized (which needs it): see the module docs.
     Auto,
     /// On.
     On,
@@ -127,16 +131,21 @@ pub enum KvCacheError {
 /// The KV cache's settings, checked against each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KvCacheSettings {
-    flash_attn: bool,
+    /// `None`: `auto` with an unquantized V, decided by the model ([`Self::for_head_size`]).
+    flash_attn: Option<bool>,
     type_k: CacheType,
     type_v: CacheType,
 }
 
+/// The largest attention head, in elements of a key, for which `--flash-attn auto` turns
+/// flash attention on (measured: on wins with 64, off with 128; see the module docs).
+pub const AUTO_FLASH_ATTN_MAX_HEAD_SIZE: u64 = 64;
+
 impl Default for KvCacheSettings {
-    /// f16 keys and values, flash attention off (the flags' defaults).
+    /// f16 keys and values, flash attention `auto` (the flags' defaults).
     fn default() -> Self {
         Self {
-            flash_attn: false,
+            flash_attn: None,
             type_k: CacheType::F16,
             type_v: CacheType::F16,
         }
@@ -144,19 +153,20 @@ impl Default for KvCacheSettings {
 }
 
 impl KvCacheSettings {
-    /// The settings the flags ask for, `auto` resolved; an error names what to change.
+    /// The settings the flags ask for; an error names what to change. `auto` with an
+    /// unquantized V is decided once the model is known ([`Self::for_head_size`]).
     pub fn new(
         flash_attn: FlashAttn,
         type_k: CacheType,
         type_v: CacheType,
     ) -> Result<Self, KvCacheError> {
         let flash_attn = match flash_attn {
-            FlashAttn::On => true,
+            FlashAttn::On => Some(true),
             FlashAttn::Off if type_v.is_quantized() => {
                 return Err(KvCacheError::QuantizedVWithoutFlashAttn { type_v });
             }
-            FlashAttn::Off => false,
-            FlashAttn::Auto => type_v.is_quantized(),
+            FlashAttn::Off => Some(false),
+            FlashAttn::Auto => type_v.is_quantized().then_some(true),
         };
         Ok(Self {
             flash_attn,
@@ -165,8 +175,22 @@ impl KvCacheSettings {
         })
     }
 
-    /// Whether flash attention runs (after `auto` was resolved).
-    pub fn flash_attn(&self) -> bool {
+    /// The settings for a model whose attention heads have `head_size` elements (of a
+    /// key): an undecided `auto` becomes on up to [`AUTO_FLASH_ATTN_MAX_HEAD_SIZE`], off
+    /// above; `on`, `off` and a quantized V's `auto` stay as they are.
+    pub fn for_head_size(self, head_size: u64) -> Self {
+        Self {
+            flash_attn: Some(
+                self.flash_attn
+                    .unwrap_or(head_size <= AUTO_FLASH_ATTN_MAX_HEAD_SIZE),
+            ),
+            ..self
+        }
+    }
+
+    /// Whether flash attention runs; `None` while `auto` waits for the model
+    /// ([`Self::for_head_size`]).
+    pub fn flash_attn(&self) -> Option<bool> {
         self.flash_attn
     }
 
@@ -188,8 +212,16 @@ impl KvCacheSettings {
             "type_k {}; type_v {}; flash_attn {}",
             self.type_k,
             self.type_v,
-            if self.flash_attn { "on" } else { "off" }
+            flash_attn_name(self.flash_attn)
         )
+    }
+}
+
+fn flash_attn_name(flash_attn: Option<bool>) -> &'static str {
+    match flash_attn {
+        None => "auto",
+        Some(true) => "on",
+        Some(false) => "off",
     }
 }
 
@@ -200,7 +232,7 @@ impl fmt::Display for KvCacheSettings {
             "K {}, V {}, flash attention {}",
             self.type_k,
             self.type_v,
-            if self.flash_attn { "on" } else { "off" }
+            flash_attn_name(self.flash_attn)
         )
     }
 }
@@ -261,31 +293,34 @@ mod tests {
         assert!(KvCacheSettings::new(FlashAttn::On, F16, Q8_0).is_ok());
         // A quantized K alone does not.
         let k_only = KvCacheSettings::new(FlashAttn::Off, Q8_0, F16).unwrap();
-        assert!(!k_only.flash_attn());
+        assert_eq!(k_only.flash_attn(), Some(false));
     }
 
     #[test]
-    fn auto_is_off_unless_v_is_quantized() {
+    fn auto_follows_the_head_size_unless_v_is_quantized() {
         use CacheType::*;
-        assert!(
-            !KvCacheSettings::new(FlashAttn::Auto, F16, F16)
-                .unwrap()
-                .flash_attn()
-        );
-        assert!(
-            !KvCacheSettings::new(FlashAttn::Auto, Q8_0, Bf16)
-                .unwrap()
-                .flash_attn()
-        );
-        assert!(
-            KvCacheSettings::new(FlashAttn::Auto, F16, Q5_1)
-                .unwrap()
-                .flash_attn()
-        );
-        assert_eq!(
-            KvCacheSettings::new(FlashAttn::Auto, F16, F16).unwrap(),
-            KvCacheSettings::default()
-        );
+        let auto = |k, v| KvCacheSettings::new(FlashAttn::Auto, k, v).unwrap();
+        assert_eq!(auto(F16, F16), KvCacheSettings::default());
+        assert_eq!(auto(F16, F16).flash_attn(), None, "decided by the model");
+        // The test model's heads (64) and Mistral 7B's (128).
+        assert_eq!(auto(F16, F16).for_head_size(64).flash_attn(), Some(true));
+        assert_eq!(auto(Q8_0, Bf16).for_head_size(128).flash_attn(), Some(false));
+        // A quantized V needs it, whatever the heads.
+        assert_eq!(auto(F16, Q5_1).flash_attn(), Some(true));
+        assert_eq!(auto(F16, Q8_0).for_head_size(128).flash_attn(), Some(true));
+        // `on` and `off` are kept.
+        for head_size in [32, 64, 128, 256] {
+            for (fa, want) in [(FlashAttn::On, true), (FlashAttn::Off, false)] {
+                let kv = KvCacheSettings::new(fa, F16, F16).unwrap();
+                assert_eq!(kv.for_head_size(head_size).flash_attn(), Some(want));
+            }
+        }
+        // The key and the log line say which one runs.
+        assert!(auto(F16, F16).for_head_size(64).key().ends_with("flash_attn on"));
+        assert!(auto(F16, F16)
+            .for_head_size(128)
+            .to_string()
+            .ends_with("flash attention off"));
     }
 
     #[test]

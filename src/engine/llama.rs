@@ -126,6 +126,25 @@ impl Model {
         }
     }
 
+    /// Elements of an attention head's key: `<arch>.attention.key_length`, else the
+    /// embedding width over the head count (what llama.cpp assumes without the key).
+    pub fn head_size(&self) -> u64 {
+        let key_length = self
+            .model
+            .meta_val_str("general.architecture")
+            .ok()
+            .and_then(|arch| {
+                self.model
+                    .meta_val_str(&format!("{arch}.attention.key_length"))
+                    .ok()
+            })
+            .and_then(|value| value.trim().parse().ok());
+        key_length.unwrap_or_else(|| {
+            let width = u64::try_from(self.model.n_embd()).unwrap_or(0);
+            width / u64::from(self.model.n_head().max(1))
+        })
+    }
+
     /// The GGUF's own chat template, if it has one.
     pub fn builtin_template(&self) -> Option<String> {
         self.model
@@ -190,7 +209,8 @@ impl Model {
             .with_kv_unified(false)
             .with_n_threads(options.threads)
             .with_n_threads_batch(options.threads)
-            .with_flash_attention_policy(if options.kv.flash_attn() {
+            // `auto` was decided by the worker (`KvCacheSettings::for_head_size`).
+            .with_flash_attention_policy(if options.kv.flash_attn() == Some(true) {
                 FLASH_ATTN_ENABLED
             } else {
                 FLASH_ATTN_DISABLED

@@ -71,6 +71,10 @@ pub(super) fn run(
         }
     };
     let info = model.info(&config.model_path, &format_name);
+    // `--flash-attn auto` is decided by the model's head size, before the context and the
+    // park key are made from it.
+    let mut config = config;
+    config.kv = config.kv.for_head_size(model.head_size());
     if config.ctx_size.get() > info.n_ctx_train && info.n_ctx_train > 0 {
         tracing::warn!(
             ctx_size = config.ctx_size.get(),
