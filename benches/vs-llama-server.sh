@@ -12,6 +12,10 @@
 #            requests: aggregate and per-user tok/s; fairness: one request streams while a
 #            cold ~2000-token prompt arrives: the streamer's largest gap, the cold prompt's
 #            time to first token.  (REPS=3 MAX_TOKENS=128 COLD_WORDS=1650)
+#   fairness basic's fairness part alone (the step budget's figures), its streamer
+#            STREAM_TOKENS=1000 long, forced to that length with CHAT_IGNORE_EOS=1 (random-
+#            weight models). COLD_WORDS=870 makes the ~2000-token prompt of issue 17 on the
+#            Mistral-7B shape (its synthetic tokenizer spends ~2.3 tokens a word).
 #   chats    CHATS=16 chats taking turns on 4 slots, each opened with a HISTORY_WORDS=1250
 #            word message (~1500 tokens), then ROUNDS=2 rounds of one short question each:
 #            median / p95 time to first token of the returning chats.  (CHAT_TOKENS=32
@@ -31,7 +35,9 @@
 #   deadline mistral-bot against itself (llama-server has no fallback): a fake OpenAI-
 #            compatible cloud answering after CLOUD_DELAY=0.5 s is the chain's second
 #            provider; DEADLINE_CHATS=8 chats at once, DEADLINE_COLD=2 of them new with a
-#            COLD_WORDS message, the others returning, DEADLINE_REPS=3 rounds: p50/p95 time
+#            COLD_WORDS message, the others returning (opened with DEADLINE_WARM_WORDS=200
+#            words; ~60 on the 7B shape, where 200 words take over 20 s), DEADLINE_REPS=3
+#            rounds: p50/p95 time
 #            to first token and the share the cloud answered, with --local-max-wait
 #            DEADLINE_WAIT=20 vs 0 (off). (CHAT_IGNORE_EOS=1 forces reply lengths.)
 # The step budget (issue 17) is in `basic`'s fairness rows: the streamer's largest gap, its
@@ -65,7 +71,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,64p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,70p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -76,6 +82,7 @@ scenarios="${SCENARIOS:-basic chats restart long}"
 threads="${THREADS:-2}"
 reps="${REPS:-3}"
 max_tokens="${MAX_TOKENS:-128}"
+stream_tokens="${STREAM_TOKENS:-1000}"
 cold_words="${COLD_WORDS:-1650}"
 chats="${CHATS:-16}"
 history_words="${HISTORY_WORDS:-1250}"
@@ -97,6 +104,7 @@ deadline_chats="${DEADLINE_CHATS:-8}"
 deadline_cold="${DEADLINE_COLD:-2}"
 deadline_reps="${DEADLINE_REPS:-3}"
 deadline_wait="${DEADLINE_WAIT:-20}"
+deadline_warm_words="${DEADLINE_WARM_WORDS:-200}"
 # The chain of mistral-bot: the local engine alone, except in the deadline scenario.
 bot_chain=(--chain local)
 client="$repo/benches/vs_llama_server.py"
@@ -105,8 +113,8 @@ client="$repo/benches/vs_llama_server.py"
 [[ -f $model ]] || { echo "error: no model at $model (bash models/fetch-test-model.sh)" >&2; exit 1; }
 for s in $scenarios; do
     case $s in
-        basic | chats | restart | long | forced | deadline) ;;
-        *) echo "error: unknown scenario '$s' (basic chats restart long forced deadline)" >&2; exit 2 ;;
+        basic | fairness | chats | restart | long | forced | deadline) ;;
+        *) echo "error: unknown scenario '$s' (basic fairness chats restart long forced deadline)" >&2; exit 2 ;;
     esac
 done
 selected() { [[ " $scenarios " == *" $1 "* ]]; }
@@ -211,13 +219,17 @@ start_server() {
 
 read -r -a servers <<<"${SERVERS:-mistral-bot llama-server}"
 
+# basic, or its fairness part alone (scenario `fairness`).
 run_basic() {
-    local name=$1
-    start_server "$name" 4096 "$out/$name-basic" "$out/$name-basic.log"
-    note "basic: measuring $name"
+    local name=$1 scenario=$2 parts=single,concurrent,fairness eos=()
+    [[ $scenario == fairness ]] && parts=fairness
+    [[ $chat_ignore_eos == 1 ]] && eos=(--ignore-eos)
+    start_server "$name" 4096 "$out/$name-$scenario" "$out/$name-$scenario.log"
+    note "$scenario: measuring $name"
     python3 "$client" measure --port "$port" --name "$name" --reps "$reps" \
-        --max-tokens "$max_tokens" --cold-words "$cold_words" >"$out/basic-$name.json"
-    note "basic: $name done"
+        --max-tokens "$max_tokens" --cold-words "$cold_words" --parts "$parts" \
+        --stream-tokens "$stream_tokens" "${eos[@]}" >"$out/$scenario-$name.json"
+    note "$scenario: $name done"
     stop_server
 }
 
@@ -283,6 +295,7 @@ run_deadline() {
         note "deadline: $deadline_chats chats ($deadline_cold cold), --local-max-wait $wait"
         python3 "$client" deadline --port "$port" --name "$side" --chats "$deadline_chats" \
             --cold "$deadline_cold" --cold-words "$cold_words" --reps "$deadline_reps" \
+            --warm-words "$deadline_warm_words" \
             --max-tokens "$chat_tokens" "${eos[@]}" >"$out/deadline-$side.json"
         stop_server
     done
@@ -293,7 +306,8 @@ run_deadline() {
 
 note "model $(basename "$model"), $threads threads, scenarios: $scenarios"
 for name in "${servers[@]}"; do
-    selected basic && run_basic "$name"
+    selected basic && run_basic "$name" basic
+    selected fairness && run_basic "$name" fairness
     if selected chats || selected restart; then run_chats "$name"; fi
     selected long && run_long "$name"
     selected forced && run_forced "$name"
@@ -302,7 +316,7 @@ selected deadline && run_deadline
 
 echo
 echo "model: $(basename "$model"), $threads threads; events in $out/events.log"
-for s in basic chats restart long forced; do
+for s in basic fairness chats restart long forced; do
     selected "$s" || continue
     [[ -f $out/$s-mistral-bot.json && -f $out/$s-llama-server.json ]] || continue
     echo

@@ -208,8 +208,9 @@ def cold_prompt(words, rng):
     return "".join(parts)
 
 
-def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20):
-    """One chat streams; after `after_chunks` deltas a cold long prompt arrives."""
+def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20, ignore_eos=False):
+    """One chat streams; after `after_chunks` deltas a cold long prompt arrives. With
+    `ignore_eos` (random-weight models) the streamer's reply is forced to its length."""
     rng = random.Random()
     cold_text = cold_prompt(cold_words, rng)
     go = threading.Event()
@@ -222,6 +223,7 @@ def fairness(port, rep, cold_words, stream_tokens=1000, after_chunks=20):
                 PROMPT,
                 stream_tokens,
                 on_chunk=lambda n: go.set() if n >= after_chunks else None,
+                ignore_eos=ignore_eos,
             )
         except Exception as e:
             box["stream_error"] = repr(e)
@@ -540,32 +542,37 @@ def median_of(runs, key):
 
 def measure(args):
     port = args.port
+    parts = args.parts.split(",")
     log(f"[{args.name}] warm-up")
     for i in range(2):
         stream_chat(port, PROMPT, 16)
     out = {"name": args.name, "max_tokens": args.max_tokens, "reps": args.reps}
 
-    runs = []
-    for rep in range(args.reps):
-        runs.append(single(port, args.max_tokens, rep))
-        log(f"[{args.name}] single {rep}: {runs[-1]}")
-    out["single"] = {k: median_of(runs, k) for k in runs[0]}
-    out["single_runs"] = runs
+    if "single" in parts:
+        runs = []
+        for rep in range(args.reps):
+            runs.append(single(port, args.max_tokens, rep))
+            log(f"[{args.name}] single {rep}: {runs[-1]}")
+        out["single"] = {k: median_of(runs, k) for k in runs[0]}
+        out["single_runs"] = runs
 
-    runs = []
-    for rep in range(args.reps):
-        runs.append(concurrent(port, args.max_tokens, rep))
-        log(f"[{args.name}] 4 concurrent {rep}: {runs[-1]}")
-    out["concurrent"] = {k: median_of(runs, k) for k in runs[0]}
-    out["concurrent_runs"] = runs
+    if "concurrent" in parts:
+        runs = []
+        for rep in range(args.reps):
+            runs.append(concurrent(port, args.max_tokens, rep))
+            log(f"[{args.name}] 4 concurrent {rep}: {runs[-1]}")
+        out["concurrent"] = {k: median_of(runs, k) for k in runs[0]}
+        out["concurrent_runs"] = runs
 
-    runs = []
-    for rep in range(args.reps):
-        runs.append(fairness(port, rep, args.cold_words))
-        log(f"[{args.name}] fairness {rep}: {runs[-1]}")
-    out["fairness"] = {k: median_of(runs, k) for k in runs[0] if k != "covered"}
-    out["fairness"]["covered"] = all(r["covered"] for r in runs)
-    out["fairness_runs"] = runs
+    if "fairness" in parts:
+        runs = []
+        for rep in range(args.reps):
+            runs.append(fairness(port, rep, args.cold_words, args.stream_tokens,
+                                 ignore_eos=args.ignore_eos))
+            log(f"[{args.name}] fairness {rep}: {runs[-1]}")
+        out["fairness"] = {k: median_of(runs, k) for k in runs[0] if k != "covered"}
+        out["fairness"]["covered"] = all(r["covered"] for r in runs)
+        out["fairness_runs"] = runs
     print(json.dumps(out))
 
 
@@ -632,6 +639,9 @@ TABLES = {
 }
 
 
+TABLES["fairness"] = [row for row in TABLES["basic"] if row[1] == "fairness"]
+
+
 def table(args):
     with open(args.a) as f:
         a = json.load(f)
@@ -653,7 +663,7 @@ def table(args):
         va, vb = value(a, group, key), value(b, group, key)
         ratio = f"{va / vb:.2f}" if va is not None and vb else "-"
         print(f"{label:<{w}}  {fmt(f, va):>12}  {fmt(f, vb):>12}  {ratio:>7}")
-    if args.scenario == "basic":
+    if args.scenario in ("basic", "fairness"):
         for side in (a, b):
             if not side["fairness"]["covered"]:
                 print(f"note: {side['name']}: the streaming request ended before the cold "
@@ -680,6 +690,11 @@ def main():
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--max-tokens", type=int, default=128)
     m.add_argument("--cold-words", type=int, default=1650)
+    m.add_argument("--parts", default="single,concurrent,fairness",
+                   help="which of single,concurrent,fairness to run")
+    m.add_argument("--stream-tokens", type=int, default=1000,
+                   help="the fairness streamer's reply length")
+    m.add_argument("--ignore-eos", action="store_true", help="force the fairness streamer's length")
     c = server_command("chats")
     c.add_argument("--state", required=True, help="JSON file holding the conversations")
     c.add_argument("--resume", action="store_true", help="continue the chats of --state")

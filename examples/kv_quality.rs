@@ -150,11 +150,7 @@ async fn main() -> anyhow::Result<()> {
             .find(|(f, _)| *f == fa && !is_f16)
             .or(references.first())
             .map_or_else(|| texts.clone(), |(_, base)| base.clone());
-        let reference = if !is_f16 && fa {
-            "f16, on"
-        } else {
-            "f16, off"
-        };
+        let reference = if !is_f16 && fa { "f16, on" } else { "f16, off" };
         let mut agree: Vec<usize> = base
             .iter()
             .zip(&texts)

@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 use mistral_bot::engine::park::file::{self, ParkKey};
 
@@ -54,9 +54,7 @@ impl Setting {
         let (fa, k, v, unified) = match parts[..] {
             [fa, k, v] => (fa, k, v, false),
             [fa, k, v, "unified"] => (fa, k, v, true),
-            _ => anyhow::bail!(
-                "a setting is FA:K:V[:unified], e.g. on:q8_0:q8_0, not {text:?}"
-            ),
+            _ => anyhow::bail!("a setting is FA:K:V[:unified], e.g. on:q8_0:q8_0, not {text:?}"),
         };
         let flash_attn = match fa {
             "on" => true,
@@ -335,7 +333,11 @@ fn park(bench: &mut Bench<'_>, tokens: usize, dir: &Path) -> anyhow::Result<Park
     let mut state = vec![0u8; size];
     // SAFETY: `state` holds the `size` bytes llama.cpp just reported for the sequence, and
     // nothing runs on the context in between.
-    let written = unsafe { bench.ctx.state_seq_get_data_ext(state.as_mut_ptr(), 0, flags) };
+    let written = unsafe {
+        bench
+            .ctx
+            .state_seq_get_data_ext(state.as_mut_ptr(), 0, flags)
+    };
     let copy_out = started.elapsed().as_secs_f64();
     anyhow::ensure!(written == size && size > 0, "state copy-out failed");
 
@@ -454,7 +456,9 @@ fn med(runs: &[Figures], f: impl Fn(&Figures) -> Option<f64>) -> Option<f64> {
 fn report(settings: &[Setting], depths: &[usize], all: &[Vec<Figures>]) {
     let fmt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.2}"));
     println!("\nSpeed, tokens per second (median):\n");
-    println!("| setting | prompt 64 | prompt 512 | depth | 512-chunk to reach it | decode, 1 stream | decode, 4 streams (aggregate) |");
+    println!(
+        "| setting | prompt 64 | prompt 512 | depth | 512-chunk to reach it | decode, 1 stream | decode, 4 streams (aggregate) |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (setting, runs) in settings.iter().zip(all) {
         for (d, &depth) in depths.iter().enumerate() {
@@ -494,14 +498,17 @@ fn report(settings: &[Setting], depths: &[usize], all: &[Vec<Figures>]) {
         println!("| {} | {} |", setting.label(), cells.join(" | "));
     }
     println!("\nPark path of the deepest sequence (median, milliseconds):\n");
-    println!("| setting | tokens | state bytes | bytes/token | copy out | write + fsync | read + checksum | restore |");
+    println!(
+        "| setting | tokens | state bytes | bytes/token | copy out | write + fsync | read + checksum | restore |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (setting, runs) in settings.iter().zip(all) {
         let Some(first) = runs.iter().find_map(|r| r.park) else {
             continue;
         };
         let p = |f: fn(&ParkFigures) -> f64| {
-            med(runs, |r| r.park.as_ref().map(f)).map_or_else(|| "—".into(), |s| format!("{:.0}", s * 1e3))
+            med(runs, |r| r.park.as_ref().map(f))
+                .map_or_else(|| "—".into(), |s| format!("{:.0}", s * 1e3))
         };
         println!(
             "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",

@@ -1611,7 +1611,11 @@ mod tests {
             .engine
             .unwrap()
             .kv;
-        assert_eq!(q8.flash_attn(), Some(true), "auto turns it on for a quantized V");
+        assert_eq!(
+            q8.flash_attn(),
+            Some(true),
+            "auto turns it on for a quantized V"
+        );
         assert_eq!(
             (q8.type_k(), q8.type_v()),
             (CacheType::Q8_0, CacheType::Q8_0)

@@ -304,7 +304,10 @@ mod tests {
         assert_eq!(auto(F16, F16).flash_attn(), None, "decided by the model");
         // The test model's heads (64) and Mistral 7B's (128).
         assert_eq!(auto(F16, F16).for_head_size(64).flash_attn(), Some(true));
-        assert_eq!(auto(Q8_0, Bf16).for_head_size(128).flash_attn(), Some(false));
+        assert_eq!(
+            auto(Q8_0, Bf16).for_head_size(128).flash_attn(),
+            Some(false)
+        );
         // A quantized V needs it, whatever the heads.
         assert_eq!(auto(F16, Q5_1).flash_attn(), Some(true));
         assert_eq!(auto(F16, Q8_0).for_head_size(128).flash_attn(), Some(true));
@@ -316,11 +319,18 @@ mod tests {
             }
         }
         // The key and the log line say which one runs.
-        assert!(auto(F16, F16).for_head_size(64).key().ends_with("flash_attn on"));
-        assert!(auto(F16, F16)
-            .for_head_size(128)
-            .to_string()
-            .ends_with("flash attention off"));
+        assert!(
+            auto(F16, F16)
+                .for_head_size(64)
+                .key()
+                .ends_with("flash_attn on")
+        );
+        assert!(
+            auto(F16, F16)
+                .for_head_size(128)
+                .to_string()
+                .ends_with("flash attention off")
+        );
     }
 
     #[test]
