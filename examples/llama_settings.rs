@@ -463,7 +463,7 @@ fn report(settings: &[Setting], depths: &[usize], all: &[Vec<Figures>]) {
     for (setting, runs) in settings.iter().zip(all) {
         for (d, &depth) in depths.iter().enumerate() {
             let at = |f: &dyn Fn(&DepthFigures) -> Option<f64>| {
-                med(runs, |r| r.depths.get(d).and_then(|x| f(x)))
+                med(runs, |r| r.depths.get(d).and_then(f))
             };
             let (p64, p512) = if d == 0 {
                 (
