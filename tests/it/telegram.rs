@@ -455,7 +455,10 @@ async fn a_long_answer_is_split_into_messages_within_the_limit() {
 async fn markdown_is_delivered_as_html_or_else_as_plain_text() {
     const PROMPT: &str =
         "Write a C program with #include <stdio.h> that prints whether a && b is true.";
-    const FLAGS: &[&str] = &["--max-tokens", "300"];
+    // The answer this test needs (a code block with < and &) is the test model's greedy
+    // answer with flash attention off; `auto` turns it on for this model, and the
+    // arithmetic then leads elsewhere. Delivery, not the answer, is under test here.
+    const FLAGS: &[&str] = &["--max-tokens", "300", "--flash-attn", "off"];
     let expected = reference(PROMPT, FLAGS);
     let s = Setup::start(FLAGS).await;
     let expected = expected.await;
