@@ -548,31 +548,25 @@ def measure(args):
         stream_chat(port, PROMPT, 16)
     out = {"name": args.name, "max_tokens": args.max_tokens, "reps": args.reps}
 
+    def repeat(part, label, run):
+        """`args.reps` runs of one part: their medians in out[part], each in out[part_runs]."""
+        runs = []
+        for rep in range(args.reps):
+            runs.append(run(rep))
+            log(f"[{args.name}] {label} {rep}: {runs[-1]}")
+        out[part] = {k: median_of(runs, k) for k in runs[0] if k != "covered"}
+        out[f"{part}_runs"] = runs
+        return runs
+
     if "single" in parts:
-        runs = []
-        for rep in range(args.reps):
-            runs.append(single(port, args.max_tokens, rep))
-            log(f"[{args.name}] single {rep}: {runs[-1]}")
-        out["single"] = {k: median_of(runs, k) for k in runs[0]}
-        out["single_runs"] = runs
-
+        repeat("single", "single", lambda rep: single(port, args.max_tokens, rep))
     if "concurrent" in parts:
-        runs = []
-        for rep in range(args.reps):
-            runs.append(concurrent(port, args.max_tokens, rep))
-            log(f"[{args.name}] 4 concurrent {rep}: {runs[-1]}")
-        out["concurrent"] = {k: median_of(runs, k) for k in runs[0]}
-        out["concurrent_runs"] = runs
-
+        repeat("concurrent", "4 concurrent", lambda rep: concurrent(port, args.max_tokens, rep))
     if "fairness" in parts:
-        runs = []
-        for rep in range(args.reps):
-            runs.append(fairness(port, rep, args.cold_words, args.stream_tokens,
-                                 ignore_eos=args.ignore_eos))
-            log(f"[{args.name}] fairness {rep}: {runs[-1]}")
-        out["fairness"] = {k: median_of(runs, k) for k in runs[0] if k != "covered"}
+        runs = repeat("fairness", "fairness",
+                      lambda rep: fairness(port, rep, args.cold_words, args.stream_tokens,
+                                           ignore_eos=args.ignore_eos))
         out["fairness"]["covered"] = all(r["covered"] for r in runs)
-        out["fairness_runs"] = runs
     print(json.dumps(out))
 
 
