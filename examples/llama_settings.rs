@@ -16,7 +16,6 @@
 //!     [DEPTHS, e.g. 0,1500,4000] [SETTINGS, e.g. off:f16:f16,on:f16:f16,on:q8_0:q8_0]
 //! ```
 
-use std::io::Write as _;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,7 +28,10 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
-use mistral_bot::engine::park::file::{self, ParkKey};
+use mistral_bot::engine::park::{
+    self,
+    file::{self, ParkKey},
+};
 
 /// Streams (slots) of the context, as the engine's default `--slots 4`.
 const STREAMS: i32 = 4;
@@ -349,12 +351,7 @@ fn park(bench: &mut Bench<'_>, tokens: usize, dir: &Path) -> anyhow::Result<Park
     let path = dir.join("bench.kvpark");
     let started = Instant::now();
     let prefix = file::encode_prefix(key, &ids, state.len() as u64);
-    let mut out = std::fs::File::create(&path)?;
-    out.write_all(&prefix)?;
-    out.write_all(&state)?;
-    out.write_all(&file::checksum(&prefix, &state))?;
-    out.sync_all()?;
-    drop(out);
+    park::write_file(&path, &prefix, &state)?;
     let write = started.elapsed().as_secs_f64();
     drop(state);
     let cold = drop_page_cache(&path);

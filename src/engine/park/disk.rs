@@ -402,7 +402,9 @@ impl DiskWorker {
     }
 }
 
-fn write_file(path: &Path, prefix: &[u8], state: &[u8]) -> io::Result<()> {
+/// Writes one park file: `prefix` ([`file::encode_prefix`]), the state and the checksum,
+/// then waits for the data to reach the disk.
+pub fn write_file(path: &Path, prefix: &[u8], state: &[u8]) -> io::Result<()> {
     let mut out = BufWriter::new(File::create(path)?);
     out.write_all(prefix)?;
     out.write_all(state)?;

@@ -19,6 +19,8 @@ pub(crate) mod disk;
 pub mod file;
 pub mod lru;
 
+pub use disk::write_file;
+
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
