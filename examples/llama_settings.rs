@@ -32,6 +32,7 @@ use mistral_bot::engine::park::{
     self,
     file::{self, ParkKey},
 };
+use mistral_bot::kv_cache::CacheType;
 
 /// Streams (slots) of the context, as the engine's default `--slots 4`.
 const STREAMS: i32 = 4;
@@ -44,8 +45,8 @@ const DECODE_TOKENS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Setting {
     flash_attn: bool,
-    type_k: &'static str,
-    type_v: &'static str,
+    type_k: CacheType,
+    type_v: CacheType,
     /// One KV stream for all sequences (llama.cpp's `kv_unified`) instead of one each.
     unified: bool,
 }
@@ -65,8 +66,8 @@ impl Setting {
         };
         Ok(Self {
             flash_attn,
-            type_k: cache_type(k)?.1,
-            type_v: cache_type(v)?.1,
+            type_k: cache_type(k)?,
+            type_v: cache_type(v)?,
             unified,
         })
     }
@@ -75,20 +76,18 @@ impl Setting {
         format!(
             "FA {}, K {}, V {}{}",
             if self.flash_attn { "on" } else { "off" },
-            self.type_k,
-            self.type_v,
+            self.type_k.as_str(),
+            self.type_v.as_str(),
             if self.unified { ", unified KV" } else { "" }
         )
     }
 }
 
-fn cache_type(name: &str) -> anyhow::Result<(KvCacheType, &'static str)> {
-    Ok(match name {
-        "f16" => (KvCacheType::F16, "f16"),
-        "bf16" => (KvCacheType::BF16, "bf16"),
-        "q8_0" => (KvCacheType::Q8_0, "q8_0"),
-        "q5_1" => (KvCacheType::Q5_1, "q5_1"),
-        _ => anyhow::bail!("cache type f16, bf16, q8_0 or q5_1, not {name:?}"),
+/// A cache type by the name `--cache-type-k/-v` takes.
+fn cache_type(name: &str) -> anyhow::Result<CacheType> {
+    <CacheType as clap::ValueEnum>::from_str(name, false).map_err(|_| {
+        let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.as_str()).collect();
+        anyhow::anyhow!("cache type {}, not {name:?}", names.join(", "))
     })
 }
 
@@ -220,8 +219,8 @@ fn run_one(
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         .with_flash_attention_policy(i32::from(setting.flash_attn))
-        .with_type_k(cache_type(setting.type_k)?.0)
-        .with_type_v(cache_type(setting.type_v)?.0);
+        .with_type_k(KvCacheType::from(setting.type_k))
+        .with_type_v(KvCacheType::from(setting.type_v));
     let ctx = model
         .new_context(backend, params)
         .with_context(|| format!("context with {}", setting.label()))?;

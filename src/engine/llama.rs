@@ -40,13 +40,16 @@ use crate::kv_cache::{CacheType, KvCacheSettings};
 const FLASH_ATTN_DISABLED: i32 = 0;
 const FLASH_ATTN_ENABLED: i32 = 1;
 
-fn kv_cache_type(cache_type: CacheType) -> KvCacheType {
-    match cache_type {
-        CacheType::F32 => KvCacheType::F32,
-        CacheType::F16 => KvCacheType::F16,
-        CacheType::Bf16 => KvCacheType::BF16,
-        CacheType::Q8_0 => KvCacheType::Q8_0,
-        CacheType::Q5_1 => KvCacheType::Q5_1,
+/// llama.cpp's name for a cache type (also what `examples/llama_settings.rs` passes on).
+impl From<CacheType> for KvCacheType {
+    fn from(cache_type: CacheType) -> Self {
+        match cache_type {
+            CacheType::F32 => KvCacheType::F32,
+            CacheType::F16 => KvCacheType::F16,
+            CacheType::Bf16 => KvCacheType::BF16,
+            CacheType::Q8_0 => KvCacheType::Q8_0,
+            CacheType::Q5_1 => KvCacheType::Q5_1,
+        }
     }
 }
 
@@ -215,8 +218,8 @@ impl Model {
             } else {
                 FLASH_ATTN_DISABLED
             })
-            .with_type_k(kv_cache_type(options.kv.type_k()))
-            .with_type_v(kv_cache_type(options.kv.type_v()));
+            .with_type_k(options.kv.type_k().into())
+            .with_type_v(options.kv.type_v().into());
         let ctx = self
             .model
             .new_context(self.backend, params)
