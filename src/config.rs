@@ -70,12 +70,19 @@ pub struct Args {
     #[arg(long, env = "MISTRAL_BOT_PREFILL_CHUNK", default_value_t = 64)]
     pub prefill_chunk: u32,
 
-    /// What a step should take while replies stream and a prompt is read, in milliseconds:
-    /// the prompt tokens of a step are sized from the engine's own recent step times so the
-    /// streaming chats get a token about this often (at least 4 prompt tokens a step).
-    /// 0: a fixed --prefill-chunk.
+    /// While a prompt is read, a streaming reply gets a token this often on average, in
+    /// milliseconds: steps of replies only make up for longer prompt steps
+    /// (--prompt-step-ms). 0: every step holds a fixed --prefill-chunk.
     #[arg(long, env = "MISTRAL_BOT_STEP_TARGET_MS", default_value_t = 500)]
     pub step_target_ms: u32,
+
+    /// What a step holding prompt tokens beside streaming replies should take, in
+    /// milliseconds: its prompt tokens are sized from the engine's own recent step times
+    /// (at least 1). Longer steps read prompts faster on a slow CPU. 0 (auto): the larger
+    /// of --step-target-ms and 40 steps of replies only (a 7B on 2 cores: ~6-7 s; the test
+    /// model: --step-target-ms).
+    #[arg(long, env = "MISTRAL_BOT_PROMPT_STEP_MS", default_value_t = 0)]
+    pub prompt_step_ms: u32,
 
     /// Flash attention: `auto` follows the model's attention heads, as measured on this CPU:
     /// on up to 64 elements (small models: faster everywhere), off above (Mistral 7B's 128:
@@ -174,6 +181,18 @@ pub struct Args {
     /// load, and mapped pages would stay resident as well (9.3 vs 6.1 GiB for a 7B).
     #[arg(long, env = "MISTRAL_BOT_MMAP")]
     pub mmap: bool,
+
+    /// Let llama.cpp repack the weights at load for its own CPU kernels (on|off). On a
+    /// Zen 4 CPU with a Mistral 7B Q4_K_M, off reads prompts 1.5-1.6x faster and decodes
+    /// 0.8x as fast past 1500 tokens (benches/RESULTS.md, "Weight repacking").
+    #[arg(
+        long,
+        env = "MISTRAL_BOT_REPACK",
+        default_value = "on",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
+    pub repack: bool,
 
     /// Show llama.cpp's own log lines.
     #[arg(long, env = "MISTRAL_BOT_LLAMA_LOG")]
@@ -758,8 +777,9 @@ impl TryFrom<Args> for Config {
             name => ChatTemplateChoice::Named(name.to_string()),
         };
         let kv = KvCacheSettings::new(args.flash_attn, args.cache_type_k, args.cache_type_v)?;
-        let step_target = (args.step_target_ms > 0)
-            .then(|| Duration::from_millis(u64::from(args.step_target_ms)));
+        let millis = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
+        let step_target = millis(args.step_target_ms);
+        let prompt_step = millis(args.prompt_step_ms);
         let kv_park_ram = parse_park_ram(&args.kv_park_ram)?;
         let park_disk = park_budget(args.kv_park_disk, "kv-park-disk")?;
         // Only serve mode has many conversations; --prompt and --console hold one.
@@ -849,9 +869,11 @@ impl TryFrom<Args> for Config {
                 batch_size,
                 prefill_chunk,
                 step_target,
+                prompt_step,
                 kv,
                 queue_size,
                 mmap: args.mmap,
+                repack: args.repack,
                 chat_template,
                 llama_log: args.llama_log,
                 progress_bar: false,
@@ -1640,7 +1662,24 @@ mod tests {
     }
 
     #[test]
+    fn repack_is_on_unless_turned_off() {
+        assert!(parse(&[]).unwrap().engine.unwrap().repack);
+        for off in ["off", "false", "no", "0"] {
+            assert!(!parse(&["--repack", off]).unwrap().engine.unwrap().repack);
+        }
+        assert!(parse(&["--repack", "on"]).unwrap().engine.unwrap().repack);
+        assert!(Args::try_parse_from(["mistral-bot", "-m", "x", "--repack", "maybe"]).is_err());
+    }
+
+    #[test]
     fn step_target_and_local_max_wait_zero_mean_off() {
+        let defaults = parse(&[]).unwrap().engine.unwrap();
+        assert_eq!(defaults.prompt_step, None, "auto");
+        let config = parse(&["--prompt-step-ms", "2500"]).unwrap();
+        assert_eq!(
+            config.engine.unwrap().prompt_step,
+            Some(Duration::from_millis(2500))
+        );
         let config = parse(&["--step-target-ms", "0", "--local-max-wait", "0"]).unwrap();
         assert_eq!(config.engine.as_ref().unwrap().step_target, None);
         assert_eq!(config.providers.local_max_wait, None);

@@ -81,6 +81,9 @@ pub struct LoadOptions<'a> {
     pub path: &'a Path,
     /// Map the file instead of reading it (costs resident memory once weights are repacked).
     pub mmap: bool,
+    /// Let llama.cpp repack weights into its CPU backend's extra buffer types for its own
+    /// kernels (llama-server's default; `--no-repack` there).
+    pub repack: bool,
     /// Forward llama.cpp's log lines to tracing.
     pub llama_log: bool,
     /// Called with load progress in `0.0..=1.0`.
@@ -94,6 +97,7 @@ impl Model {
         let mut progress = options.progress;
         let params = LlamaModelParams::default()
             .with_use_mmap(options.mmap)
+            .with_use_extra_bufts(options.repack)
             .with_progress_callback(move |p| {
                 progress(p);
                 true

@@ -14,17 +14,19 @@
 //! files under `--data-dir/kv`), and gets it back when it returns, also after a restart
 //! ([`EngineHandle::park_all`] writes everything at shutdown).
 //!
-//! Each step's prompt share is sized by time ([`step_budget`]), and a request can be
+//! Each step's prompt share is sized by time ([`step_budget`]), steps of replies only keep
+//! streaming chats on pace beside long prompt steps ([`pacing`]), and a request can be
 //! priced before it is queued ([`EngineHandle::estimated_wait`], [`eta`]).
 //!
 //! Only `llama.rs` imports llama.cpp; `slot`, `scheduler`, `prompt`, `detok`, `park::lru`,
-//! `park::file`, `step_budget` and `eta` are pure.
+//! `park::file`, `step_budget`, `pacing` and `eta` are pure.
 
 pub mod choices;
 mod detok;
 pub mod eta;
 pub mod grammar;
 mod llama;
+pub mod pacing;
 pub mod park;
 mod prepare;
 pub mod prompt;
@@ -72,15 +74,20 @@ pub struct EngineConfig {
     /// Prompt tokens decoded in one step while replies stream, before the engine has
     /// timed its steps (and always without `step_target`).
     pub prefill_chunk: NonZeroU32,
-    /// What a step with streaming replies and a prompt should take; the prompt's share is
-    /// sized to it ([`step_budget`]). `None`: always `prefill_chunk`.
+    /// How often, on average, a streaming reply gets a token while a prompt is read
+    /// ([`pacing`]). `None`: every step holds `prefill_chunk` prompt tokens.
     pub step_target: Option<Duration>,
+    /// What a step holding prompt tokens beside streaming replies should take; its prompt
+    /// share is sized to it ([`step_budget`]). `None`: automatic ([`pacing::Pacing`]).
+    pub prompt_step: Option<Duration>,
     /// Flash attention and the K/V cache types.
     pub kv: KvCacheSettings,
     /// Requests that may wait for a slot; one more is refused with `Overloaded`.
     pub queue_size: NonZeroUsize,
     /// Map the model file instead of reading it.
     pub mmap: bool,
+    /// Let llama.cpp repack the weights for its CPU kernels (`--repack`).
+    pub repack: bool,
     /// Which chat format to use.
     pub chat_template: ChatTemplateChoice,
     /// Forward llama.cpp's own log lines to tracing.

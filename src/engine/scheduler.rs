@@ -42,7 +42,8 @@ pub struct BatchEntry {
 }
 
 /// Plans one step: generating slots' pending tokens, then prompt chunks, never more than
-/// `capacity` (the batch size) tokens in all; `prefill_chunk` caps prompt tokens per step.
+/// `capacity` (the batch size) tokens in all; `prefill_chunk` caps prompt tokens per step
+/// while replies are generated (0: this step holds replies only).
 ///
 /// With more generating slots than the batch holds (`--slots` over `--batch-size`), the
 /// ones that fit go first, starting at slot `rotation % slots.len()`: a caller that
@@ -85,11 +86,8 @@ pub fn plan_batch(
         }
     }
     // The chunk cap protects replies being streamed; with none, a prompt may fill the batch.
-    let cap = if used == 0 {
-        capacity
-    } else {
-        prefill_chunk.max(1)
-    };
+    // A cap of 0 beside replies is a step of replies only (pacing).
+    let cap = if used == 0 { capacity } else { prefill_chunk };
     let mut prompt_budget = cap.min(capacity.saturating_sub(used));
     let mut prefilling: Vec<usize> = (0..slots.len())
         .filter(|&i| matches!(slots[i].state, SlotState::Prefill { .. }))
@@ -253,6 +251,23 @@ mod tests {
         assert_eq!(plan[1].slot, 1);
         assert_eq!(plan[1].tokens.len(), 64);
         assert!(!plan[1].wants_logits);
+    }
+
+    #[test]
+    fn a_chunk_of_0_is_a_step_of_replies_only_and_never_stalls_a_lone_prompt() {
+        let mut slots: Vec<Slot> = (0..2).map(Slot::new).collect();
+        slots[0].start(vec![1, 2], 1);
+        slots[0].prefilled(2);
+        slots[0].sampled(42);
+        slots[1].start((0..2000).collect(), 2);
+        let plan = plan_batch(&slots, 512, 0, 0);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].tokens, vec![42]);
+        // With no reply to stream, the chunk does not apply.
+        slots[0].finish();
+        let plan = plan_batch(&slots, 512, 0, 0);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].tokens.len(), 512);
     }
 
     #[test]

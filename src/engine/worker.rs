@@ -10,13 +10,14 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::choices::choice_seed;
 use super::detok::Detokenizer;
 use super::llama::{Context, ContextOptions, DecodeError, LoadOptions, Model, Sampler};
+use super::pacing::{PaceWindow, Pacing};
 use super::park::{self, Control, Parking, Preload, Prepared};
 use super::prepare::Preparer;
 use super::prompt::{ChatFormat, MistralFormat};
@@ -54,6 +55,7 @@ pub(super) fn run(
     let model = match Model::load(LoadOptions {
         path: &config.model_path,
         mmap: config.mmap,
+        repack: config.repack,
         llama_log: config.llama_log,
         progress,
     }) {
@@ -152,6 +154,7 @@ pub(super) fn run(
         ctx_size = config.ctx_size.get(),
         threads,
         kv_cache = %config.kv,
+        repack = config.repack,
         seconds = format!("{:.1}", loaded.elapsed().as_secs_f64()),
         "model loaded"
     );
@@ -173,6 +176,7 @@ pub(super) fn run(
         held: None,
         followers: (0..slots).map(|_| Vec::new()).collect(),
         timings: StepTimings::default(),
+        pace: PaceWindow::default(),
         reply_secs: None,
     };
     worker.run(channels.submit_rx, channels.control_rx);
@@ -241,7 +245,7 @@ struct ActiveJob {
     /// Report each token's log-probability with this many alternatives.
     logprobs: Option<u8>,
     usage: Usage,
-    queued: std::time::Duration,
+    queued: Duration,
     admitted: Instant,
     first_token: Option<Instant>,
     /// With several choices: how many of the request's slots are still working, shared
@@ -274,6 +278,8 @@ struct Worker<'m> {
     followers: Vec<Vec<usize>>,
     /// Recent step costs: they size the prompt share of a step and feed the estimates.
     timings: StepTimings,
+    /// The steps since streaming replies and a prompt began to share the engine.
+    pace: PaceWindow,
     /// Seconds a reply keeps its slot after its first token, moving average.
     reply_secs: Option<f64>,
 }
@@ -498,7 +504,7 @@ impl Worker<'_> {
         leader: usize,
         job: &Job,
         seed: u32,
-        queued: std::time::Duration,
+        queued: Duration,
         group: Option<&Rc<Cell<usize>>>,
     ) -> Vec<usize> {
         let mut reserved = Vec::with_capacity(job.choice_txs.len());
@@ -630,19 +636,33 @@ impl Worker<'_> {
         let rotation = self.stats.decode_steps.load(Ordering::Relaxed) as usize;
         let capacity = self.config.batch_size.get() as usize;
         let initial = self.config.prefill_chunk.get() as usize;
+        let generating = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s.state, SlotState::Decode { .. }))
+            .count();
+        let shared = generating > 0 && self.slots.iter().any(|s| !s.remaining_prompt().is_empty());
+        if !shared {
+            self.pace = PaceWindow::default();
+        }
         let chunk = match self.config.step_target {
             None => initial,
             Some(target) => {
-                let generating = self
-                    .slots
-                    .iter()
-                    .filter(|s| matches!(s.state, SlotState::Decode { .. }))
-                    .count();
-                StepBudget {
-                    target_ms: target.as_secs_f64() * 1e3,
-                    initial,
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let pacing = Pacing {
+                    target_ms: ms(target),
+                    prompt_step_ms: self.config.prompt_step.map(ms),
+                };
+                let decode_ms = self.timings.decode_ms();
+                if shared && !pacing.takes_prompt(&self.pace, decode_ms) {
+                    0
+                } else {
+                    StepBudget {
+                        target_ms: pacing.prompt_step_ms(decode_ms),
+                        initial,
+                    }
+                    .prompt_chunk(&self.timings, capacity.saturating_sub(generating))
                 }
-                .prompt_chunk(&self.timings, capacity.saturating_sub(generating))
             }
         };
         let entries = scheduler::plan_batch(&self.slots, capacity, chunk, rotation);
@@ -658,8 +678,17 @@ impl Worker<'_> {
         }
         let started = Instant::now();
         scheduler::run_batch(self, entries);
-        self.timings
-            .record(decode_tokens, prompt_tokens, started.elapsed());
+        let elapsed = started.elapsed();
+        tracing::trace!(
+            decode_tokens,
+            prompt_tokens,
+            ms = format!("{:.1}", elapsed.as_secs_f64() * 1e3),
+            "step"
+        );
+        self.timings.record(decode_tokens, prompt_tokens, elapsed);
+        if shared {
+            self.pace.record(elapsed);
+        }
         self.publish_rates();
         self.publish_reading();
     }

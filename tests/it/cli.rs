@@ -213,6 +213,51 @@ fn ctx_size_beyond_training_warns_but_runs() {
     );
 }
 
+/// `--repack`: llama.cpp repacks a Q4_0 model's weights at load for its CPU kernels (x86
+/// with AVX2), and leaves them where they are with `--repack off`. The test model is Q4_1,
+/// which is never repacked, so a Q4_0 copy of it is made first.
+#[test]
+fn repack_off_leaves_the_weights_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let q4_0 = dir.path().join("q4_0.gguf");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/requantize.py");
+    let made = Command::new("python3")
+        .args([
+            script,
+            test_model().to_str().unwrap(),
+            q4_0.to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        made.status.success(),
+        "the `gguf` package comes with scripts/setup.sh: {}",
+        stderr(&made)
+    );
+    let repacked = |setting: &str| {
+        let output = run(&[
+            "--model",
+            q4_0.to_str().unwrap(),
+            "--slots",
+            "1",
+            "--max-tokens",
+            "4",
+            "--llama-log",
+            "--repack",
+            setting,
+            "--prompt",
+            "hi",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output).contains("CPU_REPACK model buffer size")
+    };
+    assert!(!repacked("off"), "--repack off");
+    let avx2 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| info.contains(" avx2"));
+    if cfg!(target_arch = "x86_64") && avx2 {
+        assert!(repacked("on"), "llama.cpp repacks Q4_0 on x86 with AVX2");
+    }
+}
+
 #[test]
 fn an_unknown_chat_template_is_a_clear_error() {
     let model = test_model();

@@ -551,3 +551,68 @@ async fn a_step_target_sizes_the_prompt_share_of_each_step() {
         .await;
     }
 }
+
+/// Issue 17 part 3, pacing: prompt steps far longer than the step target (whole batches)
+/// are followed by steps of the streaming reply only, so the reply keeps its pace while
+/// the prompt is read in the fewest, most efficient steps. (Structural, not timed: a
+/// 511-token step takes at least ~0.5 s on any machine, ten times the 50 ms target, so
+/// at least ten reply steps follow each one.)
+#[tokio::test]
+async fn long_prompt_steps_are_followed_by_steps_of_replies_only() {
+    let cold = "The river runs past the old mill and the market square. ".repeat(110);
+    let mut config = engine_config();
+    config.slots = NonZeroUsize::new(2).unwrap();
+    config.ctx_size = NonZeroU32::new(2048).unwrap();
+    config.step_target = Some(Duration::from_millis(50));
+    config.prompt_step = Some(Duration::from_secs(600));
+    let engine = start_engine(config).await;
+    let mut params = greedy(1800);
+    params.ignore_eos = true;
+    let question = "Write the numbers from 1 to 300 in words, separated by commas.";
+    let mut streaming = engine
+        .submit(ChatRequest::new(vec![ChatMessage::user(question)], params))
+        .unwrap();
+    started(&mut streaming).await;
+    for _ in 0..5 {
+        assert!(matches!(
+            streaming.next_event().await,
+            Some(Ok(StreamEvent::Delta(_)))
+        ));
+    }
+    let before = engine.stats();
+    let newcomer = tokio::spawn(engine.submit(ask(&cold, 1)).unwrap().collect());
+    // Keep reading the stream, as a client does, until the newcomer is answered.
+    while !newcomer.is_finished() {
+        tokio::select! {
+            event = streaming.next_event() => {
+                assert!(matches!(event, Some(Ok(StreamEvent::Delta(_)))), "{event:?}");
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    let (_, newcomer) = newcomer.await.unwrap().unwrap();
+    let stats = engine.stats();
+    let processed = newcomer.usage.processed_tokens as usize;
+    assert!(processed > 1024, "{:?}", newcomer.usage);
+    assert_eq!(
+        stats.max_prompt_tokens_per_step, 511,
+        "whole batches beside the reply: {stats:?}"
+    );
+    let prompt_steps = processed.div_ceil(511) as u64;
+    let steps = stats.decode_steps - before.decode_steps;
+    assert!(
+        steps >= 10 * prompt_steps,
+        "{steps} steps for {prompt_steps} prompt steps"
+    );
+    assert!(
+        stats.tokens_generated - before.tokens_generated >= steps - 1,
+        "the reply got a token in every step: {stats:?}"
+    );
+    drop(streaming);
+    wait_until(
+        "the cancelled reply leaves its slot",
+        Duration::from_secs(60),
+        || engine.stats().slots_busy == 0,
+    )
+    .await;
+}

@@ -42,9 +42,11 @@ pub fn engine_config() -> EngineConfig {
         prefill_chunk: NonZeroU32::new(128).unwrap(),
         // Fixed chunks: tests that want time budgets set one.
         step_target: None,
+        prompt_step: None,
         kv: Default::default(),
         queue_size: NonZeroUsize::new(4).unwrap(),
         mmap: false,
+        repack: true,
         chat_template: ChatTemplateChoice::Auto,
         llama_log: false,
         progress_bar: false,
