@@ -33,6 +33,37 @@ async fn started(stream: &mut ReplyStream) {
     }
 }
 
+/// Starts a reply of `max_tokens` that ignores the end of turn (so it streams through
+/// whatever prompt arrives next) and takes its first tokens.
+async fn start_streaming(engine: &EngineHandle, max_tokens: u32) -> ReplyStream {
+    let mut params = greedy(max_tokens);
+    params.ignore_eos = true;
+    let question = "Write the numbers from 1 to 300 in words, separated by commas.";
+    let mut streaming = engine
+        .submit(ChatRequest::new(vec![ChatMessage::user(question)], params))
+        .unwrap();
+    started(&mut streaming).await;
+    for _ in 0..5 {
+        assert!(matches!(
+            streaming.next_event().await,
+            Some(Ok(StreamEvent::Delta(_)))
+        ));
+    }
+    streaming
+}
+
+/// Cancels `streaming` and waits for its reply to leave its slot: the engine thread is not
+/// joined, so it must be idle before the engine (maybe the process) goes.
+async fn stop_streaming(engine: &EngineHandle, streaming: ReplyStream) {
+    drop(streaming);
+    wait_until(
+        "the cancelled reply leaves its slot",
+        Duration::from_secs(60),
+        || engine.stats().slots_busy == 0,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn greedy_answers_are_deterministic_and_sensible() {
     let engine = start_engine(engine_config()).await;
@@ -313,19 +344,7 @@ async fn a_long_prompt_is_read_in_chunks_while_another_reply_streams() {
     config.slots = NonZeroUsize::new(2).unwrap();
     config.ctx_size = NonZeroU32::new(4096).unwrap();
     let engine = start_engine(config).await;
-    let mut streaming = engine
-        .submit(ask(
-            "Write the numbers from 1 to 300 in words, separated by commas.",
-            3000,
-        ))
-        .unwrap();
-    started(&mut streaming).await;
-    for _ in 0..5 {
-        assert!(matches!(
-            streaming.next_event().await,
-            Some(Ok(StreamEvent::Delta(_)))
-        ));
-    }
+    let streaming = start_streaming(&engine, 3000).await;
     let generated_before = engine.stats().tokens_generated;
     let cold = "The river runs past the old mill and the market square. ".repeat(170);
     let (_, newcomer) = engine
@@ -351,7 +370,7 @@ async fn a_long_prompt_is_read_in_chunks_while_another_reply_streams() {
         "the streaming reply kept generating: {} tokens during {chunks} prompt steps",
         stats.tokens_generated - generated_before
     );
-    drop(streaming);
+    stop_streaming(&engine, streaming).await;
 }
 
 /// Issue 9: a chat longer than the window is trimmed in blocks, so most turns reuse the
@@ -496,19 +515,7 @@ async fn a_step_target_sizes_the_prompt_share_of_each_step() {
         config.ctx_size = NonZeroU32::new(2048).unwrap();
         config.step_target = Some(Duration::from_millis(target_ms));
         let engine = start_engine(config).await;
-        let mut params = greedy(1500);
-        params.ignore_eos = true;
-        let question = "Write the numbers from 1 to 300 in words, separated by commas.";
-        let mut streaming = engine
-            .submit(ChatRequest::new(vec![ChatMessage::user(question)], params))
-            .unwrap();
-        started(&mut streaming).await;
-        for _ in 0..5 {
-            assert!(matches!(
-                streaming.next_event().await,
-                Some(Ok(StreamEvent::Delta(_)))
-            ));
-        }
+        let streaming = start_streaming(&engine, 1500).await;
         let before = engine.stats();
         let (_, newcomer) = engine
             .submit(ask(&cold, 1))
@@ -540,15 +547,7 @@ async fn a_step_target_sizes_the_prompt_share_of_each_step() {
                 "the whole prompt in one step beside the reply"
             );
         }
-        drop(streaming);
-        // The engine thread is not joined: let it finish the cancelled reply before the
-        // engine is dropped, so it is idle when this test (maybe the process) ends.
-        wait_until(
-            "the cancelled reply leaves its slot",
-            Duration::from_secs(60),
-            || engine.stats().slots_busy == 0,
-        )
-        .await;
+        stop_streaming(&engine, streaming).await;
     }
 }
 
@@ -566,19 +565,7 @@ async fn long_prompt_steps_are_followed_by_steps_of_replies_only() {
     config.step_target = Some(Duration::from_millis(50));
     config.prompt_step = Some(Duration::from_secs(600));
     let engine = start_engine(config).await;
-    let mut params = greedy(1800);
-    params.ignore_eos = true;
-    let question = "Write the numbers from 1 to 300 in words, separated by commas.";
-    let mut streaming = engine
-        .submit(ChatRequest::new(vec![ChatMessage::user(question)], params))
-        .unwrap();
-    started(&mut streaming).await;
-    for _ in 0..5 {
-        assert!(matches!(
-            streaming.next_event().await,
-            Some(Ok(StreamEvent::Delta(_)))
-        ));
-    }
+    let mut streaming = start_streaming(&engine, 1800).await;
     let before = engine.stats();
     let newcomer = tokio::spawn(engine.submit(ask(&cold, 1)).unwrap().collect());
     // Keep reading the stream, as a client does, until the newcomer is answered.
@@ -608,11 +595,5 @@ async fn long_prompt_steps_are_followed_by_steps_of_replies_only() {
         stats.tokens_generated - before.tokens_generated >= steps - 1,
         "the reply got a token in every step: {stats:?}"
     );
-    drop(streaming);
-    wait_until(
-        "the cancelled reply leaves its slot",
-        Duration::from_secs(60),
-        || engine.stats().slots_busy == 0,
-    )
-    .await;
+    stop_streaming(&engine, streaming).await;
 }
