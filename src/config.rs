@@ -64,7 +64,7 @@ pub struct Args {
     pub batch_size: u32,
 
     /// Prompt tokens decoded in one step while other replies stream, until the engine has
-    /// timed its own steps (then --step-target-ms sizes them), and always with
+    /// timed its own steps (then --prompt-step-ms sizes them), and always with
     /// --step-target-ms 0 (measured: worst stall 0.3 s at 32, 0.5 s at 64, 2.7 s at 512
     /// with the test model; see benches/fairness.rs).
     #[arg(long, env = "MISTRAL_BOT_PREFILL_CHUNK", default_value_t = 64)]
