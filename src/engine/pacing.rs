@@ -51,7 +51,8 @@ pub struct PaceWindow {
 }
 
 impl PaceWindow {
-    /// A step of the window took `elapsed` (every step decodes a token of each reply).
+    /// The replies waited `elapsed` for a step of the window (every step decodes a token
+    /// of each reply): the step, and the engine's work since the one before.
     pub fn record(&mut self, elapsed: Duration) {
         let ms = elapsed.as_secs_f64() * 1e3;
         if ms.is_finite() {

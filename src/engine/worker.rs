@@ -177,6 +177,7 @@ pub(super) fn run(
         followers: (0..slots).map(|_| Vec::new()).collect(),
         timings: StepTimings::default(),
         pace: PaceWindow::default(),
+        pace_mark: None,
         reply_secs: None,
     };
     worker.run(channels.submit_rx, channels.control_rx);
@@ -280,6 +281,9 @@ struct Worker<'m> {
     timings: StepTimings,
     /// The steps since streaming replies and a prompt began to share the engine.
     pace: PaceWindow,
+    /// When the window's last step ended: the replies' wait is counted from there, so the
+    /// engine's work between steps (admitting, parking) counts against their pace too.
+    pace_mark: Option<Instant>,
     /// Seconds a reply keeps its slot after its first token, moving average.
     reply_secs: Option<f64>,
 }
@@ -644,6 +648,7 @@ impl Worker<'_> {
         let shared = generating > 0 && self.slots.iter().any(|s| !s.remaining_prompt().is_empty());
         if !shared {
             self.pace = PaceWindow::default();
+            self.pace_mark = None;
         }
         let chunk = match self.config.step_target {
             None => initial,
@@ -678,7 +683,8 @@ impl Worker<'_> {
         }
         let started = Instant::now();
         scheduler::run_batch(self, entries);
-        let elapsed = started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended - started;
         tracing::trace!(
             decode_tokens,
             prompt_tokens,
@@ -687,7 +693,8 @@ impl Worker<'_> {
         );
         self.timings.record(decode_tokens, prompt_tokens, elapsed);
         if shared {
-            self.pace.record(elapsed);
+            self.pace.record(ended - self.pace_mark.unwrap_or(started));
+            self.pace_mark = Some(ended);
         }
         self.publish_rates();
         self.publish_reading();
