@@ -20,7 +20,7 @@
 //! be kept by waiting, and the prompt must move on), and the step budget then gives the
 //! prompt its floor, as without pacing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `--prompt-step-ms 0` (auto): a step with prompt tokens may take this many reply
 /// steps' time. Measured on a 7B on 2 cores (benches/RESULTS.md, "Pacing"): a prompt token
@@ -48,12 +48,23 @@ pub struct Pacing {
 pub struct PaceWindow {
     steps: u64,
     elapsed_ms: f64,
+    /// When the window's last step ended.
+    last_end: Option<Instant>,
 }
 
 impl PaceWindow {
+    /// A step of the window ran from `started` to `ended`. The replies' wait for it counts
+    /// from the end of the window's previous step, so the engine's work between steps
+    /// (admitting, parking) counts against their pace too.
+    pub fn record_step(&mut self, started: Instant, ended: Instant) {
+        let waited = ended.saturating_duration_since(self.last_end.unwrap_or(started));
+        self.last_end = Some(ended);
+        self.record(waited);
+    }
+
     /// The replies waited `elapsed` for a step of the window (every step decodes a token
-    /// of each reply): the step, and the engine's work since the one before.
-    pub fn record(&mut self, elapsed: Duration) {
+    /// of each reply).
+    fn record(&mut self, elapsed: Duration) {
         let ms = elapsed.as_secs_f64() * 1e3;
         if ms.is_finite() {
             self.steps += 1;
@@ -206,6 +217,17 @@ mod tests {
         window.record(ms(3000.0));
         assert!(!pacing.takes_prompt(&window, None));
         assert!(!pacing.takes_prompt(&window, Some(130.0)));
+    }
+
+    #[test]
+    fn a_step_waits_from_the_end_of_the_one_before_it() {
+        let t0 = Instant::now();
+        let mut window = PaceWindow::default();
+        window.record_step(t0, t0 + ms(100.0));
+        // 50 ms of work between the steps count too.
+        window.record_step(t0 + ms(150.0), t0 + ms(250.0));
+        assert_eq!(window.steps, 2);
+        assert!((window.elapsed_ms - 250.0).abs() < 1e-6, "{window:?}");
     }
 
     proptest! {

@@ -177,7 +177,6 @@ pub(super) fn run(
         followers: (0..slots).map(|_| Vec::new()).collect(),
         timings: StepTimings::default(),
         pace: PaceWindow::default(),
-        pace_mark: None,
         reply_secs: None,
     };
     worker.run(channels.submit_rx, channels.control_rx);
@@ -281,9 +280,6 @@ struct Worker<'m> {
     timings: StepTimings,
     /// The steps since streaming replies and a prompt began to share the engine.
     pace: PaceWindow,
-    /// When the window's last step ended: the replies' wait is counted from there, so the
-    /// engine's work between steps (admitting, parking) counts against their pace too.
-    pace_mark: Option<Instant>,
     /// Seconds a reply keeps its slot after its first token, moving average.
     reply_secs: Option<f64>,
 }
@@ -648,7 +644,6 @@ impl Worker<'_> {
         let shared = generating > 0 && self.slots.iter().any(|s| !s.remaining_prompt().is_empty());
         if !shared {
             self.pace = PaceWindow::default();
-            self.pace_mark = None;
         }
         let chunk = match self.config.step_target {
             None => initial,
@@ -693,8 +688,7 @@ impl Worker<'_> {
         );
         self.timings.record(decode_tokens, prompt_tokens, elapsed);
         if shared {
-            self.pace.record(ended - self.pace_mark.unwrap_or(started));
-            self.pace_mark = Some(ended);
+            self.pace.record_step(started, ended);
         }
         self.publish_rates();
         self.publish_reading();
