@@ -61,9 +61,7 @@ pub fn plan_batch(
     rotation: usize,
 ) -> Vec<BatchEntry> {
     let mut entries = Vec::new();
-    let any_prefill = slots
-        .iter()
-        .any(|s| matches!(s.state, SlotState::Prefill { .. }) && !s.remaining_prompt().is_empty());
+    let any_prefill = slots.iter().any(Slot::is_reading);
     let decode_cap = if any_prefill && capacity > 1 {
         capacity - 1
     } else {

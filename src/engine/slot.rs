@@ -103,6 +103,11 @@ impl Slot {
         true
     }
 
+    /// Whether the slot has prompt tokens still to decode.
+    pub fn is_reading(&self) -> bool {
+        !self.remaining_prompt().is_empty()
+    }
+
     /// Prompt tokens still to decode.
     pub fn remaining_prompt(&self) -> &[i32] {
         match self.state {

@@ -641,7 +641,7 @@ impl Worker<'_> {
             .iter()
             .filter(|s| matches!(s.state, SlotState::Decode { .. }))
             .count();
-        let shared = generating > 0 && self.slots.iter().any(|s| !s.remaining_prompt().is_empty());
+        let shared = generating > 0 && self.slots.iter().any(Slot::is_reading);
         if !shared {
             self.pace = PaceWindow::default();
         }
